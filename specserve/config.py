@@ -1,0 +1,82 @@
+"""Engine configuration: a few frozen dataclasses, validated on construction; the CLI is built from them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from specserve.model.loader import DTYPES
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    """Tokens per KV block."""
+    kv_cache_memory: int = 2 << 30
+    """Bytes for the KV pools of both models together; sets the number of blocks."""
+    num_blocks: int | None = None
+    """Exact number of KV blocks (overrides kv_cache_memory; tests use tiny pools)."""
+    enable_prefix_caching: bool = True
+    """Reuse the KV of full blocks whose tokens (and everything before them) match an earlier request."""
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.kv_cache_memory < 1:
+            raise ValueError(f"kv_cache_memory must be a positive number of bytes, got {self.kv_cache_memory}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 32
+    """Most requests running at once (continuous batching)."""
+    max_num_batched_tokens: int = 512
+    """Token budget of one step: decode tokens, speculative tokens and prefill chunks together."""
+    max_model_len: int | None = None
+    """Longest prompt + output; defaults to the verifier's max_position_embeddings."""
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    draft: str | None = None
+    """HF checkpoint directory of the draft model (same vocabulary as the verifier); None: no speculation."""
+    num_speculative_tokens: int | None = None
+    """Fixed k; None picks k per request from its acceptance rate and the draft/verifier cost ratio."""
+    max_speculative_tokens: int = 8
+    """Upper bound of the adaptive k."""
+    max_batch_speculative_tokens: int = 64
+    """Cap on draft tokens verified per step over the whole batch: verifying is only free while small."""
+
+    def __post_init__(self) -> None:
+        if self.num_speculative_tokens is not None and not (0 <= self.num_speculative_tokens <= 32):
+            raise ValueError(f"num_speculative_tokens must be in [0, 32], got {self.num_speculative_tokens}")
+        if not (1 <= self.max_speculative_tokens <= 32):
+            raise ValueError(f"max_speculative_tokens must be in [1, 32], got {self.max_speculative_tokens}")
+        if self.max_batch_speculative_tokens < 1:
+            raise ValueError(f"max_batch_speculative_tokens must be >= 1, got {self.max_batch_speculative_tokens}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    verifier: str
+    """HF checkpoint directory of the verifier (the model whose output distribution is served)."""
+    dtype: str = "bfloat16"
+    """Weights and activations: bfloat16 (default), float32, float16."""
+    device: str = "cpu"
+    """torch device of both models."""
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")

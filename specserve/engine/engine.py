@@ -1,0 +1,324 @@
+"""LLMEngine: requests in, tokens out; one step is schedule() -> execute(plan) -> update(plan, output).
+
+Owns the tokenizer, the verifier (and optional draft) runners, the KV cache manager and the
+scheduler. Not thread-safe: exactly one thread drives `step()` (the server's engine thread);
+others talk to it through the server's queues.
+
+Every sampled token goes through the rejection sampler: a decoding request with k draft tokens
+verifies k + 1 positions, a plain one is the same call with k = 0.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoTokenizer, GenerationConfig
+
+from kernels import rejection_sample
+from specserve.config import EngineConfig
+from specserve.engine.detokenizer import IncrementalDetokenizer
+from specserve.engine.kv_cache_manager import KVCacheManager
+from specserve.engine.metrics import EngineMetrics
+from specserve.engine.model_runner import ModelRunner, TokenRun, kv_bytes_per_block
+from specserve.engine.outputs import RequestOutput
+from specserve.engine.proposer import DraftProposer
+from specserve.engine.request import Request, RequestStatus
+from specserve.engine.sampler import draw_exponential, draw_uniform, sampling_probs
+from specserve.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
+from specserve.engine.speculation_length import SpeculationLengthPolicy
+from specserve.model.llama import LlamaModel
+from specserve.model.loader import load_model, resolve_dtype
+from specserve.sampling_params import SamplingParams
+
+VOCAB_PROBE = "Hello, world! The quick brown fox: 1234 + 5678 = ?"
+
+
+@dataclass
+class StepOutput:
+    """Per scheduled request that sampled: the emitted tokens ([accepted..., recovered or bonus])."""
+
+    emitted: dict[str, list[int]]
+    num_draft_tokens: dict[str, int]
+
+
+def check_same_vocabulary(verifier: LlamaModel, draft: LlamaModel, verifier_tok, draft_tok) -> None:
+    v, d = verifier.arch.vocab_size, draft.arch.vocab_size
+    if v != d:
+        raise ValueError(f"draft vocabulary size {d} differs from the verifier's {v}; the draft must share it")
+    if draft_tok is not None:
+        a, b = verifier_tok.encode(VOCAB_PROBE), draft_tok.encode(VOCAB_PROBE)
+        if a != b:
+            raise ValueError(f"draft tokenizer encodes {VOCAB_PROBE!r} as {b}, verifier as {a}: not the same vocabulary")
+
+
+def eos_token_ids(path: str, tokenizer) -> set[int]:
+    """The tokenizer's EOS plus any the checkpoint's generation_config names."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    try:
+        gen = GenerationConfig.from_pretrained(path).eos_token_id
+    except OSError:
+        gen = None
+    ids |= set(gen) if isinstance(gen, list) else ({gen} if isinstance(gen, int) else set())
+    return ids
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, draft_model: LlamaModel | None = None) -> None:
+        self.config = config
+        dtype = resolve_dtype(config.dtype)
+        self.tokenizer = AutoTokenizer.from_pretrained(config.verifier)
+        self.verifier = load_model(config.verifier, dtype, config.device)
+        spec = config.speculative
+        self.draft_version = "none"
+        if draft_model is None and spec.draft is not None:
+            draft_model = load_model(spec.draft, dtype, config.device)
+            try:
+                draft_tok = AutoTokenizer.from_pretrained(spec.draft)
+            except (OSError, ValueError):
+                draft_tok = None  # a bare checkpoint (e.g. a distilled draft) reuses the verifier's tokenizer
+            check_same_vocabulary(self.verifier, draft_model, self.tokenizer, draft_tok)
+            self.draft_version = spec.draft
+        elif draft_model is not None:
+            check_same_vocabulary(self.verifier, draft_model, self.tokenizer, None)
+            self.draft_version = "in-memory"
+
+        cache = config.cache
+        per_block = kv_bytes_per_block(self.verifier, cache.block_size, dtype)
+        if draft_model is not None:
+            per_block += kv_bytes_per_block(draft_model, cache.block_size, dtype)
+        num_blocks = cache.num_blocks or max(1, cache.kv_cache_memory // per_block)
+        self.num_blocks = num_blocks
+        max_len = config.scheduler.max_model_len or self.verifier.arch.max_position_embeddings
+        if draft_model is not None:
+            max_len = min(max_len, draft_model.arch.max_position_embeddings)
+        # one request must always fit the pool on its own, or it could wait forever
+        self.max_model_len = min(max_len, num_blocks * cache.block_size)
+
+        self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
+        self.runner = ModelRunner(self.verifier, num_blocks, cache.block_size)
+        self.proposer = None
+        self.spec_policy = None
+        if draft_model is not None:
+            self.proposer = DraftProposer(ModelRunner(draft_model, num_blocks, cache.block_size))
+            c0 = sum(p.numel() for p in draft_model.parameters()) / sum(p.numel() for p in self.verifier.parameters())
+            self.spec_policy = SpeculationLengthPolicy(spec, c0)
+        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, self.spec_policy)
+        self.metrics = EngineMetrics()
+        self.requests: dict[str, Request] = {}
+        self.eos_token_ids = eos_token_ids(config.verifier, self.tokenizer)
+        self._ids = itertools.count()
+
+    # ---- requests -----------------------------------------------------------------------------
+
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt must not be empty")
+            return self.tokenizer.encode(prompt)
+        ids = list(prompt)
+        if not ids:
+            raise ValueError("prompt must not be empty")
+        vocab = self.verifier.arch.vocab_size
+        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab}), got {bad[:5]}")
+        return ids
+
+    def add_request(
+        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> str:
+        params = params or SamplingParams()
+        ids = self.encode_prompt(prompt)
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt is {len(ids)} tokens; the context holds {self.max_model_len}, "
+                "so the prompt must be shorter to leave room for output"
+            )
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop)
+        request = Request(request_id, ids, params, detok, self.eos_token_ids)
+        self.requests[request_id] = request
+        self.scheduler.add(request)
+        self.metrics.prompt_tokens += len(ids)
+        return request_id
+
+    def abort_request(self, request_id: str) -> None:
+        request = self.requests.pop(request_id, None)
+        if request is not None and not request.is_finished:
+            self.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
+            self._count_finished(request)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the step ---------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        self.metrics.preemptions += len(plan.preempted)
+        if plan.empty:
+            return []
+        output = self.execute(plan)
+        return self.update(plan, output)
+
+    def execute(self, plan: SchedulerOutput) -> StepOutput:
+        spec_items = [s for s in plan.scheduled if s.num_draft_tokens > 0]
+        draft_ids: dict[str, list[int]] = {}
+        draft_probs = None  # [batch, max_k, vocab] rows of the sampling requests
+        spec_row: dict[str, int] = {}
+        if spec_items and self.proposer is not None:
+            t0 = time.perf_counter()
+            items = [(s.request, s.num_draft_tokens, self.kv.blocks_of(s.request.request_id)) for s in spec_items]
+            ids, probs = self.proposer.propose(items)
+            self.metrics.draft_seconds += time.perf_counter() - t0
+            for row, s in enumerate(spec_items):
+                draft_ids[s.request.request_id] = ids[row, : s.num_draft_tokens].tolist()
+                spec_row[s.request.request_id] = row
+            draft_probs = probs
+
+        runs = []
+        for s in plan.scheduled:
+            r = s.request
+            num_known = s.num_new_tokens - s.num_draft_tokens
+            tokens = r.all_token_ids[r.num_computed_tokens : r.num_computed_tokens + num_known]
+            tokens += draft_ids.get(r.request_id, [])
+            runs.append(
+                TokenRun(
+                    tokens, r.num_computed_tokens, self.kv.blocks_of(r.request_id), s.num_draft_tokens + 1 if s.samples else 0
+                )
+            )
+        t0 = time.perf_counter()
+        logits = self.runner.forward(runs)  # [sum of (k + 1) over sampling requests, vocab]
+        verify_seconds = time.perf_counter() - t0
+        self.metrics.verifier_seconds += verify_seconds
+        if self.spec_policy is not None and spec_items and self.proposer.step_seconds > 0:
+            self.spec_policy.observe_cost_ratio(self.proposer.step_seconds / verify_seconds)
+
+        sampling = [s for s in plan.scheduled if s.samples]
+        if not sampling:
+            return StepOutput({}, {})
+        return StepOutput(self._accept(sampling, logits, draft_ids, draft_probs, spec_row), {
+            s.request.request_id: s.num_draft_tokens for s in sampling
+        })
+
+    def _accept(
+        self,
+        sampling: list[ScheduledRequest],
+        logits: torch.Tensor,  # [sum(k + 1), vocab]
+        draft_ids: dict[str, list[int]],
+        draft_probs: torch.Tensor | None,  # [spec batch, max_k, vocab]
+        spec_row: dict[str, int],
+    ) -> dict[str, list[int]]:
+        batch, vocab = len(sampling), logits.shape[-1]
+        ks = [s.num_draft_tokens for s in sampling]
+        max_k = max(ks)
+        params = [p for s in sampling for p in [s.request.params] * (s.num_draft_tokens + 1)]
+        probs = sampling_probs(logits, params)  # [sum(k + 1), vocab]
+        target = torch.zeros(batch, max_k + 1, vocab)
+        draft_token_ids = torch.full((batch, max_k), -1, dtype=torch.int64)
+        q = torch.zeros(batch, max_k, vocab) if draft_probs is not None and max_k > 0 else None
+        row = 0
+        for i, s in enumerate(sampling):
+            k = s.num_draft_tokens
+            target[i, : k + 1] = probs[row : row + k + 1]
+            row += k + 1
+            if k:
+                rid = s.request.request_id
+                draft_token_ids[i, :k] = torch.tensor(draft_ids[rid])
+                if q is not None:
+                    q[i, :k] = draft_probs[spec_row[rid], :k]
+        generators = [s.request.generator for s in sampling]
+        greedy = [s.request.params.greedy for s in sampling]
+        out_ids, num_accepted = rejection_sample(
+            draft_token_ids,
+            q,
+            target,
+            torch.tensor(ks, dtype=torch.int64),
+            draw_uniform(generators, max_k),
+            draw_exponential(generators, vocab, greedy),
+            torch.tensor(greedy),
+        )
+        result = {}
+        for i, s in enumerate(sampling):
+            n = int(num_accepted[i]) + 1
+            result[s.request.request_id] = out_ids[i, :n].tolist()
+        return result
+
+    def update(self, plan: SchedulerOutput, output: StepOutput) -> list[RequestOutput]:
+        self.metrics.steps += 1
+        outputs = []
+        for s in plan.scheduled:
+            r = s.request
+            k = s.num_draft_tokens
+            old_num_tokens = r.num_tokens
+            emitted = output.emitted.get(r.request_id)
+            if emitted is None:  # a prompt chunk that did not reach the end
+                r.num_computed_tokens += s.num_new_tokens
+                self.kv.cache_finalised(r, r.num_computed_tokens, r.num_draft_computed_tokens)
+                continue
+            num_accepted = len(emitted) - 1
+            # one accounting rule: computed += scheduled - rejected
+            r.num_computed_tokens += s.num_new_tokens - (k - num_accepted)
+            if k:
+                # the draft saw its own tokens up to d_{k-1}; those accepted stay valid
+                r.num_draft_computed_tokens = old_num_tokens + min(num_accepted, k - 1)
+                r.num_drafted += k
+                r.num_accepted += num_accepted
+                r.steps_since_draft = 0
+                self.metrics.spec(self.draft_version).record(k, num_accepted)
+                if self.spec_policy is not None:
+                    self.spec_policy.observe_acceptance(k, num_accepted)
+            else:
+                r.steps_since_draft += 1
+            new_ids = []
+            for token in emitted:
+                r.append_token(token)
+                new_ids.append(token)
+                if self._check_stop(r, token):
+                    break
+            self.metrics.generation_tokens += len(new_ids)
+            if r.is_finished:
+                self.scheduler.finish(r, r.status)
+                self._count_finished(r)
+                self.requests.pop(r.request_id, None)
+            else:
+                self.kv.cache_finalised(r, r.num_computed_tokens, r.num_draft_computed_tokens)
+            outputs.append(
+                RequestOutput(
+                    request_id=r.request_id,
+                    text=r.detokenizer.text,
+                    token_ids=list(r.output_token_ids),
+                    delta_text=r.detokenizer.take_delta(r.is_finished),
+                    delta_token_ids=new_ids,
+                    finished=r.is_finished,
+                    finish_reason=r.finish_reason,
+                    num_prompt_tokens=r.num_prompt_tokens,
+                    stop_reason=r.stop_reason,
+                )
+            )
+        return outputs
+
+    def _check_stop(self, r: Request, token: int) -> bool:
+        """Detokenize one new token and decide whether the request ends with it."""
+        if token in r.stop_token_ids:
+            r.status = RequestStatus.FINISHED_STOPPED
+            r.stop_reason = None if token in self.eos_token_ids and token not in r.params.stop_token_ids else token
+            return True
+        stop = r.detokenizer.add(token)
+        if stop is not None:
+            r.status = RequestStatus.FINISHED_STOPPED
+            r.stop_reason = stop
+            return True
+        if r.num_output_tokens >= r.params.max_tokens or r.num_tokens >= self.max_model_len:
+            r.status = RequestStatus.FINISHED_LENGTH
+            return True
+        return False
+
+    def _count_finished(self, r: Request) -> None:
+        reason = r.finish_reason or "abort"
+        self.metrics.finished_requests[reason] = self.metrics.finished_requests.get(reason, 0) + 1

@@ -1,0 +1,68 @@
+"""DraftProposer: the draft model catches up on unseen tokens and proposes k tokens per request.
+
+Batched over requests: one forward over every request's catch-up tokens (the tokens the verifier
+has committed since the draft last ran, ending with the newest one) yields each request's first
+draft token; then one single-token forward per further position. Draft tokens are drawn from the
+draft's distribution q after the request's own temperature/top-k/top-p, with the request's
+generator; q is returned for the rejection sampler. The draft's KV for draft tokens lies beyond
+the committed counter, so rejected ones are simply overwritten later.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from specserve.engine.model_runner import ModelRunner, TokenRun
+from specserve.engine.request import Request
+from specserve.engine.sampler import sampling_probs
+
+
+class DraftProposer:
+    def __init__(self, runner: ModelRunner) -> None:
+        self.runner = runner
+        self.step_seconds = 0.0  # time of the latest single-token draft forward (cost ratio input)
+
+    def _sample(self, probs: torch.Tensor, requests: list[Request]) -> torch.Tensor:  # [batch]
+        out = probs.argmax(dim=-1)
+        for i, r in enumerate(requests):
+            if not r.params.greedy:
+                noise = torch.empty(probs.shape[-1]).exponential_(generator=r.generator)
+                out[i] = (probs[i] / noise).argmax()
+        return out
+
+    def propose(
+        self, items: list[tuple[Request, int, list[int]]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # [batch, max_k] ids (-1 pad), [batch, max_k, vocab] q
+        """items: (request, k >= 1, block ids). Draft tokens are not appended to the requests."""
+        requests = [r for r, _, _ in items]
+        ks = [k for _, k, _ in items]
+        max_k = max(ks)
+        batch, vocab = len(items), self.runner.vocab_size
+        draft_ids = torch.full((batch, max_k), -1, dtype=torch.int64)
+        draft_probs = torch.zeros(batch, max_k, vocab)
+        runs = [
+            TokenRun(r.all_token_ids[r.num_draft_computed_tokens :], r.num_draft_computed_tokens, blocks, 1)
+            for r, _, blocks in items
+        ]
+        active = list(range(batch))
+        for j in range(max_k):
+            t0 = time.perf_counter()
+            logits = self.runner.forward(runs)
+            if all(len(run.token_ids) == 1 for run in runs):
+                self.step_seconds = time.perf_counter() - t0
+            probs = sampling_probs(logits, [requests[i].params for i in active])
+            tokens = self._sample(probs, [requests[i] for i in active])
+            for row, i in enumerate(active):
+                draft_ids[i, j] = tokens[row]
+                draft_probs[i, j] = probs[row]
+            keep = [row for row, i in enumerate(active) if ks[i] > j + 1]
+            runs = [
+                TokenRun([int(tokens[row])], requests[active[row]].num_tokens + j, items[active[row]][2], 1)
+                for row in keep
+            ]
+            active = [active[row] for row in keep]
+            if not active:
+                break
+        return draft_ids, draft_probs

@@ -1,0 +1,88 @@
+"""Request: one generation's state as the engine sees it (tokens, counters, status).
+
+The counters are the whole accounting: `num_computed_tokens` tokens have KV in the verifier's
+pool, `num_draft_computed_tokens` in the draft's. A step schedules the gap between computed and
+known tokens (plus speculative lookahead); rollback is moving a counter back.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+
+import torch
+
+from specserve.engine.detokenizer import IncrementalDetokenizer
+from specserve.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def finished(self) -> bool:
+        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED)
+
+
+class Request:
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        detokenizer: IncrementalDetokenizer,
+        eos_token_ids: set[int],
+    ) -> None:
+        self.request_id = request_id
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.output_token_ids: list[int] = []
+        self.all_token_ids = list(prompt_token_ids)
+        self.params = params
+        self.detokenizer = detokenizer
+        self.stop_token_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else eos_token_ids)
+        self.status = RequestStatus.WAITING
+        self.arrival_time = time.monotonic()
+        self.first_token_time: float | None = None
+        self.num_computed_tokens = 0
+        self.num_draft_computed_tokens = 0
+        self.num_preemptions = 0
+        self.stop_reason: str | int | None = None
+        self.generator = torch.Generator()
+        if params.seed is not None:
+            self.generator.manual_seed(params.seed)
+        else:
+            self.generator.seed()
+        # speculation statistics, read by the speculation-length policy
+        self.num_drafted = 0
+        self.num_accepted = 0
+        self.steps_since_draft = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.finished
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.status.value if self.status.finished else None
+
+    def append_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)
+        if self.first_token_time is None:
+            self.first_token_time = time.monotonic()

@@ -1,0 +1,100 @@
+"""Attention over the paged KV cache: the per-step metadata and the torch path.
+
+A step's tokens arrive flattened, request after request (`num_tokens` rows). For each request we
+know how many new tokens it brings (`query_len`) and how long its context is once they are
+written (`context_len`). The metadata built once per step serves every layer:
+
+* `slot_mapping` says where each new token's key and value go in the pool;
+* `context_slots` lists, per request, the slot of every context position (padded), so the
+  keys and values can be gathered into a dense `[batch, context, ...]` tensor;
+* `mask` is the causal mask of the padded `[batch, query, context]` problem.
+
+This module knows nothing about blocks, requests or schedulers: the model runner turns block
+tables into slots. A Triton paged-attention kernel for GPUs would take the same metadata.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [num_tokens] int64, pool slot of each new token
+    context_slots: torch.Tensor  # [batch, max_context] int64, pool slot of each context position (0-padded)
+    mask: torch.Tensor | None  # [batch, 1, max_query, max_context] bool, True = attend; None for pure decode
+    token_index: torch.Tensor | None  # [num_tokens] int64, row of each token in [batch * max_query]; None if unpadded
+    batch: int
+    max_query: int
+
+    @staticmethod
+    def build(
+        query_lens: list[int],
+        context_lens: list[int],
+        slot_mapping: torch.Tensor,  # [num_tokens]
+        context_slots: torch.Tensor,  # [batch, max_context]
+    ) -> AttentionMetadata:
+        batch = len(query_lens)
+        max_query = max(query_lens)
+        max_context = context_slots.shape[1]
+        device = context_slots.device
+        uniform = all(q == max_query for q in query_lens)
+        ctx = torch.tensor(context_lens, dtype=torch.int64, device=device)  # [batch]
+        qlen = torch.tensor(query_lens, dtype=torch.int64, device=device)  # [batch]
+        kv_pos = torch.arange(max_context, device=device)  # [max_context]
+        q_idx = torch.arange(max_query, device=device)  # [max_query]
+        # absolute position of query i of request b: context_len - query_len + i
+        q_pos = (ctx - qlen)[:, None] + q_idx[None, :]  # [batch, max_query]
+        mask = (kv_pos[None, None, :] <= q_pos[:, :, None]) & (kv_pos[None, None, :] < ctx[:, None, None])
+        token_index = None
+        if not uniform:
+            # padding query rows attend to position 0 only, so softmax never sees an empty row
+            pad = q_idx[None, :] >= qlen[:, None]  # [batch, max_query]
+            mask[:, :, 0] |= pad
+            token_index = torch.cat(
+                [b * max_query + torch.arange(q, device=device) for b, q in enumerate(query_lens)]
+            )
+        if max_query == 1 and uniform:
+            # pure decode: every query sees its whole context; masking only hides the padding
+            mask = kv_pos[None, None, :] < ctx[:, None, None]
+        return AttentionMetadata(
+            slot_mapping=slot_mapping,
+            context_slots=context_slots,
+            mask=mask[:, None],
+            token_index=token_index,
+            batch=batch,
+            max_query=max_query,
+        )
+
+
+def paged_attention(
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_slots, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_slots, num_kv_heads, head_dim]
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:  # [num_tokens, num_heads * head_dim]
+    """Write the new keys/values into the pool, then attend over each request's context."""
+    k_cache.index_copy_(0, meta.slot_mapping, k)
+    v_cache.index_copy_(0, meta.slot_mapping, v)
+    num_tokens, num_heads, head_dim = q.shape
+    keys = k_cache[meta.context_slots].transpose(1, 2)  # [batch, num_kv_heads, max_context, head_dim]
+    values = v_cache[meta.context_slots].transpose(1, 2)  # [batch, num_kv_heads, max_context, head_dim]
+    if meta.token_index is None:
+        queries = q.view(meta.batch, meta.max_query, num_heads, head_dim)
+    else:
+        queries = q.new_zeros(meta.batch * meta.max_query, num_heads, head_dim)
+        queries.index_copy_(0, meta.token_index, q)
+        queries = queries.view(meta.batch, meta.max_query, num_heads, head_dim)
+    out = F.scaled_dot_product_attention(
+        queries.transpose(1, 2), keys, values, attn_mask=meta.mask, scale=scale, enable_gqa=True
+    )  # [batch, num_heads, max_query, head_dim]
+    out = out.transpose(1, 2).reshape(meta.batch * meta.max_query, num_heads * head_dim)
+    if meta.token_index is not None:
+        out = out.index_select(0, meta.token_index)
+    return out
