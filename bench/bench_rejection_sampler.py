@@ -104,6 +104,11 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="pass draft_probs=None (one-hot drafts, as from n-gram proposers)",
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads for torch (torch.set_num_threads); on a shared machine 1 gives steadier numbers",
+    )
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls per cell (default: 3)")
     parser.add_argument("--iters", type=int, default=20, help="timed calls per cell; median is shown (default: 20)")
     return parser.parse_args()
@@ -118,6 +123,8 @@ def main() -> None:
         raise SystemExit("--device cuda requested but torch.cuda.is_available() is False")
     if not 0.0 <= args.greedy <= 1.0:
         raise SystemExit(f"--greedy must be in [0, 1], got {args.greedy}")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     grid = CUDA_GRID if device == "cuda" else CPU_GRID
     batches = args.batch or grid["batch"]
     ks = args.k or grid["k"]

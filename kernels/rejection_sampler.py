@@ -35,7 +35,10 @@ Randomness is supplied by the caller so that the CPU reference and the Triton ke
 bit-for-bit comparable: ``uniform`` holds the U(0, 1) acceptance draws and ``exp_noise`` holds
 Exp(1) draws. A token is sampled from unnormalised weights ``w`` as ``argmax_v w_v / exp_noise_v``
 (the "exponential race", an exact categorical sample that needs no normalisation); entries with
-``w_v == 0`` never win unless every weight is zero. One noise row per request is enough because
+``w_v == 0`` never win unless every weight is zero. ``exp_noise`` should be strictly positive: a
+draw of exactly 0 hands its token the race whatever its weight, and float32
+``Tensor.exponential_`` can return 0 (roughly once per 2**24 draws), so clamp it, e.g.
+``exp_noise.clamp_min_(torch.finfo(torch.float32).tiny)``. One noise row per request is enough because
 a request draws either a recovered or a bonus token, never both. Argmax ties resolve to the
 lowest token id, as ``torch.argmax`` does.
 

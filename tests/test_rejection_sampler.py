@@ -280,6 +280,17 @@ def test_bonus_and_recovered_tokens_follow_the_exponential_race(sampler: Sampler
     assert run(sampler, case) == ([[1, 1]], [1])
 
 
+# The interpreter evaluates the masked-off divisions in numpy, which warns about the 0 / 0 and
+# x / 0 this test provokes on purpose.
+@pytest.mark.filterwarnings("ignore:.*encountered in divide:RuntimeWarning")
+def test_zero_noise_draw_never_makes_a_zero_weight_token_win(sampler: Sampler) -> None:
+    # 0 / 0 would be NaN, which torch.argmax ranks highest; a zero-weight token must still lose.
+    # A positive weight over zero noise scores +inf and wins, the limit of the race.
+    target = [[0.5, 0.0, 0.5]]
+    case = make_case([[], []], [target, target], [0, 0], [False, False], exp_noise=[[1.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
+    assert run(sampler, case) == ([[0], [2]], [0, 0])
+
+
 def test_race_ties_pick_lowest_token_id(sampler: Sampler) -> None:
     # Equal weights and equal noise tie the race; as with argmax the lowest id wins, also across
     # the Triton kernel's vocab chunks (tokens 1 | 2, 3 with block_v = 2).
@@ -518,7 +529,8 @@ def sampled_position_counts(device: str, with_draft_probs: bool, max_k: int) -> 
         target_probs=target_probs,
         num_draft_tokens=torch.full((batch,), max_k),
         uniform=torch.rand(batch, max_k, generator=gen),
-        exp_noise=torch.empty(batch, vocab).exponential_(generator=gen),
+        # Clamped as the module docstring advises: a zero draw would bias the race.
+        exp_noise=torch.empty(batch, vocab).exponential_(generator=gen).clamp_min_(torch.finfo(torch.float32).tiny),
         is_greedy=torch.zeros(batch, dtype=torch.bool),
     ).to(device)
     output_token_ids, num_accepted = rejection_sample(*case.args())

@@ -1,0 +1,164 @@
+"""Speculative decoding in the engine: greedy is token-for-token plain greedy, sampling keeps the
+verifier's distribution, caches stay consistent, adaptive k falls back when drafting does not pay."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import transformers
+
+from specserve import LLM, SamplingParams
+from specserve.config import CacheConfig, SchedulerConfig, SpeculativeConfig
+from specserve.engine.speculation_length import best_k, expected_speedup
+
+PROMPTS = [
+    "The quick brown fox",
+    "Speculative decoding lets a small draft model propose tokens that a large model",
+    "def add(a, b):",
+    "To",
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many in May.",
+]
+
+
+def greedy(n: int) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+
+
+def make(tiny, draft: str | None, k: int | None, **kw) -> LLM:
+    cache = kw.pop("cache", CacheConfig(num_blocks=256, block_size=4))
+    return LLM(tiny["llama"], draft=draft, dtype="float32", num_speculative_tokens=k, cache=cache, **kw)
+
+
+@pytest.fixture(scope="module")
+def plain(tiny) -> LLM:
+    return make(tiny, None, None)
+
+
+@pytest.mark.parametrize("k", [1, 2, 4, 7])
+@pytest.mark.parametrize("draft", ["draft", "llama"])
+def test_greedy_speculation_equals_plain_greedy(tiny, plain, draft, k):
+    spec = make(tiny, tiny[draft], k)
+    expected = [c.token_ids for c in plain.generate(PROMPTS, greedy(40))]
+    got = [c.token_ids for c in spec.generate(PROMPTS, greedy(40))]
+    assert got == expected
+    stats = spec.engine.metrics.total_speculation()
+    assert stats.drafted_tokens > 0
+    if draft == "llama":  # the verifier as its own draft: every draft token is accepted
+        assert stats.accepted_tokens == stats.drafted_tokens
+        assert stats.mean_acceptance_length > k  # k + 1 except where max_tokens caps k
+
+
+def test_greedy_speculation_one_request_at_a_time(tiny, plain):
+    spec = make(tiny, tiny["draft"], 3)
+    for p in PROMPTS:
+        assert spec.generate([p], greedy(30))[0].token_ids == plain.generate([p], greedy(30))[0].token_ids
+
+
+def test_speculation_with_tiny_pool_preemption_and_chunked_prefill(tiny, plain):
+    spec = make(tiny, tiny["draft"], 4, cache=CacheConfig(num_blocks=24, block_size=4),
+                scheduler=SchedulerConfig(max_num_batched_tokens=16, max_num_seqs=8))
+    expected = [c.token_ids for c in plain.generate(PROMPTS, greedy(30))]
+    assert [c.token_ids for c in spec.generate(PROMPTS, greedy(30))] == expected
+    assert spec.engine.scheduler.num_preemptions > 0
+    assert spec.engine.kv.num_free_blocks == spec.engine.num_blocks
+
+
+def test_prefix_cache_with_draft_changes_nothing(tiny, plain):
+    spec = make(tiny, tiny["draft"], 3)
+    shared = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer."
+    prompts = [shared + " The quick", shared + " def add", shared + " The quick"]
+    expected = [plain.generate([p], greedy(20))[0].token_ids for p in prompts]
+    got = [spec.generate([p], greedy(20))[0].token_ids for p in prompts]
+    assert got == expected
+    assert spec.engine.kv.prefix_hit_blocks > 0
+
+
+def test_adaptive_k_matches_plain_and_mixed_batch(tiny, plain):
+    spec = make(tiny, tiny["llama"], None)  # adaptive
+    params = [greedy(24), SamplingParams(max_tokens=24, temperature=0.8, seed=5, ignore_eos=True)] * 2
+    got = spec.generate(PROMPTS[:4], params)
+    expected_greedy = [plain.generate([p], greedy(24))[0].token_ids for p in PROMPTS[:4:2]]
+    assert [got[0].token_ids, got[2].token_ids] == expected_greedy
+    # seeded sampled requests are reproducible under speculation
+    again = spec.generate([PROMPTS[1]], params[1])[0].token_ids
+    assert again == got[1].token_ids
+    assert spec.engine.metrics.total_speculation().drafted_tokens > 0
+
+
+def test_adaptive_k_falls_back_to_plain_when_drafts_miss(tiny):
+    spec = make(tiny, tiny["draft"], None)
+    spec.engine.spec_policy.observe_cost_ratio(10.0)  # pretend drafting is expensive
+    spec.engine.spec_policy.cost_ratio = 0.9
+    spec.generate(PROMPTS, greedy(60))
+    stats = spec.engine.metrics.total_speculation()
+    generated = spec.engine.metrics.generation_tokens
+    # only the occasional probe drafts a token
+    assert stats.drafted_tokens < 0.25 * generated
+
+
+def test_speculation_length_policy_maths():
+    assert expected_speedup(0.0, 3, 0.1) < 1.0
+    assert best_k(0.0, 0.1, 8) == 0
+    assert best_k(0.9, 0.05, 8) >= 4
+    # Leviathan et al. eq. 1 at alpha = 0.8, k = 4, c = 0.1
+    assert math.isclose(expected_speedup(0.8, 4, 0.1), (1 - 0.8**5) / (0.2 * 1.4))
+
+
+def test_draft_with_other_vocabulary_is_refused(tiny, tmp_path):
+    cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="vocabulary size 100"):
+        LLM(tiny["llama"], draft=str(tmp_path), dtype="float32")
+
+
+def exact_second_token_distribution(path: str, prompt_ids: list[int], temperature: float) -> torch.Tensor:
+    """P(t2) = sum_t1 p(t1 | prompt) p(t2 | prompt, t1) under the verifier, computed exactly in fp32."""
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad():
+        p1 = (hf(torch.tensor([prompt_ids])).logits[0, -1] / temperature).softmax(-1)  # [vocab]
+        vocab = p1.shape[0]
+        batch = torch.tensor(prompt_ids).repeat(vocab, 1)
+        batch = torch.cat([batch, torch.arange(vocab)[:, None]], dim=1)  # [vocab, len + 1]
+        p2 = (hf(batch).logits[:, -1] / temperature).softmax(-1)  # [vocab (t1), vocab (t2)]
+    return p1 @ p2
+
+
+def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Pearson chi-square goodness of fit; bins with expected count < 5 are pooled."""
+    from scipy.stats import chisquare
+
+    n = counts.sum().item()
+    expected = probs * n
+    big = expected >= 5
+    obs, exp = counts[big].double(), expected[big].double()
+    if (~big).any():
+        obs = torch.cat([obs, counts[~big].sum(0, keepdim=True).double()])
+        exp = torch.cat([exp, expected[~big].sum(0, keepdim=True).double()])
+    exp = exp * obs.sum() / exp.sum()
+    return float(chisquare(obs.numpy(), exp.numpy()).pvalue)
+
+
+@pytest.mark.parametrize("k", [2])
+def test_sampled_speculation_keeps_the_verifier_distribution(tiny, k):
+    """Token 2 is the first token a speculative step emits (token 1 comes from the prefill step)."""
+    pytest.importorskip("scipy")
+    temperature = 1.5  # flatter than the peaked random model, so many tokens carry mass
+    spec = make(tiny, tiny["draft"], k, scheduler=SchedulerConfig(max_num_seqs=256, max_num_batched_tokens=4096))
+    prompt = spec.tokenizer.encode("The quick brown fox")
+    n = 6000
+    outs = spec.generate([prompt] * n, [SamplingParams(max_tokens=3, temperature=temperature, seed=i,
+                                                       ignore_eos=True) for i in range(n)])
+    vocab = spec.engine.verifier.arch.vocab_size
+    counts = torch.bincount(torch.tensor([o.token_ids[1] for o in outs]), minlength=vocab).float()
+    exact = exact_second_token_distribution(tiny["llama"], prompt, temperature)
+    stats = spec.engine.metrics.total_speculation()
+    assert 0.05 < stats.acceptance_rate < 0.95, "the test needs both accepted and rejected draft tokens"
+    assert chi_square_pvalue(counts, exact) > 1e-3
+    # and the output is not the draft's distribution
+    draft_exact = exact_second_token_distribution(tiny["draft"], prompt, temperature)
+    tv = 0.5 * (exact - draft_exact).abs().sum().item()
+    assert tv > 0.2
+    assert chi_square_pvalue(counts, draft_exact) < 1e-6
