@@ -89,8 +89,9 @@ def test_adaptive_k_matches_plain_and_mixed_batch(tiny, plain):
 
 def test_adaptive_k_falls_back_to_plain_when_drafts_miss(tiny):
     spec = make(tiny, tiny["draft"], None)
-    spec.engine.spec_policy.observe_cost_ratio(10.0)  # pretend drafting is expensive
-    spec.engine.spec_policy.cost_ratio = 0.9
+    policy = spec.engine.spec_policy
+    policy.initial_cost_ratio = 0.9  # pretend drafting is expensive, whatever the timings say
+    policy.cost_per_draft_token = lambda batch: 0.9
     spec.generate(PROMPTS, greedy(60))
     stats = spec.engine.metrics.total_speculation()
     generated = spec.engine.metrics.generation_tokens
@@ -162,3 +163,31 @@ def test_sampled_speculation_keeps_the_verifier_distribution(tiny, k):
     tv = 0.5 * (exact - draft_exact).abs().sum().item()
     assert tv > 0.2
     assert chi_square_pvalue(counts, draft_exact) < 1e-6
+
+
+def test_step_cost_model_fits_a_line():
+    from specserve.engine.speculation_length import StepCostModel
+
+    m = StepCostModel()
+    assert m.fit() is None
+    for n in [1, 2, 4, 8, 1, 3, 5, 9] * 5:
+        m.observe(n, 0.02 + 0.005 * n)
+    a, b = m.fit()
+    assert math.isclose(a, 0.02, rel_tol=1e-6) and math.isclose(b, 0.005, rel_tol=1e-6)
+
+
+def test_costly_verification_turns_speculation_off():
+    from specserve.engine.speculation_length import SpeculationLengthPolicy
+
+    policy = SpeculationLengthPolicy(SpeculativeConfig(draft="x"), initial_cost_ratio=0.1)
+    policy.acceptance_rate = 0.5
+    for n in [1, 2, 3, 4] * 5:  # each extra verified token costs a whole plain step
+        policy.observe_verifier_step(n, 0.03 * n)
+    policy.observe_draft_step(0.003)
+    assert policy.cost_per_draft_token(1) > 1.0
+    assert best_k(0.5, policy.cost_per_draft_token(1), 8) == 0
+    free = SpeculationLengthPolicy(SpeculativeConfig(draft="x"), initial_cost_ratio=0.1)
+    for n in [1, 2, 3, 4] * 5:  # verification nearly free: speculate
+        free.observe_verifier_step(n, 0.03 + 0.0003 * n)
+    free.observe_draft_step(0.003)
+    assert best_k(0.7, free.cost_per_draft_token(1), 8) >= 3

@@ -196,8 +196,10 @@ class LLMEngine:
         logits = self.runner.forward(runs)  # [sum of (k + 1) over sampling requests, vocab]
         verify_seconds = time.perf_counter() - t0
         self.metrics.verifier_seconds += verify_seconds
-        if self.spec_policy is not None and spec_items and self.proposer.step_seconds > 0:
-            self.spec_policy.observe_cost_ratio(self.proposer.step_seconds / verify_seconds)
+        if self.spec_policy is not None:
+            self.spec_policy.observe_verifier_step(plan.num_batched_tokens, verify_seconds)
+            if spec_items and self.proposer.step_seconds > 0:
+                self.spec_policy.observe_draft_step(self.proposer.step_seconds)
 
         sampling = [s for s in plan.scheduled if s.samples]
         if not sampling:
@@ -273,6 +275,7 @@ class LLMEngine:
                 self.metrics.spec(self.draft_version).record(k, num_accepted)
                 if self.spec_policy is not None:
                     self.spec_policy.observe_acceptance(k, num_accepted)
+                    self.spec_policy.observe_request(r, k, num_accepted)
             else:
                 r.steps_since_draft += 1
             new_ids = []

@@ -29,6 +29,7 @@ class DraftProposer:
         for i, r in enumerate(requests):
             if not r.params.greedy:
                 noise = torch.empty(probs.shape[-1]).exponential_(generator=r.generator)
+                noise.clamp_min_(torch.finfo(torch.float32).tiny)
                 out[i] = (probs[i] / noise).argmax()
         return out
 

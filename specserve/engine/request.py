@@ -60,6 +60,7 @@ class Request:
         self.num_drafted = 0
         self.num_accepted = 0
         self.steps_since_draft = 0
+        self.probe_interval = 16  # steps at k = 0 before probing with k = 1 (see speculation_length)
 
     @property
     def num_tokens(self) -> int:

@@ -55,4 +55,5 @@ def draw_exponential(generators: list[torch.Generator], vocab: int, greedy: list
     for i, g in enumerate(generators):
         if not greedy[i]:
             out[i].exponential_(generator=g)
-    return out
+    # float32 exponential_ can return exactly 0, which would hand its token the race whatever its weight
+    return out.clamp_min_(torch.finfo(torch.float32).tiny)

@@ -1,12 +1,15 @@
 """SpeculationLength: how many draft tokens (k) each request proposes this step.
 
-Leviathan et al. (2023): with per-token acceptance rate alpha and a draft step costing c verifier
-steps, proposing k tokens yields (1 - alpha^(k+1)) / (1 - alpha) tokens for 1 + k*c verifier-step
-costs. The policy picks the k in [0, k_max] that maximises that ratio from each request's running
-acceptance estimate (a Beta-style blend of its own counts with the engine-wide rate) and the
-measured c, and caps k as the batch grows since verifying many tokens stops being free. A
-request held at k = 0 probes with k = 1 now and then so its estimate can recover. A fixed k
-(`--num-speculative-tokens`) bypasses all of this.
+Leviathan et al. (2023): with per-token acceptance rate alpha, proposing k tokens yields
+E(k) = (1 - alpha^(k+1)) / (1 - alpha) tokens per step. A step costs one plain verifier step,
+plus k draft steps (c each, relative to the verifier step), plus the verifier's extra work for k
+more tokens per request (v each). On a GPU at small batch v ~ 0 ("verification is free"); on a CPU
+without native bf16 matmuls, or at large batch, it is not. So the policy fits the verifier's step
+time against the number of tokens in the step (t(n) = a + b n, online), times the draft's
+single-token steps, and picks the k in [0, k_max] maximising E(k) / (1 + k (c + v)) with the
+request's acceptance estimate (its own counts blended with the engine-wide rate). k = 0 is plain
+decoding; a request held there probes with k = 1 now and then, backing off while probes fail,
+so its estimate can recover. A fixed k (`--num-speculative-tokens`) bypasses all of this.
 """
 
 from __future__ import annotations
@@ -15,12 +18,13 @@ from specserve.config import SpeculativeConfig
 from specserve.engine.request import Request
 
 PRIOR_WEIGHT = 8.0  # pseudo-drafted tokens the engine-wide rate counts for in a request's estimate
-PROBE_INTERVAL = 16  # steps at k = 0 before a request probes again with k = 1
+FIRST_PROBE_INTERVAL = 16  # steps at k = 0 before a request first probes with k = 1
+MAX_PROBE_INTERVAL = 256
 EMA = 0.05
 
 
 def expected_speedup(alpha: float, k: int, c: float) -> float:
-    """Expected tokens per unit of verifier time, relative to plain decoding (Leviathan et al. eq. 1)."""
+    """Expected speedup over plain decoding (Leviathan et al. eq. 1): tokens per step over cost per step."""
     if k == 0:
         return 1.0
     alpha = min(max(alpha, 0.0), 0.999)
@@ -31,20 +35,67 @@ def best_k(alpha: float, c: float, k_max: int) -> int:
     return max(range(k_max + 1), key=lambda k: (expected_speedup(alpha, k, c), -k))
 
 
+class StepCostModel:
+    """Online fit of a forward pass's seconds against the tokens it computes: t(n) = a + b n."""
+
+    def __init__(self, decay: float = 0.98) -> None:
+        self.decay = decay
+        self.s = self.sn = self.snn = self.st = self.snt = 0.0
+
+    def observe(self, n: int, seconds: float) -> None:
+        d = self.decay
+        self.s = d * self.s + 1.0
+        self.sn = d * self.sn + n
+        self.snn = d * self.snn + n * n
+        self.st = d * self.st + seconds
+        self.snt = d * self.snt + n * seconds
+
+    def fit(self) -> tuple[float, float] | None:
+        if self.s < 3:
+            return None
+        var = self.snn / self.s - (self.sn / self.s) ** 2
+        mean_t = self.st / self.s
+        if var <= 1e-9:  # every step had the same size: no slope information yet
+            return mean_t, 0.0
+        b = max(0.0, (self.snt / self.s - (self.sn / self.s) * mean_t) / var)
+        a = max(1e-6, mean_t - b * self.sn / self.s)
+        return a, b
+
+    def predict(self, n: int) -> float | None:
+        f = self.fit()
+        return None if f is None else f[0] + f[1] * n
+
+
 class SpeculationLengthPolicy:
     def __init__(self, config: SpeculativeConfig, initial_cost_ratio: float) -> None:
         self.config = config
-        self.cost_ratio = initial_cost_ratio
+        self.initial_cost_ratio = initial_cost_ratio
         self.acceptance_rate = 0.6  # engine-wide, updated from every verification
+        self.verifier_cost = StepCostModel()
+        self.draft_step_seconds: float | None = None
 
     def observe_acceptance(self, drafted: int, accepted: int) -> None:
         if drafted:
-            rate = accepted / drafted
             w = 1.0 - (1.0 - EMA) ** drafted
-            self.acceptance_rate += w * (rate - self.acceptance_rate)
+            self.acceptance_rate += w * (accepted / drafted - self.acceptance_rate)
 
-    def observe_cost_ratio(self, c: float) -> None:
-        self.cost_ratio += EMA * (c - self.cost_ratio)
+    def observe_verifier_step(self, num_tokens: int, seconds: float) -> None:
+        self.verifier_cost.observe(num_tokens, seconds)
+
+    def observe_draft_step(self, seconds: float) -> None:
+        if self.draft_step_seconds is None:
+            self.draft_step_seconds = seconds
+        else:
+            self.draft_step_seconds += EMA * (seconds - self.draft_step_seconds)
+
+    def cost_per_draft_token(self, batch: int) -> float:
+        """c + v: what one more draft token per request costs, in plain verifier steps."""
+        fit = self.verifier_cost.fit()
+        if fit is None or self.draft_step_seconds is None:
+            return self.initial_cost_ratio
+        a, b = fit
+        plain = a + b * batch
+        return self.draft_step_seconds / plain + b * batch / plain
 
     def request_acceptance(self, request: Request) -> float:
         return (request.num_accepted + PRIOR_WEIGHT * self.acceptance_rate) / (request.num_drafted + PRIOR_WEIGHT)
@@ -53,7 +104,14 @@ class SpeculationLengthPolicy:
         if self.config.num_speculative_tokens is not None:
             return self.config.num_speculative_tokens
         cap = min(self.config.max_speculative_tokens, self.config.max_batch_speculative_tokens // max(num_running, 1))
-        k = best_k(self.request_acceptance(request), self.cost_ratio, cap)
-        if k == 0 and cap > 0 and request.steps_since_draft >= PROBE_INTERVAL:
+        k = best_k(self.request_acceptance(request), self.cost_per_draft_token(num_running), cap)
+        if k == 0 and cap > 0 and request.steps_since_draft >= request.probe_interval:
             return 1
         return k
+
+    def observe_request(self, request: Request, drafted: int, accepted: int) -> None:
+        """After a verification: a probe that failed makes the next one wait longer."""
+        if drafted == 1 and accepted == 0:
+            request.probe_interval = min(2 * request.probe_interval, MAX_PROBE_INTERVAL)
+        elif accepted:
+            request.probe_interval = FIRST_PROBE_INTERVAL
