@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -17,7 +18,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    "Default with the default verifier: its first-4-layers stand-in draft.")
     g.add_argument("--no-speculation", action="store_true", help="Serve with plain decoding: no draft model.")
     g.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K",
-                   help="Fixed number of draft tokens per step. Default: adaptive per request (0..--max-speculative-tokens).")
+                   help="Fixed number of draft tokens per step. "
+                   "Default: adaptive per request (0..--max-speculative-tokens).")
     g.add_argument("--max-speculative-tokens", type=int, default=8, metavar="K",
                    help="Upper bound of the adaptive speculation length (default 8).")
     g.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
@@ -91,6 +93,50 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.bench == "latency":
+        from specserve.bench.latency import run
+    else:
+        from specserve.bench.throughput import run
+    return run(args)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from specserve.config import EngineConfig
+    from specserve.engine.engine import LLMEngine
+    from specserve.server import AsyncEngine, build_app
+
+    if args.max_queue < 0:
+        raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
+    kwargs = engine_kwargs(args)
+    engine = LLMEngine(EngineConfig(**kwargs))
+    async_engine = AsyncEngine(engine, max_queue=args.max_queue)
+    name = args.served_model_name or os.path.basename(os.path.normpath(kwargs["verifier"]))
+    app = build_app(async_engine, name, api_key=args.api_key or None)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            # refuse new requests (503) at once; uvicorn then waits for those in flight, and the
+            # app's lifespan stops the engine thread
+            async_engine.begin_drain()
+            super().handle_exit(sig, frame)
+
+    draft = kwargs["speculative"].draft
+    print(
+        f"specserve: serving {name!r} on http://{args.host}:{args.port}/v1\n"
+        f"  verifier: {kwargs['verifier']}\n"
+        f"  draft:    {draft or 'none (plain decoding)'} (draft version {engine.draft_version})\n"
+        f"  context {engine.max_model_len} tokens, {engine.num_blocks} KV blocks of {args.block_size}, "
+        f"queue {args.max_queue}, API key {'required' if args.api_key else 'not required'}",
+        flush=True,
+    )
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)
+    Server(config).run()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="specserve",
@@ -110,6 +156,43 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None, help="Seed of the request's generator.")
     add_engine_args(g)
     g.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser(
+        "serve", help="Serve the OpenAI-compatible HTTP API.",
+        description="Serve /v1/completions, /v1/chat/completions and /v1/models (OpenAI-compatible), plus "
+        "/health and /metrics (Prometheus). SIGINT/SIGTERM drain: new requests get 503, those in flight finish.",
+    )
+    g = s.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="Address to listen on (default 127.0.0.1; 0.0.0.0 for all).")
+    g.add_argument("--port", type=int, default=8000, help="TCP port to listen on (default 8000).")
+    g.add_argument("--served-model-name", default=None, metavar="NAME",
+                   help="Model name clients send and /v1/models lists (default: the verifier directory's basename).")
+    g.add_argument("--max-queue", type=int, default=256, metavar="N",
+                   help="Most requests waiting for a running slot; beyond it requests get 429 (default 256).")
+    g.add_argument("--api-key", default=os.environ.get("SPECSERVE_API_KEY"), metavar="KEY",
+                   help="Require 'Authorization: Bearer KEY' on /v1 routes (default: $SPECSERVE_API_KEY; "
+                   "unset: no key needed). /health and /metrics stay open.")
+    g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level (default info).")
+    add_engine_args(s)
+    s.set_defaults(func=cmd_serve)
+
+    from specserve.bench.options import add_latency_args, add_throughput_args
+
+    b = sub.add_parser("bench", help="Benchmark our engine against itself and HF transformers.",
+                       description="Benchmarks on Spec-Bench prompts; see bench/README.md.")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    bl = bsub.add_parser("latency", help="Batch-1 latency: plain, speculative (fixed k, adaptive), HF, HF assisted.",
+                         description="Batch-1 latency on Spec-Bench, every system on every prompt, interleaved: "
+                         "tokens/s, speedups, acceptance by category, the draft/verifier cost ratio and the "
+                         "speedup Leviathan's formula predicts. Writes JSON and a PNG plot.")
+    add_latency_args(bl)
+    bl.set_defaults(func=cmd_bench)
+    bt = bsub.add_parser("throughput", help="Plain decoding tokens/s: ours vs HF at batch 1, ours at --batch.",
+                         description="Plain greedy decoding at a fixed output length (ignore_eos): our engine vs "
+                         "HF generate at batch 1, and our aggregate tokens/s at --batch. Writes JSON.")
+    add_throughput_args(bt)
+    bt.set_defaults(func=cmd_bench)
 
     return parser
 

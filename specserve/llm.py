@@ -64,7 +64,14 @@ class LLM:
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError(f"got {len(params_list)} SamplingParams for {len(prompts)} prompts")
-        ids = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params_list)]
+        ids: list[str] = []
+        try:
+            for p, sp in zip(prompts, params_list):
+                ids.append(self.engine.add_request(p, sp))
+        except ValueError:
+            for rid in ids:  # all or nothing: a bad prompt leaves no request behind
+                self.engine.abort_request(rid)
+            raise
         finished = {}
         bar = tqdm(total=len(ids), desc="generate", disable=not progress)
         try:
@@ -79,6 +86,8 @@ class LLM:
                 if rid not in finished:
                     self.engine.abort_request(rid)
         return [
-            Completion(p, finished[r].text, finished[r].token_ids, finished[r].finish_reason, finished[r].num_prompt_tokens)
+            Completion(
+                p, finished[r].text, finished[r].token_ids, finished[r].finish_reason, finished[r].num_prompt_tokens
+            )
             for p, r in zip(prompts, ids)
         ]

@@ -53,7 +53,9 @@ def test_batch_equals_each_alone(llm):
 
 def test_chunked_prefill_changes_nothing(tiny):
     small_budget = LLM(
-        tiny["llama"], dtype="float32", cache=CacheConfig(num_blocks=128, block_size=4),
+        tiny["llama"],
+        dtype="float32",
+        cache=CacheConfig(num_blocks=128, block_size=4),
         scheduler=SchedulerConfig(max_num_batched_tokens=7),
     )
     big = LLM(tiny["llama"], dtype="float32", cache=CacheConfig(num_blocks=128, block_size=4))
@@ -67,8 +69,9 @@ def test_seed_reproducible_and_distinct(llm):
     a = llm.generate(["The quick"], SamplingParams(seed=7, **p))[0].token_ids
     b = llm.generate(["The quick"], SamplingParams(seed=7, **p))[0].token_ids
     # batched with other requests, the seeded request still draws the same tokens
-    c = llm.generate(["To", "The quick", "def"], [SamplingParams(seed=1, **p), SamplingParams(seed=7, **p),
-                                                  SamplingParams(**p)])[1].token_ids
+    c = llm.generate(
+        ["To", "The quick", "def"], [SamplingParams(seed=1, **p), SamplingParams(seed=7, **p), SamplingParams(**p)]
+    )[1].token_ids
     d = llm.generate(["The quick"], SamplingParams(seed=8, **p))[0].token_ids
     assert a == b == c
     assert a != d
@@ -89,8 +92,9 @@ def test_stop_token_ends_generation(llm):
     ref = llm.generate(["The quick"], greedy(12))[0].token_ids
     stop_at = ref[4]
     first = ref.index(stop_at)
-    out = llm.generate(["The quick"], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True,
-                                                    stop_token_ids=[stop_at]))[0]
+    out = llm.generate(
+        ["The quick"], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, stop_token_ids=[stop_at])
+    )[0]
     assert out.token_ids == ref[: first + 1] and out.finish_reason == "stop"
 
 
@@ -119,8 +123,12 @@ def test_bad_sampling_params_name_the_value(kwargs, match):
 
 
 def test_bad_prompts_are_rejected(tiny):
-    llm = LLM(tiny["llama"], dtype="float32", scheduler=SchedulerConfig(max_model_len=32),
-              cache=CacheConfig(num_blocks=64, block_size=4))
+    llm = LLM(
+        tiny["llama"],
+        dtype="float32",
+        scheduler=SchedulerConfig(max_model_len=32),
+        cache=CacheConfig(num_blocks=64, block_size=4),
+    )
     with pytest.raises(ValueError, match="empty"):
         llm.generate([""], greedy(4))
     with pytest.raises(ValueError, match="context holds 32"):
@@ -133,8 +141,12 @@ def test_bad_prompts_are_rejected(tiny):
 
 
 def test_output_capped_by_context(tiny):
-    llm = LLM(tiny["llama"], dtype="float32", scheduler=SchedulerConfig(max_model_len=24),
-              cache=CacheConfig(num_blocks=64, block_size=4))
+    llm = LLM(
+        tiny["llama"],
+        dtype="float32",
+        scheduler=SchedulerConfig(max_model_len=24),
+        cache=CacheConfig(num_blocks=64, block_size=4),
+    )
     ids = list(range(3, 20))
     out = llm.generate([ids], greedy(100))[0]
     assert out.finish_reason == "length" and len(ids) + len(out.token_ids) == 24
@@ -183,8 +195,12 @@ def test_stop_string_is_held_back_while_streaming(llm):
 
 
 def test_random_operations_leak_no_blocks(tiny):
-    llm = LLM(tiny["llama"], dtype="float32", cache=CacheConfig(num_blocks=40, block_size=4),
-              scheduler=SchedulerConfig(max_num_seqs=6, max_num_batched_tokens=24))
+    llm = LLM(
+        tiny["llama"],
+        dtype="float32",
+        cache=CacheConfig(num_blocks=40, block_size=4),
+        scheduler=SchedulerConfig(max_num_seqs=6, max_num_batched_tokens=24),
+    )
     engine = llm.engine
     rng = random.Random(0)
     live: list[str] = []
@@ -192,8 +208,12 @@ def test_random_operations_leak_no_blocks(tiny):
         op = rng.random()
         if op < 0.35:
             n = rng.randint(1, 20)
-            live.append(engine.add_request([rng.randint(3, 300) for _ in range(n)],
-                                           SamplingParams(max_tokens=rng.randint(1, 12), temperature=rng.choice([0, 1]))))
+            live.append(
+                engine.add_request(
+                    [rng.randint(3, 300) for _ in range(n)],
+                    SamplingParams(max_tokens=rng.randint(1, 12), temperature=rng.choice([0, 1])),
+                )
+            )
         elif op < 0.5 and live:
             engine.abort_request(live.pop(rng.randrange(len(live))))
         else:
@@ -211,8 +231,9 @@ def test_random_operations_leak_no_blocks(tiny):
 def test_prefix_cache_reuses_blocks_and_changes_nothing(tiny):
     shared = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer."
     prompts = [shared + " The quick", shared + " def add"]
-    cold = LLM(tiny["llama"], dtype="float32", cache=CacheConfig(num_blocks=128, block_size=4,
-                                                               enable_prefix_caching=False))
+    cold = LLM(
+        tiny["llama"], dtype="float32", cache=CacheConfig(num_blocks=128, block_size=4, enable_prefix_caching=False)
+    )
     warm = LLM(tiny["llama"], dtype="float32", cache=CacheConfig(num_blocks=128, block_size=4))
     expected = [c.token_ids for c in cold.generate(prompts, greedy(10))]
     first = warm.generate([prompts[0]], greedy(10))[0].token_ids
@@ -228,8 +249,12 @@ def test_prefix_cache_reuses_blocks_and_changes_nothing(tiny):
 
 def test_small_pool_preempts_and_outputs_unchanged(tiny):
     roomy = LLM(tiny["llama"], dtype="float32", cache=CacheConfig(num_blocks=256, block_size=4))
-    tight = LLM(tiny["llama"], dtype="float32", cache=CacheConfig(num_blocks=24, block_size=4),
-                scheduler=SchedulerConfig(max_num_seqs=8))
+    tight = LLM(
+        tiny["llama"],
+        dtype="float32",
+        cache=CacheConfig(num_blocks=24, block_size=4),
+        scheduler=SchedulerConfig(max_num_seqs=8),
+    )
     expected = [c.token_ids for c in roomy.generate(PROMPTS, greedy(30))]
     got = [c.token_ids for c in tight.generate(PROMPTS, greedy(30))]
     assert tight.engine.scheduler.num_preemptions > 0

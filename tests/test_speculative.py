@@ -57,8 +57,13 @@ def test_greedy_speculation_one_request_at_a_time(tiny, plain):
 
 
 def test_speculation_with_tiny_pool_preemption_and_chunked_prefill(tiny, plain):
-    spec = make(tiny, tiny["draft"], 4, cache=CacheConfig(num_blocks=24, block_size=4),
-                scheduler=SchedulerConfig(max_num_batched_tokens=16, max_num_seqs=8))
+    spec = make(
+        tiny,
+        tiny["draft"],
+        4,
+        cache=CacheConfig(num_blocks=24, block_size=4),
+        scheduler=SchedulerConfig(max_num_batched_tokens=16, max_num_seqs=8),
+    )
     expected = [c.token_ids for c in plain.generate(PROMPTS, greedy(30))]
     assert [c.token_ids for c in spec.generate(PROMPTS, greedy(30))] == expected
     assert spec.engine.scheduler.num_preemptions > 0
@@ -108,8 +113,14 @@ def test_speculation_length_policy_maths():
 
 
 def test_draft_with_other_vocabulary_is_refused(tiny, tmp_path):
-    cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                   num_attention_heads=2, num_key_value_heads=1)
+    cfg = transformers.LlamaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
     transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="vocabulary size 100"):
         LLM(tiny["llama"], draft=str(tmp_path), dtype="float32")
@@ -150,8 +161,9 @@ def test_sampled_speculation_keeps_the_verifier_distribution(tiny, k):
     spec = make(tiny, tiny["draft"], k, scheduler=SchedulerConfig(max_num_seqs=256, max_num_batched_tokens=4096))
     prompt = spec.tokenizer.encode("The quick brown fox")
     n = 6000
-    outs = spec.generate([prompt] * n, [SamplingParams(max_tokens=3, temperature=temperature, seed=i,
-                                                       ignore_eos=True) for i in range(n)])
+    outs = spec.generate(
+        [prompt] * n, [SamplingParams(max_tokens=3, temperature=temperature, seed=i, ignore_eos=True) for i in range(n)]
+    )
     vocab = spec.engine.verifier.arch.vocab_size
     counts = torch.bincount(torch.tensor([o.token_ids[1] for o in outs]), minlength=vocab).float()
     exact = exact_second_token_distribution(tiny["llama"], prompt, temperature)

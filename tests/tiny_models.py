@@ -54,14 +54,30 @@ def _save(model, tokenizer, path: str) -> str:
     return path
 
 
-def build_llama(path: str, tokenizer, layers: int = 2, hidden: int = 64, heads: int = 4, kv_heads: int = 2,
-                seed: int = 0, tie: bool = False) -> str:
+def build_llama(
+    path: str,
+    tokenizer,
+    layers: int = 2,
+    hidden: int = 64,
+    heads: int = 4,
+    kv_heads: int = 2,
+    seed: int = 0,
+    tie: bool = False,
+) -> str:
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
-        initializer_range=0.3, tie_word_embeddings=tie, rope_theta=10000.0,
-        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=512,
+        initializer_range=0.3,
+        tie_word_embeddings=tie,
+        rope_theta=10000.0,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
     )
     return _save(LlamaForCausalLM(config), tokenizer, path)
 
@@ -69,9 +85,17 @@ def build_llama(path: str, tokenizer, layers: int = 2, hidden: int = 64, heads: 
 def build_qwen2(path: str, tokenizer, seed: int = 0) -> str:
     torch.manual_seed(seed)
     config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.3,
-        tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id, use_sliding_window=False,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.3,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        use_sliding_window=False,
     )
     model = Qwen2ForCausalLM(config)
     with torch.no_grad():  # HF initialises biases to zero; make them matter

@@ -51,7 +51,9 @@ def check_same_vocabulary(verifier: LlamaModel, draft: LlamaModel, verifier_tok,
     if draft_tok is not None:
         a, b = verifier_tok.encode(VOCAB_PROBE), draft_tok.encode(VOCAB_PROBE)
         if a != b:
-            raise ValueError(f"draft tokenizer encodes {VOCAB_PROBE!r} as {b}, verifier as {a}: not the same vocabulary")
+            raise ValueError(
+                f"draft tokenizer encodes {VOCAB_PROBE!r} as {b}, verifier as {a}: not the same vocabulary"
+            )
 
 
 def eos_token_ids(path: str, tokenizer) -> set[int]:
@@ -189,7 +191,10 @@ class LLMEngine:
             tokens += draft_ids.get(r.request_id, [])
             runs.append(
                 TokenRun(
-                    tokens, r.num_computed_tokens, self.kv.blocks_of(r.request_id), s.num_draft_tokens + 1 if s.samples else 0
+                    tokens,
+                    r.num_computed_tokens,
+                    self.kv.blocks_of(r.request_id),
+                    s.num_draft_tokens + 1 if s.samples else 0,
                 )
             )
         t0 = time.perf_counter()
@@ -204,9 +209,10 @@ class LLMEngine:
         sampling = [s for s in plan.scheduled if s.samples]
         if not sampling:
             return StepOutput({}, {})
-        return StepOutput(self._accept(sampling, logits, draft_ids, draft_probs, spec_row), {
-            s.request.request_id: s.num_draft_tokens for s in sampling
-        })
+        return StepOutput(
+            self._accept(sampling, logits, draft_ids, draft_probs, spec_row),
+            {s.request.request_id: s.num_draft_tokens for s in sampling},
+        )
 
     def _accept(
         self,

@@ -63,7 +63,7 @@ class EngineMetrics:
             total.accepted_tokens += s.accepted_tokens
             total.verification_steps += s.verification_steps
             total.emitted_tokens += s.emitted_tokens
-            for j, (d, a) in enumerate(zip(s.drafted_per_position, s.accepted_per_position)):
+            for j, (d, a) in enumerate(zip(s.drafted_per_position, s.accepted_per_position, strict=True)):
                 while len(total.drafted_per_position) <= j:
                     total.drafted_per_position.append(0)
                     total.accepted_per_position.append(0)

@@ -54,9 +54,7 @@ class AttentionMetadata:
             # padding query rows attend to position 0 only, so softmax never sees an empty row
             pad = q_idx[None, :] >= qlen[:, None]  # [batch, max_query]
             mask[:, :, 0] |= pad
-            token_index = torch.cat(
-                [b * max_query + torch.arange(q, device=device) for b, q in enumerate(query_lens)]
-            )
+            token_index = torch.cat([b * max_query + torch.arange(q, device=device) for b, q in enumerate(query_lens)])
         if max_query == 1 and uniform:
             # pure decode: every query sees its whole context; masking only hides the padding
             mask = kv_pos[None, None, :] < ctx[:, None, None]

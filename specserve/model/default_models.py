@@ -44,7 +44,10 @@ def default_verifier() -> str:
     print(f"specserve: converting {GGUF_FILE} into {out} (once)", flush=True)
     tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF_FILE)
     model = AutoModelForCausalLM.from_pretrained(
-        src, gguf_file=GGUF_FILE, dtype=torch.bfloat16, quantization_config=GgufConfig(gguf_file=GGUF_FILE, dequantize=True)
+        src,
+        gguf_file=GGUF_FILE,
+        dtype=torch.bfloat16,
+        quantization_config=GgufConfig(gguf_file=GGUF_FILE, dequantize=True),
     )
     tmp = out + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -71,11 +74,7 @@ def layer_slice_draft(verifier_dir: str, num_layers: int = 4) -> str:
     for name in os.listdir(verifier_dir):
         if name.endswith(".safetensors"):
             weights.update(load_file(os.path.join(verifier_dir, name)))
-    keep = {
-        k: v
-        for k, v in weights.items()
-        if not k.startswith("model.layers.") or int(k.split(".")[2]) < num_layers
-    }
+    keep = {k: v for k, v in weights.items() if not k.startswith("model.layers.") or int(k.split(".")[2]) < num_layers}
     tmp = out + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -83,7 +82,11 @@ def layer_slice_draft(verifier_dir: str, num_layers: int = 4) -> str:
         json.dump(config, f, indent=2)
     save_file(keep, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
     for name in os.listdir(verifier_dir):
-        if name.startswith("tokenizer") or name in ("special_tokens_map.json", "chat_template.jinja", "generation_config.json"):
+        if name.startswith("tokenizer") or name in (
+            "special_tokens_map.json",
+            "chat_template.jinja",
+            "generation_config.json",
+        ):
             shutil.copy(os.path.join(verifier_dir, name), tmp)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)

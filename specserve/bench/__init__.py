@@ -1,0 +1,6 @@
+"""Benchmarks of specserve against itself and HF transformers: `specserve bench latency|throughput`.
+
+`options` holds the flags (light: the CLI imports it to build its parser), `prompts` the Spec-Bench
+prompt set, `systems` the timed systems, `latency` and `throughput` the two benchmarks.
+Benchmarks print ratios measured side by side in one run; nothing here asserts a speed.
+"""

@@ -1,0 +1,436 @@
+"""Latency benchmark: batch-1 generation on Spec-Bench, every system on every prompt, interleaved.
+
+Systems: `ours-plain` (our engine, no draft), `ours-spec-k{K}` (fixed k), `ours-spec-adaptive`,
+`hf-plain` (HF `generate`) and `hf-assisted` (HF assisted generation with the same draft). Every
+system loads its models once; for each prompt and temperature all of them run back to back, in an
+order that rotates from prompt to prompt, so drift hits them alike. Per run it records output
+tokens, wall seconds and, for our speculative systems, the (k, accepted) of every engine step.
+
+The report: tokens/s per system and category, speedups over ours-plain and hf-plain, acceptance
+(mean acceptance length, per-position rates) by category, the measured draft/verifier cost ratio
+c, the speedup Leviathan et al.'s formula predicts from the measured acceptance rate alpha and c,
+and how often greedy outputs differ between systems. It prints ratios; it asserts nothing about speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from specserve.bench.options import add_latency_args, resolve_draft, resolve_verifier
+from specserve.bench.prompts import BenchPrompt, load_prompts
+from specserve.bench.report import environment, plot_grouped_bars, ratio, table, write_json
+from specserve.bench.systems import HFSystem, OursSystem, Run, kv_blocks_for, synchronize
+from specserve.engine.speculation_length import expected_speedup
+
+SPEC_PREFIX = "ours-spec-"
+ADAPTIVE = "ours-spec-adaptive"
+ADAPTIVE_MAX_K = 8  # SpeculativeConfig.max_speculative_tokens default, which the adaptive system uses
+WARMUP_TOKENS = 16
+COST_WARMUP, COST_REPS = 5, 30
+
+
+# ---- systems --------------------------------------------------------------------------------
+
+
+def system_names(k_list: list[int], systems: list[str] | None, no_hf: bool) -> list[str]:
+    default = ["ours-plain"] + [f"{SPEC_PREFIX}k{k}" for k in k_list] + [ADAPTIVE, "hf-plain", "hf-assisted"]
+    names = systems or default
+    pattern = re.compile(r"ours-plain|ours-spec-k\d+|ours-spec-adaptive|hf-plain|hf-assisted")
+    bad = [n for n in names if not pattern.fullmatch(n)]
+    if bad:
+        raise ValueError(f"unknown systems {bad}; choose from ours-plain, ours-spec-k<K> (e.g. ours-spec-k4), "
+                         "ours-spec-adaptive, hf-plain, hf-assisted")
+    if no_hf:
+        names = [n for n in names if not n.startswith("hf-")]
+    if not names:
+        raise ValueError("no system left to run (--no-hf removed every system given to --systems)")
+    return list(dict.fromkeys(names))
+
+
+def fixed_k(name: str) -> int | None:
+    """K of an ours-spec-k{K} system; None for the others."""
+    m = re.fullmatch(r"ours-spec-k(\d+)", name)
+    return int(m.group(1)) if m else None
+
+
+def is_spec(name: str) -> bool:
+    return name.startswith(SPEC_PREFIX)
+
+
+def build_systems(names: list[str], verifier: str, draft: str, args, max_seq_len: int, eos: list[int], pad: int):
+    systems = {}
+    for name in names:
+        print(f"loading {name}", file=sys.stderr, flush=True)
+        if name == "ours-plain":
+            systems[name] = OursSystem(name, verifier, None, None, args.dtype, args.device, max_seq_len)
+        elif is_spec(name):
+            systems[name] = OursSystem(name, verifier, draft, fixed_k(name), args.dtype, args.device, max_seq_len)
+        else:
+            hf_draft = draft if name == "hf-assisted" else None
+            systems[name] = HFSystem(name, verifier, hf_draft, args.dtype, args.device, eos, pad)
+    return systems
+
+
+# ---- the draft / verifier cost ratio ------------------------------------------------------------
+
+
+def measure_cost_ratio(engine, context_ids: list[int], max_k: int, device: str) -> dict:
+    """c = time of one single-token draft forward / one single-token verifier forward, at the same context.
+
+    Each model runs on its own fresh ModelRunner (a small private KV pool, so the engine's state is not
+    touched): prefill `context_ids`, then time forwards at the next position, round-robin so drift hits
+    all alike: the draft with 1 token, the verifier with 1 .. max_k + 1 tokens (what verifying k drafts
+    costs; Leviathan's formula takes it as free). Medians over COST_REPS after COST_WARMUP. Forward
+    passes only: the engine's sampling around them is not included.
+    """
+    from specserve.engine.model_runner import ModelRunner, TokenRun
+
+    block_size = 16
+    n = len(context_ids)
+    sizes = list(range(1, max_k + 2))
+    blocks = list(range(kv_blocks_for(n + max_k + 1, block_size)))
+    verifier = ModelRunner(engine.runner.model, len(blocks), block_size)
+    draft = ModelRunner(engine.proposer.runner.model, len(blocks), block_size)
+    for runner in (verifier, draft):
+        runner.forward([TokenRun(list(context_ids), 0, blocks, 1)])
+    probe = (context_ids * (max_k + 2))[: max_k + 1]  # any tokens: the cost does not depend on which
+    jobs = [("draft", draft, 1)] + [(f"verifier_{m}", verifier, m) for m in sizes]
+    times: dict[str, list[float]] = {name: [] for name, _, _ in jobs}
+    for i in range(COST_WARMUP + COST_REPS):
+        for name, runner, m in jobs if i % 2 == 0 else reversed(jobs):
+            run = [TokenRun(probe[:m], n, blocks, m)]
+            synchronize(device)
+            t0 = time.perf_counter()
+            runner.forward(run)
+            synchronize(device)
+            if i >= COST_WARMUP:
+                times[name].append(time.perf_counter() - t0)
+    median = {name: statistics.median(ts) for name, ts in times.items()}
+    return {
+        "c": median["draft"] / median["verifier_1"],
+        "draft_forward_ms": 1e3 * median["draft"],
+        "verifier_forward_ms": 1e3 * median["verifier_1"],
+        "verify_cost": [median[f"verifier_{m}"] / median["verifier_1"] for m in sizes],
+        "context_tokens": n,
+        "reps": COST_REPS,
+        "param_ratio": sum(p.numel() for p in draft.model.parameters())
+        / sum(p.numel() for p in verifier.model.parameters()),
+    }
+
+
+# ---- per-run acceptance counts ----------------------------------------------------------------
+
+
+def spec_counts(steps: list[tuple[int, int, int]]) -> dict:
+    """Acceptance counts of one request from its step log.
+
+    Per draft position j: drafted (steps with k > j), reached (the draft at j was checked: k > j and
+    every earlier one accepted) and accepted. `decode_steps_by_k[k]`: steps that emitted tokens with k drafts.
+    """
+    drafted: list[int] = []
+    reached: list[int] = []
+    accepted: list[int] = []
+    by_k: list[int] = []
+    verification_steps = 0
+    for k, a, emitted in steps:
+        if emitted:
+            by_k.extend([0] * (k + 1 - len(by_k)))
+            by_k[k] += 1
+        if k == 0:
+            continue
+        verification_steps += 1
+        for lst in (drafted, reached, accepted):
+            lst.extend([0] * (k - len(lst)))
+        for j in range(k):
+            drafted[j] += 1
+            reached[j] += a >= j
+            accepted[j] += a > j
+    return {
+        "verification_steps": verification_steps,
+        "drafted_per_position": drafted,
+        "reached_per_position": reached,
+        "accepted_per_position": accepted,
+        "decode_steps_by_k": by_k,
+    }
+
+
+def add_lists(a: list[int], b: list[int]) -> list[int]:
+    n = max(len(a), len(b))
+    return [(a[i] if i < len(a) else 0) + (b[i] if i < len(b) else 0) for i in range(n)]
+
+
+def acceptance_summary(records: list[dict], cost: dict | None) -> dict:
+    """Pooled acceptance of some runs of one speculative system, and the speedup the formula predicts.
+
+    alpha is the per-token acceptance probability of Leviathan et al.'s i.i.d. model, estimated by
+    maximum likelihood: accepted drafts / drafts checked (a draft after a rejection is never checked).
+    `predicted_speedup` is expected tokens / expected cost over the decode steps' actual k, with
+    expected_speedup(alpha, k, c) * (1 + k c) tokens and 1 + k c verifier steps for a step drafting k:
+    exactly expected_speedup(alpha, K, c) when every step drafts K (k = 0 steps, such as the one
+    emitting a prompt's first token, count at speedup 1). `predicted_speedup_verify_cost` charges the
+    verifier's measured (k + 1)-token forward instead of a free one: cost t(k + 1) / t(1) + k c.
+    """
+    total = {"verification_steps": 0, "drafted_per_position": [], "reached_per_position": [],
+             "accepted_per_position": [], "decode_steps_by_k": []}
+    for r in records:
+        s = r["spec"]
+        total["verification_steps"] += s["verification_steps"]
+        for key in ("drafted_per_position", "reached_per_position", "accepted_per_position", "decode_steps_by_k"):
+            total[key] = add_lists(total[key], s[key])
+    drafted, reached, accepted = (sum(total[k]) for k in
+                                  ("drafted_per_position", "reached_per_position", "accepted_per_position"))
+    steps = total["verification_steps"]
+    alpha = accepted / reached if reached else None
+    predicted = predicted_verify = None
+    by_k = list(enumerate(total["decode_steps_by_k"]))
+    if alpha is not None and cost is not None and by_k:
+        c, verify = cost["c"], cost["verify_cost"]
+        tokens = sum(n * expected_speedup(alpha, k, c) * (1 + k * c) for k, n in by_k)
+        predicted = tokens / sum(n * (1 + k * c) for k, n in by_k)
+        if len(verify) >= len(by_k):
+            predicted_verify = tokens / sum(n * (verify[k] + k * c) for k, n in by_k)
+    return {
+        "verification_steps": steps,
+        "drafted_tokens": drafted,
+        "accepted_tokens": accepted,
+        "mean_k": drafted / steps if steps else None,
+        "alpha": alpha,
+        "acceptance_rate": accepted / drafted if drafted else None,
+        "mean_acceptance_length": (accepted + steps) / steps if steps else None,
+        "per_position_acceptance": [ratio(a, d) for a, d in
+                                    zip(total["accepted_per_position"], total["drafted_per_position"], strict=True)],
+        "per_position_conditional": [ratio(a, r) for a, r in
+                                     zip(total["accepted_per_position"], total["reached_per_position"], strict=True)],
+        "decode_steps_by_k": total["decode_steps_by_k"],
+        "predicted_speedup": predicted,
+        "predicted_speedup_verify_cost": predicted_verify,
+    }
+
+
+# ---- summary ------------------------------------------------------------------------------------
+
+
+def throughput_of(records: list[dict]) -> dict:
+    tokens = sum(r["output_tokens"] for r in records)
+    seconds = sum(r["seconds"] for r in records)
+    return {
+        "runs": len(records),
+        "output_tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds if seconds else None,
+        "mean_latency_s": seconds / len(records) if records else None,
+    }
+
+
+def first_divergence(a: list[int], b: list[int]) -> int | None:
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def mismatches(outputs: dict, names: list[str], temperature: float, prompts: list[BenchPrompt]) -> dict:
+    """Greedy only: how often two systems' outputs differ (bf16 rounding may cause it; fp32 should not)."""
+    pairs = [(n, "ours-plain") for n in names if is_spec(n)] + [("ours-plain", "hf-plain"), ("hf-assisted", "hf-plain")]
+    result = {}
+    for a, b in pairs:
+        if a not in names or b not in names:
+            continue
+        differing = []
+        for p in prompts:
+            x, y = outputs[(a, temperature, p.question_id)], outputs[(b, temperature, p.question_id)]
+            i = first_divergence(x, y)
+            if i is not None:
+                differing.append({"question_id": p.question_id, "category": p.category, "first_divergence": i})
+        result[f"{a} vs {b}"] = {"differ": len(differing), "compared": len(prompts), "prompts": differing}
+    return result
+
+
+def summarize(records: list[dict], names: list[str], temperature: float, categories: list[str],
+              cost: dict | None, outputs: dict, prompts: list[BenchPrompt]) -> dict:
+    recs = [r for r in records if r["temperature"] == temperature]
+    systems = {}
+    for name in names:
+        mine = [r for r in recs if r["system"] == name]
+        systems[name] = throughput_of(mine)
+        systems[name]["by_category"] = {cat: throughput_of([r for r in mine if r["category"] == cat])
+                                        for cat in categories}
+    for name in names:
+        for base, key in (("ours-plain", "speedup_vs_ours_plain"), ("hf-plain", "speedup_vs_hf_plain")):
+            ref = systems.get(base)
+            systems[name][key] = ratio(systems[name]["tokens_per_s"], ref["tokens_per_s"]) if ref else None
+            for cat in categories:
+                ref_cat = ref["by_category"][cat]["tokens_per_s"] if ref else None
+                block = systems[name]["by_category"][cat]
+                block[key] = ratio(block["tokens_per_s"], ref_cat)
+    speculation = {}
+    for name in names:
+        if not is_spec(name):
+            continue
+        mine = [r for r in recs if r["system"] == name]
+        s = acceptance_summary(mine, cost)
+        s["k"] = fixed_k(name)
+        s["achieved_speedup"] = systems[name]["speedup_vs_ours_plain"]
+        s["achieved_over_predicted"] = ratio(s["achieved_speedup"], s["predicted_speedup"])
+        s["by_category"] = {}
+        for cat in categories:
+            sc = acceptance_summary([r for r in mine if r["category"] == cat], cost)
+            sc["achieved_speedup"] = systems[name]["by_category"][cat]["speedup_vs_ours_plain"]
+            sc["achieved_over_predicted"] = ratio(sc["achieved_speedup"], sc["predicted_speedup"])
+            s["by_category"][cat] = sc
+        speculation[name] = s
+    out = {"temperature": temperature, "systems": systems, "speculation": speculation}
+    if temperature == 0:
+        out["greedy_mismatches"] = mismatches(outputs, names, temperature, prompts)
+    return out
+
+
+# ---- printing -----------------------------------------------------------------------------------
+
+
+def print_summary(s: dict, categories: list[str], dtype: str) -> None:
+    t = s["temperature"]
+    print(f"\n=== temperature {t:g}{' (greedy)' if t == 0 else ''} ===")
+    rows = []
+    for name, v in s["systems"].items():
+        sp = s["speculation"].get(name, {})
+        rows.append([name, v["output_tokens"], v["seconds"], v["tokens_per_s"], v["speedup_vs_ours_plain"],
+                     v["speedup_vs_hf_plain"], sp.get("mean_k"), sp.get("mean_acceptance_length"), sp.get("alpha"),
+                     sp.get("predicted_speedup"), sp.get("achieved_over_predicted"),
+                     sp.get("predicted_speedup_verify_cost")])
+    print(table(["system", "tokens", "seconds", "tok/s", "x ours-plain", "x hf-plain", "mean k", "MAL", "alpha",
+                 "predicted", "achieved/pred", "pred+verify"], rows))
+    print("\ntokens/s by category")
+    print(table(["system"] + categories,
+                [[n] + [v["by_category"][c]["tokens_per_s"] for c in categories] for n, v in s["systems"].items()]))
+    if s["speculation"]:
+        print("\nmean acceptance length (tokens per verification step) by category")
+        print(table(["system"] + categories,
+                    [[n] + [v["by_category"][c]["mean_acceptance_length"] for c in categories]
+                     for n, v in s["speculation"].items()]))
+        print("\nper-position acceptance: accepted / drafted at draft position 1, 2, ...")
+        width = max(len(v["per_position_acceptance"]) for v in s["speculation"].values())
+        print(table(["system"] + [str(j + 1) for j in range(width)],
+                    [[n] + v["per_position_acceptance"] + [None] * (width - len(v["per_position_acceptance"]))
+                     for n, v in s["speculation"].items()]))
+    for pair, m in s.get("greedy_mismatches", {}).items():
+        note = ""
+        if m["differ"] and dtype == "float32" and pair.startswith(SPEC_PREFIX):
+            note = "  <- unexpected in float32: speculation should reproduce plain greedy output exactly"
+        print(f"greedy outputs differing, {pair}: {m['differ']}/{m['compared']}{note}")
+
+
+# ---- the run ------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> int:
+    import transformers
+    from transformers import AutoTokenizer
+
+    from specserve.engine.engine import eos_token_ids
+
+    transformers.logging.set_verbosity_error()
+    names = system_names(args.k, args.systems, args.no_hf)
+    bad_t = [t for t in args.temperature if t < 0]
+    if bad_t:
+        raise ValueError(f"temperatures must be >= 0, got {bad_t}")
+    verifier = resolve_verifier(args)
+    draft = resolve_draft(args, verifier) if any(is_spec(n) or n == "hf-assisted" for n in names) else None
+    tokenizer = AutoTokenizer.from_pretrained(verifier)
+    prompts = load_prompts(tokenizer, args.prompts_per_category, args.categories, args.prompts_file)
+    max_k = max([fixed_k(n) or 0 for n in names] + [ADAPTIVE_MAX_K if ADAPTIVE in names else 0])
+    max_seq_len = max(len(p.token_ids) for p in prompts) + args.max_tokens + max_k + 1
+    eos = sorted(eos_token_ids(verifier, tokenizer))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    systems = build_systems(names, verifier, draft, args, max_seq_len, eos, pad)
+
+    print("warm-up", file=sys.stderr, flush=True)
+    for system in systems.values():
+        for t in args.temperature:
+            system.run(prompts[0].token_ids, t, min(WARMUP_TOKENS, args.max_tokens), args.seed)
+    spec_engines = [s.engine for n, s in systems.items() if is_spec(n)]
+    cost = None
+    if spec_engines:
+        context = sorted(prompts, key=lambda p: len(p.token_ids))[len(prompts) // 2].token_ids
+        cost = measure_cost_ratio(spec_engines[0], context, max_k, args.device)
+
+    records: list[dict] = []
+    outputs: dict[tuple[str, float, int], list[int]] = {}
+    for i, prompt in enumerate(tqdm(prompts, desc="latency", unit="prompt")):
+        for t in args.temperature:
+            order = names[i % len(names):] + names[: i % len(names)]
+            for name in order:
+                result: Run = systems[name].run(prompt.token_ids, t, args.max_tokens, args.seed + i)
+                outputs[(name, t, prompt.question_id)] = result.token_ids
+                record = {
+                    "system": name,
+                    "temperature": t,
+                    "question_id": prompt.question_id,
+                    "category": prompt.category,
+                    "prompt_tokens": len(prompt.token_ids),
+                    "output_tokens": len(result.token_ids),
+                    "seconds": result.seconds,
+                }
+                if is_spec(name):
+                    record["spec"] = spec_counts(result.steps)
+                records.append(record)
+
+    summary = [summarize(records, names, t, args.categories, cost, outputs, prompts) for t in args.temperature]
+    if cost is not None:
+        print(f"\ncost ratio c = draft / verifier single-token forward = {cost['draft_forward_ms']:.2f} ms / "
+              f"{cost['verifier_forward_ms']:.2f} ms = {cost['c']:.3f} (parameter ratio {cost['param_ratio']:.3f})")
+        print("verifier forward of k + 1 tokens / of 1 token, k = 0, 1, ...: "
+              + " ".join(f"{v:.2f}" for v in cost["verify_cost"]))
+    for s in summary:
+        print_summary(s, args.categories, args.dtype)
+
+    config = {k: v for k, v in vars(args).items() if k not in ("func", "command", "bench")}
+    config.update(verifier=verifier, draft=draft, systems=names)
+    write_json(args.out, {
+        "benchmark": "latency",
+        "config": config,
+        "environment": environment(args.device),
+        "prompts": [{k: v for k, v in asdict(p).items() if k not in ("text", "token_ids")}
+                    | {"prompt_tokens": len(p.token_ids)} for p in prompts],
+        "cost_ratio": cost,
+        "summary": summary,
+        "runs": records,
+    })
+    print(f"\nwrote {args.out}")
+    png = str(Path(args.out).with_suffix(".png"))
+    panels = []
+    for s in summary:
+        series = {n: {**{c: v["by_category"][c]["tokens_per_s"] for c in args.categories}, "all": v["tokens_per_s"]}
+                  for n, v in s["systems"].items()}
+        panels.append((f"temperature {s['temperature']:g}", series))
+    if plot_grouped_bars(png, panels, list(args.categories) + ["all"], "tokens/s (batch 1)"):
+        print(f"wrote {png}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="specserve bench latency",
+        description="Batch-1 latency on Spec-Bench: our engine plain / speculative (fixed k, adaptive) and "
+        "HF transformers plain / assisted, interleaved per prompt. Prints tokens/s, speedups, acceptance and "
+        "the speedup Leviathan's formula predicts; writes JSON (and a PNG plot if matplotlib is installed).",
+    )
+    add_latency_args(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except ValueError as e:
+        print(f"specserve bench latency: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""The systems a benchmark times: our engine (plain or speculative) and HF transformers (plain or assisted).
+
+Each system loads its models once, then generates for one prompt at a time with `run()`, which
+times generation only: the prompt arrives as token ids, so tokenizing lies outside the clock,
+and model loading happens in the constructor. Knows nothing about prompt sets or reports.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from specserve.config import CacheConfig, SchedulerConfig, SpeculativeConfig
+from specserve.llm import LLM
+from specserve.model.loader import resolve_dtype
+from specserve.sampling_params import SamplingParams
+
+
+@dataclass
+class Run:
+    token_ids: list[int]
+    """Output tokens (an EOS that ended the output included)."""
+    seconds: float
+    steps: list[tuple[int, int, int]] = field(default_factory=list)
+    """Our engine only: (draft tokens k, accepted, tokens emitted) per engine step of this request."""
+
+
+def synchronize(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def kv_blocks_for(num_tokens: int, block_size: int, batch: int = 1) -> int:
+    """KV blocks for `batch` sequences of up to `num_tokens` tokens each (the pool is sized for the job, not 2 GiB)."""
+    return batch * (-(-num_tokens // block_size) + 1)
+
+
+class OursSystem:
+    """Our engine via its step loop, so each step's (k, accepted) can be logged without touching the engine."""
+
+    def __init__(
+        self,
+        name: str,
+        verifier: str,
+        draft: str | None,
+        num_speculative_tokens: int | None,
+        dtype: str,
+        device: str,
+        max_seq_len: int,  # longest prompt + output + draft tokens of one request: sizes KV pool and prefill chunk
+        max_batch: int = 1,
+        block_size: int = 16,
+    ) -> None:
+        self.name = name
+        self.device = device
+        # Prefix caching off: a prompt met again (warm-up, another temperature) must cost what it cost the
+        # first time, as it does for HF. One chunk holds the longest prompt, as HF prefills in one pass.
+        self.llm = LLM(
+            verifier=verifier,
+            dtype=dtype,
+            device=device,
+            cache=CacheConfig(
+                block_size=block_size,
+                num_blocks=kv_blocks_for(max_seq_len, block_size, max_batch),
+                enable_prefix_caching=False,
+            ),
+            scheduler=SchedulerConfig(
+                max_num_seqs=max(max_batch, 1),
+                max_num_batched_tokens=max(512, max_seq_len),
+            ),
+            speculative=SpeculativeConfig(draft=draft, num_speculative_tokens=num_speculative_tokens),
+        )
+        self.engine = self.llm.engine
+
+    def _counters(self) -> tuple[int, int]:
+        stats = self.engine.metrics.speculation.get(self.engine.draft_version)
+        return (stats.drafted_tokens, stats.accepted_tokens) if stats is not None else (0, 0)
+
+    def run(
+        self, prompt_ids: list[int], temperature: float, max_tokens: int, seed: int, ignore_eos: bool = False
+    ) -> Run:
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed, ignore_eos=ignore_eos)
+        engine = self.engine
+        steps: list[tuple[int, int, int]] = []
+        done = None
+        t0 = time.perf_counter()
+        rid = engine.add_request(prompt_ids, params)
+        try:
+            while done is None:
+                drafted0, accepted0 = self._counters()
+                outputs = engine.step()
+                drafted1, accepted1 = self._counters()
+                emitted = 0
+                for out in outputs:
+                    if out.request_id == rid:
+                        emitted = len(out.delta_token_ids)
+                        if out.finished:
+                            done = out
+                steps.append((drafted1 - drafted0, accepted1 - accepted0, emitted))
+        finally:
+            if done is None:
+                engine.abort_request(rid)
+        seconds = time.perf_counter() - t0
+        return Run(list(done.token_ids), seconds, steps)
+
+    def run_batch(self, prompts: list[list[int]], max_tokens: int) -> tuple[list[list[int]], float]:
+        """Greedy, fixed length (ignore_eos), all prompts in one continuous batch: (outputs, wall seconds)."""
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        t0 = time.perf_counter()
+        outs = self.llm.generate(prompts, params)
+        seconds = time.perf_counter() - t0
+        return [o.token_ids for o in outs], seconds
+
+
+class HFSystem:
+    """HF transformers `generate`, plain or assisted (`assistant_model=` the draft checkpoint)."""
+
+    def __init__(
+        self, name: str, verifier: str, draft: str | None, dtype: str, device: str, eos_token_ids: list[int], pad: int
+    ) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.name = name
+        self.device = device
+        torch_dtype = resolve_dtype(dtype)
+        self.model = AutoModelForCausalLM.from_pretrained(verifier, dtype=torch_dtype).to(device).eval()
+        self.assistant = None
+        if draft is not None:
+            self.assistant = AutoModelForCausalLM.from_pretrained(draft, dtype=torch_dtype).to(device).eval()
+        # the same stop set as our engine (tokenizer EOS plus the generation config's)
+        self.eos_token_ids = list(eos_token_ids)
+        self.pad = pad
+
+    def run(
+        self, prompt_ids: list[int], temperature: float, max_tokens: int, seed: int, ignore_eos: bool = False
+    ) -> Run:
+        input_ids = torch.tensor([prompt_ids], device=self.device)  # [1, prompt]
+        kwargs = dict(
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max_tokens,
+            eos_token_id=self.eos_token_ids,
+            pad_token_id=self.pad,
+        )
+        if temperature > 0:
+            # top_k=0: HF's default top-k of 50 would otherwise truncate what our engine samples from in full
+            kwargs.update(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+        else:
+            kwargs.update(do_sample=False)
+        if ignore_eos:
+            kwargs["min_new_tokens"] = max_tokens
+        if self.assistant is not None:
+            kwargs["assistant_model"] = self.assistant
+        torch.manual_seed(seed)
+        synchronize(self.device)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = self.model.generate(input_ids, **kwargs)  # [1, prompt + new]
+        token_ids = out[0, len(prompt_ids) :].tolist()  # .tolist() waits for the device
+        seconds = time.perf_counter() - t0
+        return Run(token_ids, seconds)

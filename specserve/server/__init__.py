@@ -1,0 +1,11 @@
+"""The HTTP server: an OpenAI-compatible API over one engine thread.
+
+``async_engine`` owns the thread that drives the LLMEngine; ``app`` builds the FastAPI routes;
+``protocol`` is the wire format, ``errors`` its error bodies, ``metrics`` the Prometheus view.
+Run it with ``specserve serve``.
+"""
+
+from specserve.server.app import build_app
+from specserve.server.async_engine import AsyncEngine
+
+__all__ = ["AsyncEngine", "build_app"]

@@ -1,0 +1,267 @@
+"""The OpenAI wire format: pydantic models of /v1/completions and /v1/chat/completions, in and out.
+
+Requests ignore unknown fields (as OpenAI does) and carry three extensions: ``top_k``,
+``ignore_eos`` and ``stop_token_ids``. Values are checked where they become SamplingParams, so
+that the error names the value; fields this server cannot honour are listed by ``unsupported()``
+instead of being silently ignored. Knows nothing about engines, tokenizers or HTTP.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
+
+from specserve.sampling_params import SamplingParams
+
+INT64_MIN, UINT64_MAX = -(2**63), 2**64 - 1
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class SamplingRequest(BaseModel):
+    """The fields both endpoints share."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    """The served model name; None or empty means the one this server serves."""
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    n: int = 1
+    seed: int | None = Field(default=None, ge=INT64_MIN, le=UINT64_MAX)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    # extensions
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    def sampling_params(self, max_tokens: int, seed: int | None) -> SamplingParams:
+        """Raises the engine's ValueError (which names the value) for anything out of range."""
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=-1 if self.top_k is None else self.top_k,
+            seed=seed,
+            stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
+            stop_token_ids=list(self.stop_token_ids or []),
+            ignore_eos=self.ignore_eos,
+        )
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """(param, message) for the first field whose value this server cannot honour."""
+        if self.presence_penalty:
+            return "presence_penalty", f"presence_penalty is not supported (got {self.presence_penalty}); use 0"
+        if self.frequency_penalty:
+            return "frequency_penalty", f"frequency_penalty is not supported (got {self.frequency_penalty}); use 0"
+        if self.logit_bias:
+            return "logit_bias", "logit_bias is not supported; leave it out"
+        return None
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def prompts(self) -> list[str | list[int]]:
+        """One engine prompt per entry: a string, or a list of token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if not p:
+            raise ValueError("prompt must not be empty: give a string, a list of strings or token ids")
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]
+        return list(p)
+
+    def unsupported(self) -> tuple[str, str] | None:
+        if self.logprobs is not None:
+            return "logprobs", f"logprobs is not supported by this server (got {self.logprobs}); leave it out"
+        if self.echo:
+            return "echo", "echo is not supported by this server; leave it out or set it to false"
+        if self.best_of is not None and self.best_of != self.n:
+            return "best_of", f"best_of is not supported (got {self.best_of}); use n instead"
+        if self.suffix:
+            return "suffix", "suffix (insertion) is not supported by this server"
+        return super().unsupported()
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")  # e.g. tool_calls: handed to the chat template as they are
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def template_dict(self) -> dict[str, Any]:
+        """The message as the chat template expects it: content flattened to one string."""
+        content = self.content
+        if isinstance(content, list):
+            bad = [part.type for part in content if part.type != "text"]
+            if bad:
+                raise ValueError(f"messages content part type {bad[0]!r} is not supported; only 'text' parts are")
+            content = "".join(part.text or "" for part in content)
+        out = self.model_dump(exclude_none=True)
+        out["content"] = content or ""
+        return out
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[ChatMessage]
+    max_tokens: int | None = None
+    """None: generate up to the context length."""
+    max_completion_tokens: int | None = None
+    """OpenAI's newer name for max_tokens; wins when both are given."""
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    response_format: dict[str, Any] | None = None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        if self.logprobs or self.top_logprobs:
+            return "logprobs", "logprobs is not supported by this server; leave it out or set it to false"
+        if self.tools:
+            return "tools", "tools (function calling) are not supported by this server"
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            return "response_format", f"response_format {self.response_format.get('type')!r} is not supported; " \
+                "only 'text'"
+        return super().unsupported()
+
+
+# ---- responses ------------------------------------------------------------------------------
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> UsageInfo:
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens)
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+
+
+class ChatMessageOut(BaseModel):
+    role: str = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessageOut
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo
+
+
+class DeltaMessage(BaseModel):
+    role: str | None = None
+    content: str | None = None
+
+    @model_serializer
+    def _drop_none(self) -> dict[str, Any]:
+        # OpenAI sends only the keys that change: role in the first chunk, content after, {} at the end
+        return {k: v for k, v in (("role", self.role), ("content", self.content)) if v is not None}
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: UsageInfo | None = None
+
+
+class CompletionChunk(BaseModel):
+    """A streamed /v1/completions event: OpenAI reuses the ``text_completion`` object for it."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+
+
+def sse(chunk: BaseModel, include_usage: bool) -> str:
+    """One Server-Sent Event. With include_usage every chunk carries ``usage`` (null until the last)."""
+    exclude = None if include_usage else {"usage"}
+    return f"data: {chunk.model_dump_json(exclude=exclude)}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=_now)
+    owned_by: str = "specserve"
+    root: str | None = None
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

