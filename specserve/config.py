@@ -55,8 +55,27 @@ class SpeculativeConfig:
     """Upper bound of the adaptive k."""
     max_batch_speculative_tokens: int = 64
     """Cap on draft tokens verified per step over the whole batch: verifying is only free while small."""
+    method: str | None = None
+    """'draft' (the draft model), 'ngram' (prompt lookup, no model), 'hybrid' (n-gram when it matches,
+    else the draft model). None: 'hybrid' with a draft model, no speculation without one."""
+    ngram_min: int = 2
+    """Shortest context tail the n-gram proposer matches."""
+    ngram_max: int = 4
+    """Longest context tail the n-gram proposer tries first."""
+
+    @property
+    def resolved_method(self) -> str | None:
+        if self.method is not None:
+            return self.method
+        return "hybrid" if self.draft is not None else None
 
     def __post_init__(self) -> None:
+        if self.method not in (None, "draft", "ngram", "hybrid"):
+            raise ValueError(f"method must be 'draft', 'ngram' or 'hybrid', got {self.method!r}")
+        if self.method in ("draft", "hybrid") and self.draft is None:
+            raise ValueError(f"speculative method {self.method!r} needs a draft model")
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise ValueError(f"need 1 <= ngram_min <= ngram_max, got {self.ngram_min}, {self.ngram_max}")
         if self.num_speculative_tokens is not None and not (0 <= self.num_speculative_tokens <= 32):
             raise ValueError(f"num_speculative_tokens must be in [0, 32], got {self.num_speculative_tokens}")
         if not (1 <= self.max_speculative_tokens <= 32):

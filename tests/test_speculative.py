@@ -96,7 +96,7 @@ def test_adaptive_k_falls_back_to_plain_when_drafts_miss(tiny):
     spec = make(tiny, tiny["draft"], None)
     policy = spec.engine.spec_policy
     policy.initial_cost_ratio = 0.9  # pretend drafting is expensive, whatever the timings say
-    policy.cost_per_draft_token = lambda batch: 0.9
+    policy.cost_per_draft_token = lambda batch, source="draft": 0.9
     spec.generate(PROMPTS, greedy(60))
     stats = spec.engine.metrics.total_speculation()
     generated = spec.engine.metrics.generation_tokens
@@ -191,14 +191,14 @@ def test_step_cost_model_fits_a_line():
 def test_costly_verification_turns_speculation_off():
     from specserve.engine.speculation_length import SpeculationLengthPolicy
 
-    policy = SpeculationLengthPolicy(SpeculativeConfig(draft="x"), initial_cost_ratio=0.1)
-    policy.acceptance_rate = 0.5
+    policy = SpeculationLengthPolicy(SpeculativeConfig(draft="x"), initial_cost_ratio=0.1, ngram=None)
+    policy.acceptance_rate["draft"] = 0.5
     for n in [1, 2, 3, 4] * 5:  # each extra verified token costs a whole plain step
         policy.observe_verifier_step(n, 0.03 * n)
     policy.observe_draft_step(0.003)
     assert policy.cost_per_draft_token(1) > 1.0
     assert best_k(0.5, policy.cost_per_draft_token(1), 8) == 0
-    free = SpeculationLengthPolicy(SpeculativeConfig(draft="x"), initial_cost_ratio=0.1)
+    free = SpeculationLengthPolicy(SpeculativeConfig(draft="x"), initial_cost_ratio=0.1, ngram=None)
     for n in [1, 2, 3, 4] * 5:  # verification nearly free: speculate
         free.observe_verifier_step(n, 0.03 + 0.0003 * n)
     free.observe_draft_step(0.003)

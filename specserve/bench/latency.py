@@ -34,7 +34,7 @@ SPEC_PREFIX = "ours-spec-"
 ADAPTIVE = "ours-spec-adaptive"
 ADAPTIVE_MAX_K = 8  # SpeculativeConfig.max_speculative_tokens default, which the adaptive system uses
 WARMUP_TOKENS = 16
-COST_WARMUP, COST_REPS = 5, 30
+COST_WARMUP, COST_REPS = 3, 20
 
 
 # ---- systems --------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from specserve.config import EngineConfig
 from specserve.engine.detokenizer import IncrementalDetokenizer
 from specserve.engine.kv_cache_manager import KVCacheManager
 from specserve.engine.metrics import EngineMetrics
+from specserve.engine.ngram_proposer import NgramProposer
 from specserve.engine.model_runner import ModelRunner, TokenRun, kv_bytes_per_block
 from specserve.engine.outputs import RequestOutput
 from specserve.engine.proposer import DraftProposer
@@ -103,10 +104,15 @@ class LLMEngine:
         self.runner = ModelRunner(self.verifier, num_blocks, cache.block_size)
         self.proposer = None
         self.spec_policy = None
-        if draft_model is not None:
+        method = spec.resolved_method
+        if draft_model is not None and method in ("draft", "hybrid"):
             self.proposer = DraftProposer(ModelRunner(draft_model, num_blocks, cache.block_size))
-            c0 = sum(p.numel() for p in draft_model.parameters()) / sum(p.numel() for p in self.verifier.parameters())
-            self.spec_policy = SpeculationLengthPolicy(spec, c0)
+        if method is not None:
+            ngram = NgramProposer(spec.ngram_min, spec.ngram_max) if method in ("ngram", "hybrid") else None
+            c0 = 0.0
+            if draft_model is not None:
+                c0 = sum(p.numel() for p in draft_model.parameters()) / sum(p.numel() for p in self.verifier.parameters())
+            self.spec_policy = SpeculationLengthPolicy(spec, c0, ngram)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, self.spec_policy)
         self.metrics = EngineMetrics()
         self.requests: dict[str, Request] = {}
@@ -169,10 +175,13 @@ class LLMEngine:
         return self.update(plan, output)
 
     def execute(self, plan: SchedulerOutput) -> StepOutput:
-        spec_items = [s for s in plan.scheduled if s.num_draft_tokens > 0]
         draft_ids: dict[str, list[int]] = {}
-        draft_probs = None  # [batch, max_k, vocab] rows of the sampling requests
+        draft_probs = None  # [draft batch, max_k, vocab] q of the draft model's proposals
         spec_row: dict[str, int] = {}
+        for s in plan.scheduled:
+            if s.num_draft_tokens and s.request.spec_source == "ngram":
+                draft_ids[s.request.request_id] = s.request.ngram_proposal[: s.num_draft_tokens]
+        spec_items = [s for s in plan.scheduled if s.num_draft_tokens > 0 and s.request.spec_source == "draft"]
         if spec_items and self.proposer is not None:
             t0 = time.perf_counter()
             items = [(s.request, s.num_draft_tokens, self.kv.blocks_of(s.request.request_id)) for s in spec_items]
@@ -238,8 +247,10 @@ class LLMEngine:
             if k:
                 rid = s.request.request_id
                 draft_token_ids[i, :k] = torch.tensor(draft_ids[rid])
-                if q is not None:
+                if q is not None and rid in spec_row:
                     q[i, :k] = draft_probs[spec_row[rid], :k]
+                elif q is not None:  # a prompt-lookup proposal: one-hot, as draft_probs=None means
+                    q[i, torch.arange(k), draft_token_ids[i, :k]] = 1.0
         generators = [s.request.generator for s in sampling]
         greedy = [s.request.params.greedy for s in sampling]
         out_ids, num_accepted = rejection_sample(
@@ -273,15 +284,20 @@ class LLMEngine:
             # one accounting rule: computed += scheduled - rejected
             r.num_computed_tokens += s.num_new_tokens - (k - num_accepted)
             if k:
-                # the draft saw its own tokens up to d_{k-1}; those accepted stay valid
-                r.num_draft_computed_tokens = old_num_tokens + min(num_accepted, k - 1)
-                r.num_drafted += k
-                r.num_accepted += num_accepted
-                r.steps_since_draft = 0
-                self.metrics.spec(self.draft_version).record(k, num_accepted)
+                source = r.spec_source or "draft"
+                if source == "draft":
+                    # the draft saw its own tokens up to d_{k-1}; those accepted stay valid
+                    r.num_draft_computed_tokens = old_num_tokens + min(num_accepted, k - 1)
+                    r.steps_since_draft = 0
+                else:
+                    r.steps_since_draft += 1
+                drafted, accepted = r.spec_counts.get(source, (0, 0))
+                r.spec_counts[source] = (drafted + k, accepted + num_accepted)
+                self.metrics.spec(self.draft_version if source == "draft" else "ngram").record(k, num_accepted)
                 if self.spec_policy is not None:
-                    self.spec_policy.observe_acceptance(k, num_accepted)
-                    self.spec_policy.observe_request(r, k, num_accepted)
+                    self.spec_policy.observe_acceptance(source, k, num_accepted)
+                    if source == "draft":
+                        self.spec_policy.observe_request(r, k, num_accepted)
             else:
                 r.steps_since_draft += 1
             new_ids = []

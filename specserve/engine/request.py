@@ -57,8 +57,9 @@ class Request:
         else:
             self.generator.seed()
         # speculation statistics, read by the speculation-length policy
-        self.num_drafted = 0
-        self.num_accepted = 0
+        self.spec_counts: dict[str, tuple[int, int]] = {}  # source -> (drafted, accepted)
+        self.spec_source: str | None = None  # 'draft' or 'ngram': who proposes this step
+        self.ngram_proposal: list[int] = []
         self.steps_since_draft = 0
         self.probe_interval = 16  # steps at k = 0 before probing with k = 1 (see speculation_length)
 

@@ -7,7 +7,9 @@ more tokens per request (v each). On a GPU at small batch v ~ 0 ("verification i
 without native bf16 matmuls, or at large batch, it is not. So the policy fits the verifier's step
 time against the number of tokens in the step (t(n) = a + b n, online), times the draft's
 single-token steps, and picks the k in [0, k_max] maximising E(k) / (1 + k (c + v)) with the
-request's acceptance estimate (its own counts blended with the engine-wide rate). k = 0 is plain
+request's acceptance estimate (its own counts blended with the engine-wide rate). With prompt
+lookup (n-gram) enabled, a request whose context tail recurs proposes from the match instead
+(c = 0), with its own acceptance estimate per source. k = 0 is plain
 decoding; a request held there probes with k = 1 now and then, backing off while probes fail,
 so its estimate can recover. A fixed k (`--num-speculative-tokens`) bypasses all of this.
 """
@@ -15,6 +17,7 @@ so its estimate can recover. A fixed k (`--num-speculative-tokens`) bypasses all
 from __future__ import annotations
 
 from specserve.config import SpeculativeConfig
+from specserve.engine.ngram_proposer import NgramProposer
 from specserve.engine.request import Request
 
 PRIOR_WEIGHT = 8.0  # pseudo-drafted tokens the engine-wide rate counts for in a request's estimate
@@ -67,17 +70,26 @@ class StepCostModel:
 
 
 class SpeculationLengthPolicy:
-    def __init__(self, config: SpeculativeConfig, initial_cost_ratio: float) -> None:
+    """Chooses each decoding request's proposal source ('ngram' or 'draft') and its k.
+
+    The choice is left on the request (`spec_source`, and `ngram_proposal` for prompt lookup) for
+    the engine's execute phase; the scheduler only sees k.
+    """
+
+    def __init__(self, config: SpeculativeConfig, initial_cost_ratio: float, ngram: NgramProposer | None) -> None:
         self.config = config
+        self.method = config.resolved_method
         self.initial_cost_ratio = initial_cost_ratio
-        self.acceptance_rate = 0.6  # engine-wide, updated from every verification
+        self.ngram = ngram
+        # engine-wide acceptance rate per source, updated from every verification
+        self.acceptance_rate = {"draft": 0.6, "ngram": 0.5}
         self.verifier_cost = StepCostModel()
         self.draft_step_seconds: float | None = None
 
-    def observe_acceptance(self, drafted: int, accepted: int) -> None:
+    def observe_acceptance(self, source: str, drafted: int, accepted: int) -> None:
         if drafted:
             w = 1.0 - (1.0 - EMA) ** drafted
-            self.acceptance_rate += w * (accepted / drafted - self.acceptance_rate)
+            self.acceptance_rate[source] += w * (accepted / drafted - self.acceptance_rate[source])
 
     def observe_verifier_step(self, num_tokens: int, seconds: float) -> None:
         self.verifier_cost.observe(num_tokens, seconds)
@@ -88,22 +100,47 @@ class SpeculationLengthPolicy:
         else:
             self.draft_step_seconds += EMA * (seconds - self.draft_step_seconds)
 
-    def cost_per_draft_token(self, batch: int) -> float:
-        """c + v: what one more draft token per request costs, in plain verifier steps."""
+    def cost_per_draft_token(self, batch: int, source: str = "draft") -> float:
+        """c + v: what one more proposed token per request costs, in plain verifier steps.
+
+        c is the draft model's single-token step (0 for prompt lookup), v the verifier's extra
+        work for one more token per request.
+        """
         fit = self.verifier_cost.fit()
-        if fit is None or self.draft_step_seconds is None:
-            return self.initial_cost_ratio
+        if fit is None or (source == "draft" and self.draft_step_seconds is None):
+            return self.initial_cost_ratio if source == "draft" else 0.0
         a, b = fit
         plain = a + b * batch
-        return self.draft_step_seconds / plain + b * batch / plain
+        c = self.draft_step_seconds / plain if source == "draft" else 0.0
+        return c + b * batch / plain
 
-    def request_acceptance(self, request: Request) -> float:
-        return (request.num_accepted + PRIOR_WEIGHT * self.acceptance_rate) / (request.num_drafted + PRIOR_WEIGHT)
+    def request_acceptance(self, request: Request, source: str = "draft") -> float:
+        drafted, accepted = request.spec_counts.get(source, (0, 0))
+        return (accepted + PRIOR_WEIGHT * self.acceptance_rate[source]) / (drafted + PRIOR_WEIGHT)
 
     def __call__(self, request: Request, num_running: int) -> int:
-        if self.config.num_speculative_tokens is not None:
-            return self.config.num_speculative_tokens
+        fixed = self.config.num_speculative_tokens
         cap = min(self.config.max_speculative_tokens, self.config.max_batch_speculative_tokens // max(num_running, 1))
+        if fixed is not None:
+            cap = fixed
+        request.spec_source = None
+        if self.method in ("ngram", "hybrid") and self.ngram is not None and cap > 0:
+            proposal = self.ngram.propose(request.all_token_ids, cap)
+            if proposal:
+                if fixed is not None:
+                    k = len(proposal)
+                else:
+                    alpha = self.request_acceptance(request, "ngram")
+                    k = best_k(alpha, self.cost_per_draft_token(num_running, "ngram"), len(proposal))
+                if k > 0:
+                    request.spec_source = "ngram"
+                    request.ngram_proposal = proposal[:k]
+                    return k
+        if self.method not in ("draft", "hybrid"):
+            return 0
+        request.spec_source = "draft"
+        if fixed is not None:
+            return fixed
         k = best_k(self.request_acceptance(request), self.cost_per_draft_token(num_running), cap)
         if k == 0 and cap > 0 and request.steps_since_draft >= request.probe_interval:
             return 1

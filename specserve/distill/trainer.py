@@ -1,0 +1,449 @@
+"""The distillation run: teacher responses, then the student trained to match the teacher's next-token distributions.
+
+`distill(config)`:
+1. reads the prompts and has the verifier answer them through our engine (`LLM`, greedy): every rank
+   answers its share, then all ranks gather all answers; a seeded split keeps `eval_fraction` held out;
+2. trains the student (an HF `LlamaForCausalLM`, fp32) against the frozen teacher (the verifier as an HF
+   model, eval mode, no grad) on prompt + response, the loss taken only at the positions that predict
+   response tokens; AdamW, linear warmup then cosine decay, gradient-norm clipping;
+3. every `eval_every` steps (and before the first and after the last) measures greedy agreement on the
+   held-out split (student argmax == teacher argmax at response positions) and writes the checkpoint
+   (atomically) with `distill.json` beside it.
+
+The cost ratio c (one single-token forward of the student / of the verifier, through our engine's model
+code: `load_model` + `ModelRunner`, bfloat16 (the engine's default dtype), after a 128-token prefill,
+median of 20) is measured once before training: it depends on the architecture, not the weights.
+
+Under torchrun (WORLD_SIZE > 1) the run initialises torch.distributed (nccl on CUDA, gloo on CPU), wraps
+the student in DDP and shards the training data with DistributedSampler; only rank 0 evaluates, prints
+and writes. Knows nothing about the engine's scheduling or the command line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm.auto import tqdm
+
+from specserve.distill.data import Example, apply_chat_template, generate_targets, load_prompts
+from specserve.distill.losses import LOSSES, TopM, distill_loss
+from specserve.distill.student import StudentSpec, build_student, save_student
+
+COST_DTYPE, COST_CONTEXT, COST_WARMUP, COST_REPS = "bfloat16", 128, 3, 20
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    data: tuple[str, ...]
+    """Prompt files (JSONL, ShareGPT JSON, plain text). Never Spec-Bench."""
+    out: str
+    """Directory the student checkpoint (and distill.json) is written to."""
+    verifier: str | None = None
+    """HF checkpoint directory of the verifier (the teacher); None: the default SmolLM2 verifier."""
+    loss: str = "fkl"
+    """Divergence: fkl (forward KL), rkl (reverse KL), jsd (generalised JSD), tv (total variation)."""
+    jsd_beta: float = 0.5
+    """beta of JSD(beta), in (0, 1)."""
+    temperature: float = 1.0
+    """Temperature of both distributions inside the divergence."""
+    hard_label_weight: float = 0.0
+    """Weight w in (1 - w) divergence + w cross-entropy on the teacher's response tokens; in [0, 1]."""
+    teacher_top_m: int = 0
+    """Keep only the teacher's m most likely tokens per position (renormalised); 0: the full distribution."""
+    teacher_dtype: str = "float32"
+    """dtype of the teacher, both when generating responses and when computing its logits."""
+    student: StudentSpec = field(default_factory=StudentSpec)
+    """Shape of the student, or the verifier layers it starts from."""
+    max_prompts: int | None = 1000
+    """Most prompts read over all files (interleaved file by file); None: all."""
+    max_prompt_tokens: int = 1024
+    """Longer templated prompts keep their last tokens."""
+    max_new_tokens: int = 128
+    """Most tokens the verifier generates per prompt."""
+    generate_batch_size: int = 32
+    """Prompts per engine call while generating responses."""
+    batch_size: int = 8
+    """Sequences per training step and rank."""
+    lr: float = 5e-4
+    """Peak AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_fraction: float = 0.05
+    """Share of the steps spent warming the learning rate up linearly (then cosine decay to 0)."""
+    max_grad_norm: float = 1.0
+    """Gradient-norm clipping threshold."""
+    steps: int = 1000
+    """Optimizer steps."""
+    eval_every: int = 100
+    """Steps between evaluations and checkpoints (0: only before and after training)."""
+    eval_fraction: float = 0.1
+    """Share of the examples held out for the agreement evaluation (at least one)."""
+    seed: int = 0
+    """Seed of the student's initialisation, the split and the data order."""
+    device: str | None = None
+    """torch device; None: cuda if available, else cpu. Under torchrun each rank takes cuda:LOCAL_RANK."""
+    progress: bool = True
+    """Show tqdm bars (rank 0 only)."""
+
+    def __post_init__(self) -> None:
+        if not self.data:
+            raise ValueError("distillation needs at least one --data file")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if not 0.0 < self.jsd_beta < 1.0:
+            raise ValueError(f"jsd_beta must be in (0, 1), got {self.jsd_beta}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0.0 <= self.hard_label_weight <= 1.0:
+            raise ValueError(f"hard_label_weight must be in [0, 1], got {self.hard_label_weight}")
+        if self.teacher_top_m < 0:
+            raise ValueError(f"teacher_top_m must be >= 0 (0 = full distribution), got {self.teacher_top_m}")
+        for name in ("max_prompt_tokens", "max_new_tokens", "generate_batch_size", "batch_size", "steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_prompts is not None and self.max_prompts < 2:
+            raise ValueError(f"max_prompts must be >= 2 (one to train on, one held out), got {self.max_prompts}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
+        if not 0.0 < self.eval_fraction < 1.0:
+            raise ValueError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+
+
+@dataclass
+class DistillResult:
+    out: str
+    initial_agreement: float | None
+    """Held-out greedy agreement of the untrained student (rank 0; None elsewhere)."""
+    final_agreement: float | None
+    cost_ratio: dict | None
+    history: list[dict]
+
+
+# ---- batches ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [batch, seq]
+    attention_mask: torch.Tensor  # [batch, seq]
+    rows: torch.Tensor  # [batch, seq] bool: positions whose next token is a response token
+    labels: torch.Tensor  # [rows] the response tokens those positions predict
+
+    def to(self, device) -> Batch:
+        return Batch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.rows, self.labels)))
+
+
+def collate(examples: list[Example], pad_id: int) -> Batch:
+    """Right-padded prompt + response sequences; the loss rows are the positions predicting response tokens."""
+    seqs = [e.prompt_ids + e.response_ids for e in examples]
+    width = max(map(len, seqs))
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.int64)
+    attention_mask = torch.zeros((len(seqs), width), dtype=torch.int64)
+    rows = torch.zeros((len(seqs), width), dtype=torch.bool)
+    labels = []
+    for i, (e, s) in enumerate(zip(examples, seqs)):
+        input_ids[i, : len(s)] = torch.tensor(s)
+        attention_mask[i, : len(s)] = 1
+        rows[i, len(e.prompt_ids) - 1 : len(s) - 1] = True
+        labels.extend(e.response_ids)
+    return Batch(input_ids, attention_mask, rows, torch.tensor(labels, dtype=torch.int64))
+
+
+class RowLogits(nn.Module):
+    """A causal LM evaluated only where needed: logits at the selected rows, never the full [batch, seq, vocab]."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [batch, seq]
+        attention_mask: torch.Tensor,  # [batch, seq]
+        rows: torch.Tensor,  # [batch, seq] bool
+    ) -> torch.Tensor:  # [rows, vocab] fp32
+        hidden = self.lm.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.lm.lm_head(hidden[rows]).float()
+
+
+# ---- evaluation -----------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def greedy_agreement(student: RowLogits, batches: list[Batch], teacher_argmax: list[torch.Tensor]) -> float:
+    """Share of held-out response positions where the student's argmax equals the teacher's."""
+    was_training = student.training
+    student.eval()
+    same = total = 0
+    for b, t in zip(batches, teacher_argmax):
+        s = student(b.input_ids, b.attention_mask, b.rows).argmax(-1)
+        same += int((s == t).sum())
+        total += t.numel()
+    student.train(was_training)
+    return same / max(total, 1)
+
+
+def measure_cost_ratio(verifier: str, student_dir: str, device: str) -> dict:
+    """c = single-token forward time of the student / of the verifier, in our engine's model code.
+
+    Both load through `load_model` in bfloat16 onto `device`, each on a private ModelRunner; after a
+    COST_CONTEXT-token prefill, single-token forwards at the next position alternate between the two
+    (so drift hits both), COST_WARMUP discarded, medians of COST_REPS.
+    """
+    from specserve.engine.model_runner import ModelRunner, TokenRun
+    from specserve.model.loader import load_model
+
+    block_size = 16
+    blocks = list(range(COST_CONTEXT // block_size + 2))
+    runners = {
+        "draft": ModelRunner(load_model(student_dir, COST_DTYPE, device), len(blocks), block_size),
+        "verifier": ModelRunner(load_model(verifier, COST_DTYPE, device), len(blocks), block_size),
+    }
+    vocab = runners["verifier"].vocab_size
+    context = [(7 * i + 3) % vocab for i in range(COST_CONTEXT)]  # any tokens: the cost does not depend on which
+    for r in runners.values():
+        r.forward([TokenRun(context, 0, blocks, 1)])
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+    for i in range(COST_WARMUP + COST_REPS):
+        for name in (("draft", "verifier") if i % 2 == 0 else ("verifier", "draft")):
+            sync()
+            t0 = time.perf_counter()
+            runners[name].forward([TokenRun(context[:1], COST_CONTEXT, blocks, 1)])
+            sync()
+            if i >= COST_WARMUP:
+                times[name].append(time.perf_counter() - t0)
+    draft_ms = 1e3 * statistics.median(times["draft"])
+    verifier_ms = 1e3 * statistics.median(times["verifier"])
+    params = {n: sum(p.numel() for p in r.model.parameters()) for n, r in runners.items()}
+    return {
+        "c": draft_ms / verifier_ms,
+        "draft_forward_ms": draft_ms,
+        "verifier_forward_ms": verifier_ms,
+        "param_ratio": params["draft"] / params["verifier"],
+        "how": f"our engine's LlamaModel via ModelRunner, {COST_DTYPE}, on {device}, one token after a "
+        f"{COST_CONTEXT}-token prefill, median of {COST_REPS} after {COST_WARMUP} warm-up",
+    }
+
+
+# ---- distributed setup ------------------------------------------------------------------------------
+
+
+@dataclass
+class Dist:
+    rank: int
+    world: int
+    device: torch.device
+    owns_group: bool
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def setup_distributed(device: str | None) -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
+    if world <= 1:
+        return Dist(0, 1, torch.device(device or ("cuda" if cuda else "cpu")), False)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    owns = not dist.is_initialized()
+    if owns:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    return Dist(dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local_rank}" if cuda else "cpu"), owns)
+
+
+# ---- the run --------------------------------------------------------------------------------------
+
+
+def _split(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    if len(examples) < 2:
+        raise ValueError(f"got {len(examples)} teacher responses; need at least 2 (train and held out)")
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_eval = min(len(examples) - 1, max(1, round(fraction * len(examples))))
+    return [examples[i] for i in order[n_eval:]], [examples[i] for i in order[:n_eval]]
+
+
+def _teacher_examples(config: DistillConfig, verifier: str, tokenizer, d: Dist) -> list[Example]:
+    """Every rank answers prompts[rank::world] with our engine; all ranks get all answers, in prompt order."""
+    from specserve import LLM
+    from specserve.config import CacheConfig, SchedulerConfig
+
+    prompts = apply_chat_template(tokenizer, load_prompts(list(config.data), config.max_prompts))
+    mine = prompts[d.rank :: d.world]
+    longest = min(config.max_prompt_tokens, max(map(len, mine), default=1)) + config.max_new_tokens
+    block_size = 16
+    per_seq = -(-longest // block_size) + 1
+    llm = LLM(
+        verifier,
+        dtype=config.teacher_dtype,
+        device=str(d.device),
+        cache=CacheConfig(block_size=block_size, num_blocks=per_seq * config.generate_batch_size),
+        scheduler=SchedulerConfig(max_num_seqs=config.generate_batch_size, max_num_batched_tokens=2048),
+    )
+    examples = generate_targets(llm, mine, config.max_new_tokens, config.generate_batch_size, seed=config.seed,
+                                max_prompt_tokens=config.max_prompt_tokens, progress=config.progress and d.main)
+    del llm
+    if d.world == 1:
+        return examples
+    gathered: list = [None] * d.world
+    dist.all_gather_object(gathered, examples)
+    # rank r answered prompts r, r + world, ...: interleave back into prompt order
+    return [g[i] for i in range(max(map(len, gathered))) for g in gathered if i < len(g)]
+
+
+def _record(config: DistillConfig, verifier: str, extra: dict) -> str:
+    c = asdict(config)
+    c["data"] = [os.path.abspath(p) for p in config.data]
+    return json.dumps({"config": c, "verifier": os.path.abspath(verifier), **extra}, indent=2)
+
+
+def distill(config: DistillConfig) -> DistillResult:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
+
+    from specserve.model.loader import resolve_dtype
+
+    d = setup_distributed(config.device)
+    try:
+        verifier = config.verifier
+        if verifier is None:
+            from specserve.model.default_models import default_verifier
+
+            if d.main:  # converts the GGUF once; the other ranks wait for it
+                verifier = default_verifier()
+            d.barrier()
+            verifier = default_verifier()
+        t_start = time.perf_counter()
+        tokenizer = AutoTokenizer.from_pretrained(verifier)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+        examples = _teacher_examples(config, verifier, tokenizer, d)
+        train, held_out = _split(examples, config.eval_fraction, config.seed)
+        t_generated = time.perf_counter()
+
+        teacher = AutoModelForCausalLM.from_pretrained(verifier, dtype=resolve_dtype(config.teacher_dtype))
+        teacher = RowLogits(teacher.to(d.device).eval().requires_grad_(False))
+        student_lm = build_student(verifier, config.student, config.seed).to(d.device)
+        student = RowLogits(student_lm).train()
+        model = student
+        if d.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            model = DistributedDataParallel(student, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+
+        cost = None
+        eval_batches: list[Batch] = []
+        teacher_argmax: list[torch.Tensor] = []
+        if d.main:
+            with tempfile.TemporaryDirectory() as tmp:
+                save_student(student_lm, verifier, os.path.join(tmp, "student"))
+                cost = measure_cost_ratio(verifier, os.path.join(tmp, "student"), str(d.device))
+            for i in range(0, len(held_out), config.batch_size):
+                b = collate(held_out[i : i + config.batch_size], pad_id).to(d.device)
+                eval_batches.append(b)
+                with torch.no_grad():
+                    teacher_argmax.append(teacher(b.input_ids, b.attention_mask, b.rows).argmax(-1))
+
+        sampler = DistributedSampler(train, num_replicas=d.world, rank=d.rank, shuffle=True, seed=config.seed)
+        loader = DataLoader(train, batch_size=config.batch_size, sampler=sampler,
+                            collate_fn=lambda xs: collate(xs, pad_id))
+        optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        warmup = math.floor(config.warmup_fraction * config.steps)
+        schedule = get_cosine_schedule_with_warmup(optimizer, warmup, config.steps)
+
+        history: list[dict] = []
+        state = {"losses": []}
+
+        def evaluate_and_save(step: int, final: bool) -> None:
+            if not d.main:
+                return
+            agreement = greedy_agreement(student, eval_batches, teacher_argmax)
+            losses = state["losses"]
+            entry = {"step": step, "held_out_agreement": agreement,
+                     "train_loss": sum(losses) / len(losses) if losses else None,
+                     "elapsed_s": time.perf_counter() - t_start}
+            state["losses"] = []
+            history.append(entry)
+            loss_text = f"{entry['train_loss']:.4f}" if entry["train_loss"] is not None else "-"
+            tqdm.write(f"[distill] step {step}: held-out greedy agreement {agreement:.4f}, train loss {loss_text}, "
+                       f"c = {cost['c']:.3f}")
+            record = _record(config, verifier, {
+                "status": "finished" if final else "in progress",
+                "steps_done": step,
+                "world_size": d.world,
+                "num_prompts_answered": len(examples),
+                "num_train_examples": len(train),
+                "num_held_out_examples": len(held_out),
+                "num_train_response_tokens": sum(len(e.response_ids) for e in train),
+                "num_held_out_response_tokens": sum(len(e.response_ids) for e in held_out),
+                "student_config": {k: getattr(student_lm.config, k) for k in (
+                    "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
+                    "intermediate_size", "vocab_size", "tie_word_embeddings")},
+                "student_parameters": sum(p.numel() for p in student_lm.parameters()),
+                "initial_agreement": history[0]["held_out_agreement"],
+                "final_agreement": agreement if final else None,
+                "agreement": "held-out share of response positions where student argmax == teacher argmax",
+                "cost_ratio": cost,
+                "history": history,
+                "teacher_generation_s": t_generated - t_start,
+            })
+            save_student(student_lm, verifier, config.out, {"distill.json": record})
+
+        evaluate_and_save(0, final=False)
+        bar = tqdm(total=config.steps, desc="distill", disable=not (config.progress and d.main))
+        step, epoch = 0, 0
+        while step < config.steps:
+            sampler.set_epoch(epoch)
+            for batch in loader:
+                batch = batch.to(d.device)
+                with torch.no_grad():
+                    t_logits = teacher(batch.input_ids, batch.attention_mask, batch.rows)  # [rows, vocab]
+                target = TopM.from_logits(t_logits, config.teacher_top_m) if config.teacher_top_m else t_logits
+                s_logits = model(batch.input_ids, batch.attention_mask, batch.rows)  # [rows, vocab]
+                loss = distill_loss(s_logits, target, config.loss, config.temperature, config.jsd_beta,
+                                    batch.labels, config.hard_label_weight)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(student.parameters(), config.max_grad_norm)
+                optimizer.step()
+                schedule.step()
+                step += 1
+                state["losses"].append(loss.item())
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{schedule.get_last_lr()[0]:.2e}")
+                if step == config.steps:
+                    break
+                if config.eval_every and step % config.eval_every == 0:
+                    evaluate_and_save(step, final=False)
+            epoch += 1
+        bar.close()
+        evaluate_and_save(step, final=True)
+        d.barrier()  # the other ranks leave only once rank 0 has written the checkpoint
+        if not d.main:
+            return DistillResult(config.out, None, None, None, [])
+        return DistillResult(config.out, history[0]["held_out_agreement"], history[-1]["held_out_agreement"],
+                             cost, history)
+    finally:
+        if d.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+

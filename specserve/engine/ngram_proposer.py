@@ -1,0 +1,34 @@
+"""NgramProposer: prompt lookup. Propose the tokens that followed the latest earlier occurrence of
+the context's last n tokens (n from `max_n` down to `min_n`) in the request's own prompt and output.
+
+No model runs: the proposal is deterministic, so for the rejection sampler it is a one-hot draft
+(q(x) = 1 at the proposed token), which keeps sampled output exactly the verifier's distribution.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+
+class NgramProposer:
+    def __init__(self, min_n: int = 2, max_n: int = 4) -> None:
+        if not 1 <= min_n <= max_n:
+            raise ValueError(f"n-gram sizes need 1 <= min_n <= max_n, got min_n={min_n}, max_n={max_n}")
+        self.min_n = min_n
+        self.max_n = max_n
+
+    def propose(self, token_ids: list[int], k: int) -> list[int]:
+        """Up to k tokens continuing `token_ids`, or [] when no n-gram of the tail recurs."""
+        if k <= 0 or len(token_ids) <= self.min_n:
+            return []
+        arr = np.asarray(token_ids, dtype=np.int64)
+        for n in range(min(self.max_n, len(arr) - 1), self.min_n - 1, -1):
+            tail = arr[-n:]
+            # windows starting at 0 .. len - n - 1: every earlier occurrence, not the tail itself
+            windows = sliding_window_view(arr[:-1], n)
+            hits = np.flatnonzero((windows == tail).all(axis=1))
+            if hits.size:
+                start = int(hits[-1]) + n
+                return arr[start : start + k].tolist()
+        return []

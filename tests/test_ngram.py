@@ -1,0 +1,82 @@
+"""Prompt-lookup (n-gram) proposals, alone and in hybrid with the draft model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_speculative import chi_square_pvalue, exact_second_token_distribution
+
+from specserve import LLM, SamplingParams
+from specserve.config import CacheConfig, SchedulerConfig, SpeculativeConfig
+from specserve.engine.ngram_proposer import NgramProposer
+
+REPEATING = [
+    "The quick brown fox jumps over the lazy dog. The quick brown fox jumps over the lazy dog. The quick",
+    "def add(a, b):\n    return a + b\ndef add(a, b):\n    return a + b\ndef add(",
+    "To be, or not to be, that is the question. To be, or not to be",
+]
+
+
+def test_proposes_what_followed_the_latest_match():
+    p = NgramProposer(min_n=2, max_n=3)
+    assert p.propose([1, 2, 3, 4, 5, 9, 2, 3], k=3) == [4, 5, 9]
+    # the most recent earlier occurrence wins
+    assert p.propose([1, 2, 7, 1, 2, 8, 1, 2], k=1) == [8]
+    # the longest n is tried first: (5, 1, 2) recurs -> 9, though (1, 2) alone most recently -> 8
+    assert p.propose([5, 1, 2, 9, 1, 2, 8, 5, 1, 2], k=1) == [9]
+    assert p.propose([1, 2, 3, 4], k=3) == []
+    assert p.propose([1, 2, 3, 1, 2], k=0) == []
+    # proposals stop at the end of the context
+    assert p.propose([1, 2, 3, 1, 2], k=5) == [3, 1, 2]
+
+
+def test_bad_ngram_sizes_are_refused():
+    with pytest.raises(ValueError, match="min_n"):
+        NgramProposer(min_n=3, max_n=2)
+    with pytest.raises(ValueError, match="needs a draft model"):
+        SpeculativeConfig(method="hybrid")
+
+
+def spec_llm(tiny, method: str, draft: str | None, k: int | None, **kw) -> LLM:
+    return LLM(
+        tiny["llama"],
+        dtype="float32",
+        cache=CacheConfig(num_blocks=256, block_size=4),
+        speculative=SpeculativeConfig(draft=draft, method=method, num_speculative_tokens=k, ngram_min=1, ngram_max=3),
+        **kw,
+    )
+
+
+@pytest.mark.parametrize("method, draft, k", [("ngram", None, 3), ("ngram", None, None), ("hybrid", "draft", 2),
+                                              ("hybrid", "draft", None)])
+def test_greedy_equals_plain(tiny, method, draft, k):
+    plain = LLM(tiny["llama"], dtype="float32", cache=CacheConfig(num_blocks=256, block_size=4))
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    expected = [c.token_ids for c in plain.generate(REPEATING, params)]
+    spec = spec_llm(tiny, method, tiny[draft] if draft else None, k)
+    assert [c.token_ids for c in spec.generate(REPEATING, params)] == expected
+    stats = spec.engine.metrics.speculation
+    assert stats["ngram"].drafted_tokens > 0
+    if method == "hybrid" and k is not None:
+        assert stats[spec.engine.draft_version].drafted_tokens > 0  # both sources proposed
+    assert spec.engine.kv.num_free_blocks == spec.engine.num_blocks
+
+
+def test_sampled_ngram_keeps_the_verifier_distribution(tiny):
+    """Token 2 of many seeded requests, some proposed by prompt lookup (mostly rejected on a random
+    model: the accept branch of one-hot drafts is covered statistically in the kernel tests)."""
+    pytest.importorskip("scipy")
+    temperature = 1.5
+    spec = spec_llm(tiny, "ngram", None, 2, scheduler=SchedulerConfig(max_num_seqs=256, max_num_batched_tokens=4096))
+    # many distinct tokens, so the first sampled token often recurs in the prompt (an n = 1 match)
+    prompt = spec.tokenizer.encode(" ".join(REPEATING))
+    n = 5000
+    outs = spec.generate(
+        [prompt] * n,
+        [SamplingParams(max_tokens=3, temperature=temperature, seed=i, ignore_eos=True) for i in range(n)],
+    )
+    stats = spec.engine.metrics.speculation["ngram"]
+    assert stats.verification_steps > 300
+    vocab = spec.engine.verifier.arch.vocab_size
+    counts = torch.bincount(torch.tensor([o.token_ids[1] for o in outs]), minlength=vocab).float()
+    assert chi_square_pvalue(counts, exact_second_token_distribution(tiny["llama"], prompt, temperature)) > 1e-3
