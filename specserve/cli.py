@@ -16,7 +16,15 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--draft", default=None,
                    help="HF checkpoint directory of the draft model (must share the verifier's vocabulary). "
                    "Default with the default verifier: its first-4-layers stand-in draft.")
-    g.add_argument("--no-speculation", action="store_true", help="Serve with plain decoding: no draft model.")
+    g.add_argument("--no-speculation", action="store_true",
+                   help="Plain decoding: no draft model and no prompt lookup.")
+    g.add_argument("--speculative-method", choices=["draft", "ngram", "hybrid"], default=None,
+                   help="Who proposes tokens: 'draft' (the draft model), 'ngram' (prompt lookup in the request's "
+                   "own context, no model), 'hybrid' (n-gram when the context tail recurs, else the draft). "
+                   "Default: hybrid with a draft model, none without.")
+    g.add_argument("--ngram-min", type=int, default=2, help="Shortest context tail prompt lookup matches (default 2).")
+    g.add_argument("--ngram-max", type=int, default=4,
+                   help="Longest context tail prompt lookup tries first (default 4).")
     g.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K",
                    help="Fixed number of draft tokens per step. "
                    "Default: adaptive per request (0..--max-speculative-tokens).")
@@ -65,6 +73,9 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
             draft=draft,
             num_speculative_tokens=args.num_speculative_tokens,
             max_speculative_tokens=args.max_speculative_tokens,
+            method=None if args.no_speculation else args.speculative_method,
+            ngram_min=args.ngram_min,
+            ngram_max=args.ngram_max,
         ),
     )
 
