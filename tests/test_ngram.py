@@ -80,3 +80,15 @@ def test_sampled_ngram_keeps_the_verifier_distribution(tiny):
     vocab = spec.engine.verifier.arch.vocab_size
     counts = torch.bincount(torch.tensor([o.token_ids[1] for o in outs]), minlength=vocab).float()
     assert chi_square_pvalue(counts, exact_second_token_distribution(tiny["llama"], prompt, temperature)) > 1e-3
+
+
+def test_matches_across_the_prompt_output_boundary_and_repeats():
+    p = NgramProposer(min_n=2, max_n=4)
+    prompt, output = [10, 11, 12, 13], [14, 10, 11]
+    # the tail (10, 11) spans into the output; its earlier occurrence is in the prompt
+    assert p.propose(prompt + output, k=3) == [12, 13, 14]
+    # a run of one repeated token matches itself shifted by one
+    assert p.propose([7, 7, 7, 7], k=2) == [7]
+    assert p.propose([5, 7, 7, 7, 7], k=3) == [7]
+    # min_n bounds the shortest match
+    assert NgramProposer(min_n=3, max_n=4).propose([1, 2, 9, 1, 2], k=2) == []

@@ -83,15 +83,20 @@ def test_greedy_matches_hf_generate(verifier, prompts, dtype):
         assert ours == ref.tolist()
 
 
-@pytest.mark.parametrize("k", [3])
-def test_greedy_speculation_equals_plain_fp32(verifier, prompts, k):
+@pytest.mark.parametrize("method", ["draft", "hybrid", "ngram"])
+def test_greedy_speculation_equals_plain_fp32(verifier, prompts, method):
+    from specserve.config import SpeculativeConfig
     from specserve.model.default_models import layer_slice_draft
 
-    draft = layer_slice_draft(verifier, 4)
+    draft = None if method == "ngram" else layer_slice_draft(verifier, 4)
     plain = LLM(verifier, dtype="float32", cache=CacheConfig(num_blocks=256))
-    spec = LLM(verifier, draft=draft, dtype="float32", num_speculative_tokens=k, cache=CacheConfig(num_blocks=256))
+    spec = LLM(
+        verifier,
+        dtype="float32",
+        cache=CacheConfig(num_blocks=256),
+        speculative=SpeculativeConfig(draft=draft, method=method, num_speculative_tokens=3),
+    )
     params = SamplingParams(max_tokens=48, temperature=0, ignore_eos=True)
     expected = [c.token_ids for c in plain.generate(prompts, params)]
     assert [c.token_ids for c in spec.generate(prompts, params)] == expected
-    if k is not None:
-        assert spec.engine.metrics.total_speculation().drafted_tokens > 0
+    assert spec.engine.metrics.total_speculation().drafted_tokens > 0

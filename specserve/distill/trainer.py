@@ -11,8 +11,9 @@
    (atomically) with `distill.json` beside it.
 
 The cost ratio c (one single-token forward of the student / of the verifier, through our engine's model
-code: `load_model` + `ModelRunner`, bfloat16 (the engine's default dtype), after a 128-token prefill,
-median of 20) is measured once before training: it depends on the architecture, not the weights.
+code: `load_model` + `ModelRunner`, after a 128-token prefill, median of 20; bfloat16 (the engine's default
+dtype) on CUDA, float32 on the CPU, where bfloat16 matmuls are emulated slowly and would distort the ratio)
+is measured once before training: it depends on the architecture, not the weights.
 
 Under torchrun (WORLD_SIZE > 1) the run initialises torch.distributed (nccl on CUDA, gloo on CPU), wraps
 the student in DDP and shards the training data with DistributedSampler; only rank 0 evaluates, prints
@@ -39,7 +40,7 @@ from specserve.distill.data import Example, apply_chat_template, generate_target
 from specserve.distill.losses import LOSSES, TopM, distill_loss
 from specserve.distill.student import StudentSpec, build_student, save_student
 
-COST_DTYPE, COST_CONTEXT, COST_WARMUP, COST_REPS = "bfloat16", 128, 3, 20
+COST_CONTEXT, COST_WARMUP, COST_REPS = 128, 3, 20
 
 
 @dataclass(frozen=True)
@@ -200,18 +201,19 @@ def greedy_agreement(student: RowLogits, batches: list[Batch], teacher_argmax: l
 def measure_cost_ratio(verifier: str, student_dir: str, device: str) -> dict:
     """c = single-token forward time of the student / of the verifier, in our engine's model code.
 
-    Both load through `load_model` in bfloat16 onto `device`, each on a private ModelRunner; after a
-    COST_CONTEXT-token prefill, single-token forwards at the next position alternate between the two
-    (so drift hits both), COST_WARMUP discarded, medians of COST_REPS.
+    Both load through `load_model` (bfloat16 on CUDA, float32 on the CPU) onto `device`, each on a private
+    ModelRunner; after a COST_CONTEXT-token prefill, single-token forwards at the next position alternate
+    between the two (so drift hits both), COST_WARMUP discarded, medians of COST_REPS.
     """
     from specserve.engine.model_runner import ModelRunner, TokenRun
     from specserve.model.loader import load_model
 
+    dtype = "bfloat16" if str(device).startswith("cuda") else "float32"
     block_size = 16
     blocks = list(range(COST_CONTEXT // block_size + 2))
     runners = {
-        "draft": ModelRunner(load_model(student_dir, COST_DTYPE, device), len(blocks), block_size),
-        "verifier": ModelRunner(load_model(verifier, COST_DTYPE, device), len(blocks), block_size),
+        "draft": ModelRunner(load_model(student_dir, dtype, device), len(blocks), block_size),
+        "verifier": ModelRunner(load_model(verifier, dtype, device), len(blocks), block_size),
     }
     vocab = runners["verifier"].vocab_size
     context = [(7 * i + 3) % vocab for i in range(COST_CONTEXT)]  # any tokens: the cost does not depend on which
@@ -235,7 +237,7 @@ def measure_cost_ratio(verifier: str, student_dir: str, device: str) -> dict:
         "draft_forward_ms": draft_ms,
         "verifier_forward_ms": verifier_ms,
         "param_ratio": params["draft"] / params["verifier"],
-        "how": f"our engine's LlamaModel via ModelRunner, {COST_DTYPE}, on {device}, one token after a "
+        "how": f"our engine's LlamaModel via ModelRunner, {dtype}, on {device}, one token after a "
         f"{COST_CONTEXT}-token prefill, median of {COST_REPS} after {COST_WARMUP} warm-up",
     }
 

@@ -22,8 +22,8 @@ from specserve.config import EngineConfig
 from specserve.engine.detokenizer import IncrementalDetokenizer
 from specserve.engine.kv_cache_manager import KVCacheManager
 from specserve.engine.metrics import EngineMetrics
-from specserve.engine.ngram_proposer import NgramProposer
 from specserve.engine.model_runner import ModelRunner, TokenRun, kv_bytes_per_block
+from specserve.engine.ngram_proposer import NgramProposer
 from specserve.engine.outputs import RequestOutput
 from specserve.engine.proposer import DraftProposer
 from specserve.engine.request import Request, RequestStatus
