@@ -113,11 +113,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from specserve.config import EngineConfig
     from specserve.engine.engine import LLMEngine
     from specserve.server import AsyncEngine, build_app
+    from specserve.server.runner import run_server
 
     if args.max_queue < 0:
         raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
@@ -126,26 +125,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     async_engine = AsyncEngine(engine, max_queue=args.max_queue)
     name = args.served_model_name or os.path.basename(os.path.normpath(kwargs["verifier"]))
     app = build_app(async_engine, name, api_key=args.api_key or None)
-
-    class Server(uvicorn.Server):
-        def handle_exit(self, sig, frame) -> None:
-            # refuse new requests (503) at once; uvicorn then waits for those in flight, and the
-            # app's lifespan stops the engine thread
-            async_engine.begin_drain()
-            super().handle_exit(sig, frame)
-
-    draft = kwargs["speculative"].draft
+    spec = kwargs["speculative"]
     print(
         f"specserve: serving {name!r} on http://{args.host}:{args.port}/v1\n"
         f"  verifier: {kwargs['verifier']}\n"
-        f"  draft:    {draft or 'none (plain decoding)'} (draft version {engine.draft_version})\n"
+        f"  draft:    {spec.draft or 'none'} (draft version {engine.draft_version}); "
+        f"speculation: {spec.resolved_method or 'off (plain decoding)'}\n"
         f"  context {engine.max_model_len} tokens, {engine.num_blocks} KV blocks of {args.block_size}, "
         f"queue {args.max_queue}, API key {'required' if args.api_key else 'not required'}",
         flush=True,
     )
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)
-    Server(config).run()
-    return 0
+    # SIGTERM/SIGINT drain: new requests get 503, in-flight ones finish, then exit 0
+    return run_server(app, async_engine, args.host, args.port, args.log_level)
 
 
 def add_distill_args(p: argparse.ArgumentParser) -> None:

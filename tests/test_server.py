@@ -2,17 +2,20 @@
 
 Most tests go through FastAPI's TestClient on a plain engine; the metrics test loads a draft
 (speculative steps are slow on the CPU: the Triton interpreter runs the rejection sampler), and
-the disconnect test and the official `openai` client run against a real uvicorn on a free
-local port.
+the disconnect tests and the official `openai` client (sync and async) run against a real
+uvicorn on a free local port.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import socket
 import threading
 import time
+from collections.abc import Iterator
 
 import httpx
 import openai
@@ -25,16 +28,18 @@ from specserve.config import CacheConfig, EngineConfig, SpeculativeConfig
 from specserve.engine.engine import LLMEngine
 from specserve.server import AsyncEngine, build_app
 from specserve.server.async_engine import ShuttingDownError
+from specserve.server.runner import run_server
 
 MODEL = "tiny"
 PROMPT = "The quick brown fox"
 GREEDY = {"temperature": 0, "ignore_eos": True}
 
 
-def make_engine(tiny, draft: bool) -> LLMEngine:
+def make_engine(tiny, draft: bool, num_blocks: int = 64) -> LLMEngine:
+    """64 blocks of 4: a context of 256 tokens."""
     speculative = SpeculativeConfig(draft=tiny["draft"], num_speculative_tokens=2) if draft else SpeculativeConfig()
-    config = EngineConfig(verifier=tiny["llama"], dtype="float32", cache=CacheConfig(num_blocks=64, block_size=4),
-                          speculative=speculative)
+    config = EngineConfig(verifier=tiny["llama"], dtype="float32",
+                          cache=CacheConfig(num_blocks=num_blocks, block_size=4), speculative=speculative)
     return LLMEngine(config)
 
 
@@ -49,6 +54,16 @@ def wait_until(predicate, timeout: float = 10.0) -> bool:
 
 def events(text: str) -> list[str]:
     return [e.removeprefix("data: ") for e in text.split("\n\n") if e.startswith("data: ")]
+
+
+def scrape(text: str) -> dict[str, float]:
+    """Prometheus text format -> {'name{labels}': value}."""
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples
 
 
 @pytest.fixture(scope="module")
@@ -179,36 +194,65 @@ def test_n_choices(client):
 
 # ---- errors -------------------------------------------------------------------------------------
 
-LONG = "word " * 600
+LONG = "word " * 600  # 2401 tokens: beyond the context of every engine here
+HI = [{"role": "user", "content": "hi"}]
+ERROR_CASES = [
+    ("/v1/completions", {"prompt": ""}, 400, "prompt must not be empty"),
+    ("/v1/completions", {"prompt": []}, 400, "prompt must not be empty"),
+    ("/v1/completions", {"prompt": LONG}, 400, "prompt is 2401 tokens; the context holds"),
+    ("/v1/completions", {"prompt": PROMPT, "max_tokens": 600}, 400, "(8 in the prompt + 600 in max_tokens)"),
+    ("/v1/completions", {"prompt": [PROMPT, LONG]}, 400, "prompt is 2401 tokens"),
+    ("/v1/completions", {"prompt": [5, 99999]}, 400, "99999"),
+    ("/v1/completions", {"prompt": PROMPT, "max_tokens": 0}, 400, "max_tokens must be an integer >= 1, got 0"),
+    ("/v1/completions", {"prompt": PROMPT, "temperature": -1}, 400, "temperature must be >= 0, got -1"),
+    ("/v1/completions", {"prompt": PROMPT, "top_p": 2}, 400, "top_p must be in (0, 1], got 2"),
+    ("/v1/completions", {"prompt": PROMPT, "n": 0}, 400, "got 0"),
+    ("/v1/completions", {"prompt": PROMPT, "logprobs": 2}, 400, "logprobs is not supported"),
+    ("/v1/completions", {"prompt": PROMPT, "model": "gpt-9"}, 404, "'gpt-9' does not exist"),
+    ("/v1/completions", {"max_tokens": 3}, 400, "prompt"),
+    ("/v1/chat/completions", {"messages": "hello"}, 400, "'hello'"),
+    ("/v1/chat/completions", {"messages": []}, 400, "messages must be a non-empty list"),
+    ("/v1/chat/completions", {"messages": HI, "temperature": -1}, 400, "got -1"),
+    ("/v1/chat/completions", {"messages": HI, "max_tokens": 600}, 400, "+ 600 in max_tokens"),
+    ("/v1/chat/completions", {"messages": HI, "max_completion_tokens": 600}, 400, "+ 600 in max_completion_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": LONG}]}, 400, "the context holds"),
+    ("/v1/completions", {"prompt": PROMPT, "n": 64}, 429, "the queue holds at most"),  # more choices than it holds
+]
 
 
-@pytest.mark.parametrize(
-    "path, body, status, needle",
-    [
-        ("/v1/completions", {"prompt": ""}, 400, "prompt must not be empty"),
-        ("/v1/completions", {"prompt": []}, 400, "prompt must not be empty"),
-        ("/v1/completions", {"prompt": LONG}, 400, "the context holds 256"),
-        ("/v1/completions", {"prompt": [5, 99999]}, 400, "99999"),
-        ("/v1/completions", {"prompt": PROMPT, "max_tokens": 0}, 400, "max_tokens must be an integer >= 1, got 0"),
-        ("/v1/completions", {"prompt": PROMPT, "temperature": -1}, 400, "temperature must be >= 0, got -1"),
-        ("/v1/completions", {"prompt": PROMPT, "top_p": 2}, 400, "top_p must be in (0, 1], got 2"),
-        ("/v1/completions", {"prompt": PROMPT, "n": 0}, 400, "got 0"),
-        ("/v1/completions", {"prompt": PROMPT, "logprobs": 2}, 400, "logprobs is not supported"),
-        ("/v1/completions", {"prompt": PROMPT, "model": "gpt-9"}, 404, "'gpt-9' does not exist"),
-        ("/v1/completions", {"max_tokens": 3}, 400, "prompt"),
-        ("/v1/chat/completions", {"messages": "hello"}, 400, "'hello'"),
-        ("/v1/chat/completions", {"messages": []}, 400, "messages must be a non-empty list"),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400,
-         "got -1"),
-        ("/v1/completions", {"prompt": PROMPT, "n": 9}, 429, "at most 8"),  # more choices than the queue holds
-    ],
-)
+@pytest.mark.parametrize("path, body, status, needle", ERROR_CASES)
 def test_bad_input_gives_openai_error(client, path, body, status, needle):
     r = client.post(path, json={"model": MODEL, **body})
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert needle in error["message"], error
+
+
+def test_prompt_plus_max_tokens_must_fit_the_context(served):
+    client, engine, _ = served
+    assert engine.max_model_len == 256
+    ids = engine.tokenizer.encode("word " * 70)
+    prompt = ids[:240]  # long prompts leave little room: short generations
+    r = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 17, **GREEDY})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+    message = r.json()["error"]["message"]
+    assert "holds 256 tokens" in message and "(240 in the prompt + 17 in max_tokens)" in message, message
+    assert "at most 16" in message
+    assert complete(client, prompt=prompt, max_tokens=16, **GREEDY)["usage"]["completion_tokens"] == 16
+    # left out, max_tokens is OpenAI's 16, or the room left where that is less
+    assert complete(client, prompt=ids[:8], **GREEDY)["usage"]["completion_tokens"] == 16
+    assert complete(client, prompt=ids[:250], **GREEDY)["usage"]["completion_tokens"] == 6
+    # chat: an explicit max_tokens must fit too; without one the answer may fill the room left
+    messages = [{"role": "user", "content": "word " * 58}]
+    text = engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    m = len(engine.tokenizer.encode(text, add_special_tokens=False))
+    assert 230 < m < 256
+    r = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 257 - m, **GREEDY})
+    assert r.status_code == 400 and f"({m} in the prompt + {257 - m} in max_tokens)" in r.json()["error"]["message"]
+    out = chat(client, messages=messages, **GREEDY)
+    assert out["usage"] == {"prompt_tokens": m, "completion_tokens": 256 - m, "total_tokens": 256}
+    assert out["choices"][0]["finish_reason"] == "length"
 
 
 def test_malformed_json_and_unknown_route(client):
@@ -255,22 +299,36 @@ def test_engine_failure_is_a_500_and_serving_goes_on(served):
 def test_metrics_export_speculation(tiny):
     with TestClient(build_app(AsyncEngine(make_engine(tiny, draft=True)), MODEL)) as client:
         complete(client, prompt=PROMPT, max_tokens=5, **GREEDY)
-        text = client.get("/metrics").text
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            samples[name] = float(value)
-    drafted = [v for k, v in samples.items() if k.startswith("specserve_spec_decode_num_draft_tokens_total{")]
-    assert drafted and drafted[0] > 0
-    assert any(k.startswith("specserve_spec_decode_num_accepted_tokens_per_pos_total{") for k in samples)
-    assert any(k.startswith("specserve_spec_decode_mean_acceptance_length{") for k in samples)
+        samples = scrape(client.get("/metrics").text)
+    draft = f'draft_version="{tiny["draft"]}",source="draft"'  # prometheus_client sorts the labels
+    ngram = 'draft_version="none",source="ngram"'  # hybrid: prompt lookup proposes too, without a draft model
+    for name in ("specserve_spec_draft_tokens_total", "specserve_spec_accepted_tokens_total",
+                 "specserve_spec_verify_steps_total", "specserve_spec_emitted_tokens_total",
+                 "specserve_spec_mean_acceptance_length", "specserve_spec_acceptance_rate"):
+        assert f"{name}{{{draft}}}" in samples and f"{name}{{{ngram}}}" in samples, name
+    assert sum(v for k, v in samples.items() if k.startswith("specserve_spec_draft_tokens_total{")) > 0
+    assert sum(v for k, v in samples.items() if k.startswith("specserve_spec_verify_steps_total{")) > 0
+    positions = [k for k in samples if k.startswith("specserve_spec_accepted_tokens_per_position_total{")]
+    assert positions and all('position="' in k for k in positions)
+    assert samples[f'specserve_draft_version{{version="{tiny["draft"]}"}}'] == 1
+    assert samples['specserve_kv_cache_usage_ratio{model="verifier"}'] == \
+        samples['specserve_kv_cache_usage_ratio{model="draft"}']
     assert samples['specserve_requests_finished_total{finish_reason="length"}'] >= 1
     assert samples["specserve_generation_tokens_total"] == 5
-    assert samples["specserve_time_to_first_token_seconds_count"] >= 1
-    assert samples["specserve_e2e_request_latency_seconds_count"] >= 1
-    for name in ("specserve_num_requests_running", "specserve_num_requests_waiting", "specserve_kv_cache_usage_ratio"):
-        assert name in samples
+    assert samples["specserve_prompt_tokens_total"] == 8
+    assert samples["specserve_time_to_first_token_seconds_count"] == 1
+    assert samples["specserve_inter_token_latency_seconds_count"] >= 1  # 5 tokens came in more than one output
+    assert samples["specserve_e2e_request_latency_seconds_count"] == 1
+    assert samples["specserve_requests_running"] == 0 and samples["specserve_requests_waiting"] == 0
+
+
+def test_metrics_without_a_draft(client):
+    complete(client, prompt=PROMPT, max_tokens=4, **GREEDY)
+    samples = scrape(client.get("/metrics").text)
+    assert samples['specserve_draft_version{version="none"}'] == 1
+    assert 'specserve_kv_cache_usage_ratio{model="verifier"}' in samples
+    assert not any('model="draft"' in k or k.startswith("specserve_spec_") for k in samples)
+    assert samples["specserve_inter_token_latency_seconds_count"] >= 3  # one token per output: 3 gaps at least
 
 
 # ---- drain --------------------------------------------------------------------------------------
@@ -303,13 +361,17 @@ def test_shutdown_drains(tiny):
 # ---- a real server ------------------------------------------------------------------------------
 
 
+API_KEY = "sk-live-key"
+
+
 @pytest.fixture(scope="module")
 def live(tiny):
-    engine = make_engine(tiny, draft=False)
+    # 128 blocks of 4 (a 512-token context): 16 concurrent requests fit the pool without preemption
+    engine = make_engine(tiny, draft=False, num_blocks=128)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    app = build_app(AsyncEngine(engine), MODEL, api_key="sk-live-key")
+    app = build_app(AsyncEngine(engine, max_queue=32), MODEL, api_key=API_KEY)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -321,12 +383,22 @@ def live(tiny):
     assert not thread.is_alive()
 
 
+@pytest.fixture
+def sync_client(live) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{live[0]}/v1", api_key=API_KEY, max_retries=0, timeout=30) as client:
+        yield client
+
+
+def async_client(url: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+
+
 @pytest.mark.parametrize("stream", [True, False])
 def test_client_disconnect_frees_kv_blocks(live, stream):
     url, engine = live
     aborted = engine.metrics.finished_requests.get("abort", 0)
     body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 230, "stream": stream, **GREEDY}
-    headers = {"Authorization": "Bearer sk-live-key"}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
     if stream:  # read the first event, then hang up
         with httpx.Client(timeout=10) as http, http.stream("POST", f"{url}/v1/completions", json=body,
                                                            headers=headers) as r:
@@ -339,24 +411,125 @@ def test_client_disconnect_frees_kv_blocks(live, stream):
     assert wait_until(lambda: engine.kv.num_free_blocks == engine.num_blocks)
 
 
-def test_official_openai_client(live):
-    url, _ = live
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key="sk-live-key", max_retries=0, timeout=30)
+SEEDED = {"temperature": 1.0, "seed": 11, "max_tokens": 10, "extra_body": {"ignore_eos": True}}
+MESSAGES = [{"role": "user", "content": "Hello"}]
+
+
+def test_openai_client_sync(sync_client):
+    client = sync_client
     assert [m.id for m in client.models.list()] == [MODEL]
-    c = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0,
-                                  extra_body={"ignore_eos": True})
-    assert c.choices[0].finish_reason == "length" and c.usage.completion_tokens == 6
-    messages = [{"role": "user", "content": "Hello"}]
-    whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0)
-    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0,
-                                            stream=True, stream_options={"include_usage": True})
+    whole = client.completions.create(model=MODEL, prompt=PROMPT, **SEEDED)
+    assert whole.choices[0].finish_reason == "length" and whole.usage.completion_tokens == 10
+    parts = [c.choices[0].text for c in client.completions.create(model=MODEL, prompt=PROMPT, stream=True,
+                                                                   **SEEDED)]
+    assert "".join(parts) == whole.choices[0].text
+    whole = client.chat.completions.create(model=MODEL, messages=MESSAGES, **SEEDED)
+    assert whole.choices[0].message.role == "assistant" and whole.usage.completion_tokens == 10
+    stream = client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True,
+                                            stream_options={"include_usage": True}, **SEEDED)
     parts, usage = [], None
     for chunk in stream:
         parts += [ch.delta.content or "" for ch in chunk.choices]
         usage = chunk.usage or usage
     assert "".join(parts) == whole.choices[0].message.content
-    assert usage.completion_tokens == whole.usage.completion_tokens
+    assert usage == whole.usage
     with pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(base_url=f"{url}/v1", api_key="sk-nope", max_retries=0).models.list()
+        openai.OpenAI(base_url=f"{client.base_url}", api_key="sk-nope", max_retries=0).models.list()
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.completions.create(model=MODEL, prompt=PROMPT, temperature=-1)
+
+
+async def _stream_text(client: openai.AsyncOpenAI, prompt: str, chat: bool, **kwargs) -> str:
+    if chat:
+        stream = await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}],
+                                                      stream=True, **kwargs)
+        return "".join([ch.delta.content or "" async for chunk in stream for ch in chunk.choices])
+    stream = await client.completions.create(model=MODEL, prompt=prompt, stream=True, **kwargs)
+    return "".join([ch.text async for chunk in stream for ch in chunk.choices])
+
+
+def test_openai_client_async(live):
+    async def scenario() -> None:
+        async with async_client(live[0]) as client:
+            whole = await client.completions.create(model=MODEL, prompt=PROMPT, **SEEDED)
+            assert await _stream_text(client, PROMPT, chat=False, **SEEDED) == whole.choices[0].text
+            whole = await client.chat.completions.create(model=MODEL, messages=MESSAGES, **SEEDED)
+            assert await _stream_text(client, "Hello", chat=True, **SEEDED) == whole.choices[0].message.content
+
+    asyncio.run(asyncio.wait_for(scenario(), timeout=120))
+
+
+def test_concurrent_streams_match_sequential(live):
+    url, engine = live
+    prompts = [f"{word} {i}" for i, word in enumerate(["The", "Speculative", "def", "Natalia"] * 4)]
+    greedy = {"temperature": 0, "max_tokens": 12, "extra_body": {"ignore_eos": True}}
+
+    async def scenario() -> tuple[list[str], list[str]]:
+        async with async_client(url) as client:
+            requests = [(p, i % 2 == 1) for i, p in enumerate(prompts)]  # completions and chats, interleaved
+            alone = [await _stream_text(client, p, chat, **greedy) for p, chat in requests]
+            together = await asyncio.gather(*(_stream_text(client, p, chat, **greedy) for p, chat in requests))
+            return alone, list(together)
+
+    alone, together = asyncio.run(asyncio.wait_for(scenario(), timeout=180))
+    assert len(set(alone)) > 1 and all(alone)
+    assert together == alone
+    assert wait_until(lambda: engine.kv.num_free_blocks == engine.num_blocks)
+
+
+def test_serving_goes_on_after_errors(live, sync_client):
+    url, _ = live
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    with httpx.Client(base_url=url, headers=headers, timeout=30) as http:
+        for path, body, status, _ in ERROR_CASES:
+            r = http.post(path, json={"model": MODEL, **body})
+            assert r.status_code == status, (path, body, r.text)
+    c = sync_client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    assert c.choices[0].finish_reason == "length" and c.usage.completion_tokens == 4
+
+
+
+def test_sigterm_drains_and_exits_zero(tiny):
+    """run_server in this (main) thread, a client in another: SIGTERM mid-stream, the stream still finishes."""
+    engine = make_engine(tiny, draft=False)
+    async_engine = AsyncEngine(engine)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url, seen = f"http://127.0.0.1:{port}", {}
+    reraised = []
+
+    def client() -> None:
+        try:
+            assert wait_until(lambda: _healthy(url), timeout=30)
+            body = {"prompt": PROMPT, "max_tokens": 40, "stream": True, **GREEDY}
+            with httpx.Client(timeout=30) as http, http.stream("POST", f"{url}/v1/completions", json=body) as r:
+                lines = r.iter_lines()
+                assert next(line for line in lines if line.startswith("data: "))
+                os.kill(os.getpid(), signal.SIGTERM)  # mid-stream: the request in flight still finishes
+                seen["data"] = [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
+        finally:
+            if "data" not in seen:  # never leave the server running
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    # stock uvicorn re-raises the signal after its shutdown; had run_server done so, this records it
+    previous = signal.signal(signal.SIGTERM, lambda sig, frame: reraised.append(sig))
+    thread = threading.Thread(target=client, daemon=True)
+    try:
+        thread.start()
+        status = run_server(build_app(async_engine, MODEL), async_engine, "127.0.0.1", port, "warning")
+        thread.join(timeout=30)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert status == 0 and not reraised and not async_engine.is_alive()
+    data = seen["data"]
+    assert data[-1] == "[DONE]" and json.loads(data[-2])["choices"][0]["finish_reason"] == "length"
+    assert engine.kv.num_free_blocks == engine.num_blocks
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False

@@ -163,8 +163,9 @@ def apply_chat_template(tokenizer, prompts: list[str]) -> list[list[int]]:
     """Each prompt as one user message, templated with the generation prompt, as token ids."""
     out = []
     for p in prompts:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                             add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+        )
         out.append(tokenizer(text, add_special_tokens=False)["input_ids"])
     return out
 

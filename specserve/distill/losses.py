@@ -13,8 +13,9 @@ mass it puts outside S, q_rest = sum_{i not in S} q_i, is penalised exactly:
 - forward KL: tokens outside S contribute 0 (p_i = 0), so the sum over S is exact;
 - total variation: they contribute 1/2 q_rest;
 - JSD(beta): they contribute (1 - beta) q_rest log(1 / (1 - beta));
-- reverse KL is infinite as soon as q_rest > 0, so with a top-m teacher it is taken between the
-  student renormalised over S and p (the reverse KL conditioned on S); it then ignores q_rest.
+- reverse KL is infinite as soon as q_rest > 0, so with a top-m teacher it becomes the reverse KL
+  between the student renormalised over S and p, plus -log(1 - q_rest) (the forward KL of the two-way
+  split "in S / not in S", which drives q_rest to 0). Both terms vanish only when q = p.
 
 With m = vocab every formula is the full one. Knows nothing about models, batches or positions:
 callers pick the rows (response positions) and pass them flat.
@@ -62,8 +63,10 @@ def _on_support(
         log_q_rest = torch.logsumexp(outside, dim=-1) - torch.logsumexp(s, dim=-1)  # [rows]
         return log_p, log_q, log_q_rest
     if teacher.shape != student_logits.shape:
-        raise ValueError(f"teacher logits {tuple(teacher.shape)} and student logits "
-                         f"{tuple(student_logits.shape)} must have the same shape")
+        raise ValueError(
+            f"teacher logits {tuple(teacher.shape)} and student logits "
+            f"{tuple(student_logits.shape)} must have the same shape"
+        )
     log_p = torch.log_softmax(teacher.float() / temperature, dim=-1)
     return log_p, log_q_full, torch.full(log_p.shape[:-1], float("-inf"), device=log_p.device)
 
@@ -77,12 +80,15 @@ def forward_kl(student_logits: torch.Tensor, teacher: Teacher, temperature: floa
 def reverse_kl(student_logits: torch.Tensor, teacher: Teacher, temperature: float = 1.0) -> torch.Tensor:
     """KL(q || p) = sum_i q_i (log q_i - log p_i), per row. Mode-seeking: the student may drop teacher modes.
 
-    With a top-m teacher, q is renormalised over the support S first (see the module docstring).
+    With a top-m teacher: KL(q_S || p) - log q(S), q_S = q renormalised over the support S, q(S) = 1 - q_rest
+    (see the module docstring).
     """
     log_p, log_q, _ = _on_support(student_logits, teacher, temperature)
-    if isinstance(teacher, TopM):
-        log_q = log_q - torch.logsumexp(log_q, dim=-1, keepdim=True)
-    return (log_q.exp() * (log_q - log_p)).sum(-1)
+    if not isinstance(teacher, TopM):
+        return (log_q.exp() * (log_q - log_p)).sum(-1)
+    log_mass = torch.logsumexp(log_q, dim=-1)  # [rows] log q(S)
+    log_q_s = log_q - log_mass[..., None]
+    return (log_q_s.exp() * (log_q_s - log_p)).sum(-1) - log_mass
 
 
 def jsd(student_logits: torch.Tensor, teacher: Teacher, temperature: float = 1.0, beta: float = 0.5) -> torch.Tensor:

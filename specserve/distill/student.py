@@ -6,8 +6,9 @@ Two ways to build it:
   tokenizer, RoPE, norm epsilon, context length and embedding tying. Its embedding matrix starts from the
   verifier's: copied when the widths match, otherwise projected onto the verifier embeddings' top
   `hidden` principal directions (E V_d, from the eigenvectors of E^T E) and rescaled to the verifier's
-  per-element RMS, so that similar tokens start close together (zero-padded if the student is wider). An untied output layer is projected the
-  same way on its own principal directions. Everything else is HF's random initialisation.
+  per-element RMS, so that similar tokens start close together (zero-padded if the student is wider).
+  An untied output layer is projected the same way on its own principal directions. Everything else is
+  HF's random initialisation.
 - from layers (`StudentSpec(init_from_layers=(0, 1, 2, 3))`, DistilBERT-style): the verifier's
   architecture with only those decoder layers (renumbered 0..n-1), its embeddings, final norm and output layer.
 
@@ -25,8 +26,14 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 TOKENIZER_FILES_PREFIX = "tokenizer"
-EXTRA_FILES = ("special_tokens_map.json", "chat_template.jinja", "chat_template.json", "generation_config.json",
-               "vocab.json", "merges.txt")
+EXTRA_FILES = (
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+    "vocab.json",
+    "merges.txt",
+)
 
 
 @dataclass(frozen=True)
@@ -56,11 +63,15 @@ class StudentSpec:
                 raise ValueError(f"init_from_layers names a layer twice: {list(self.init_from_layers)}")
             shape = [n for n in ("hidden", "heads", "kv_heads", "intermediate") if getattr(self, n) is not None]
             if shape:
-                raise ValueError(f"init_from_layers copies the verifier's layer shape; drop --student-{shape[0]} "
-                                 "(or drop --init-from-layers for a fresh student)")
+                raise ValueError(
+                    f"init_from_layers copies the verifier's layer shape; drop --student-{shape[0]} "
+                    "(or drop --init-from-layers for a fresh student)"
+                )
             if self.layers is not None and self.layers != len(self.init_from_layers):
-                raise ValueError(f"--student-layers {self.layers} disagrees with the {len(self.init_from_layers)} "
-                                 f"layers of --init-from-layers {list(self.init_from_layers)}")
+                raise ValueError(
+                    f"--student-layers {self.layers} disagrees with the {len(self.init_from_layers)} "
+                    f"layers of --init-from-layers {list(self.init_from_layers)}"
+                )
 
 
 def parse_layers(text: str) -> tuple[int, ...]:
@@ -126,15 +137,18 @@ def build_student(verifier_path: str, spec: StudentSpec, seed: int = 0) -> Llama
     """An fp32 `LlamaForCausalLM` student for the verifier at `verifier_path` (an HF checkpoint directory)."""
     vconfig = AutoConfig.from_pretrained(verifier_path)
     if vconfig.model_type != "llama":
-        raise ValueError(f"distillation builds Llama students from Llama verifiers; {verifier_path!r} is a "
-                         f"{vconfig.model_type!r} model")
+        raise ValueError(
+            f"distillation builds Llama students from Llama verifiers; {verifier_path!r} is a "
+            f"{vconfig.model_type!r} model"
+        )
     teacher = _load_teacher_state(verifier_path)
     torch.manual_seed(seed)
     if spec.init_from_layers is not None:
         layers = spec.init_from_layers
         bad = [i for i in layers if not 0 <= i < vconfig.num_hidden_layers]
         if bad:
-            raise ValueError(f"--init-from-layers {list(layers)}: the verifier has layers 0..{vconfig.num_hidden_layers - 1}")
+            last = vconfig.num_hidden_layers - 1
+            raise ValueError(f"--init-from-layers {list(layers)}: the verifier has layers 0..{last}")
         config = LlamaConfig(**vconfig.to_dict())
         config.num_hidden_layers = len(layers)
         student = LlamaForCausalLM(config)
@@ -169,8 +183,9 @@ def copy_tokenizer_files(src: str, dst: str) -> None:
             shutil.copy(os.path.join(src, name), os.path.join(dst, name))
 
 
-def save_student(student: LlamaForCausalLM, verifier_path: str, out: str, extra_files: dict[str, str] | None = None
-                 ) -> str:
+def save_student(
+    student: LlamaForCausalLM, verifier_path: str, out: str, extra_files: dict[str, str] | None = None
+) -> str:
     """Write the student to `out` atomically: save into `out.tmp`, then swap it in with renames.
 
     `extra_files` maps file names to text written beside the weights (e.g. distill.json).

@@ -36,7 +36,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-from specserve.distill.data import Example, apply_chat_template, generate_targets, load_prompts
+from specserve.distill.data import Example, apply_chat_template, check_not_eval_only, generate_targets, load_prompts
 from specserve.distill.losses import LOSSES, TopM, distill_loss
 from specserve.distill.student import StudentSpec, build_student, save_student
 
@@ -99,6 +99,8 @@ class DistillConfig:
     def __post_init__(self) -> None:
         if not self.data:
             raise ValueError("distillation needs at least one --data file")
+        for path in self.data:  # fail before any model loads
+            check_not_eval_only(path)
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if not 0.0 < self.jsd_beta < 1.0:
@@ -222,7 +224,7 @@ def measure_cost_ratio(verifier: str, student_dir: str, device: str) -> dict:
     times: dict[str, list[float]] = {name: [] for name in runners}
     sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
     for i in range(COST_WARMUP + COST_REPS):
-        for name in (("draft", "verifier") if i % 2 == 0 else ("verifier", "draft")):
+        for name in ("draft", "verifier") if i % 2 == 0 else ("verifier", "draft"):
             sync()
             t0 = time.perf_counter()
             runners[name].forward([TokenRun(context[:1], COST_CONTEXT, blocks, 1)])
@@ -303,8 +305,15 @@ def _teacher_examples(config: DistillConfig, verifier: str, tokenizer, d: Dist) 
         cache=CacheConfig(block_size=block_size, num_blocks=per_seq * config.generate_batch_size),
         scheduler=SchedulerConfig(max_num_seqs=config.generate_batch_size, max_num_batched_tokens=2048),
     )
-    examples = generate_targets(llm, mine, config.max_new_tokens, config.generate_batch_size, seed=config.seed,
-                                max_prompt_tokens=config.max_prompt_tokens, progress=config.progress and d.main)
+    examples = generate_targets(
+        llm,
+        mine,
+        config.max_new_tokens,
+        config.generate_batch_size,
+        seed=config.seed,
+        max_prompt_tokens=config.max_prompt_tokens,
+        progress=config.progress and d.main,
+    )
     del llm
     if d.world == 1:
         return examples
@@ -367,8 +376,9 @@ def distill(config: DistillConfig) -> DistillResult:
                     teacher_argmax.append(teacher(b.input_ids, b.attention_mask, b.rows).argmax(-1))
 
         sampler = DistributedSampler(train, num_replicas=d.world, rank=d.rank, shuffle=True, seed=config.seed)
-        loader = DataLoader(train, batch_size=config.batch_size, sampler=sampler,
-                            collate_fn=lambda xs: collate(xs, pad_id))
+        loader = DataLoader(
+            train, batch_size=config.batch_size, sampler=sampler, collate_fn=lambda xs: collate(xs, pad_id)
+        )
         optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         warmup = math.floor(config.warmup_fraction * config.steps)
         schedule = get_cosine_schedule_with_warmup(optimizer, warmup, config.steps)
@@ -381,34 +391,52 @@ def distill(config: DistillConfig) -> DistillResult:
                 return
             agreement = greedy_agreement(student, eval_batches, teacher_argmax)
             losses = state["losses"]
-            entry = {"step": step, "held_out_agreement": agreement,
-                     "train_loss": sum(losses) / len(losses) if losses else None,
-                     "elapsed_s": time.perf_counter() - t_start}
+            entry = {
+                "step": step,
+                "held_out_agreement": agreement,
+                "train_loss": sum(losses) / len(losses) if losses else None,
+                "elapsed_s": time.perf_counter() - t_start,
+            }
             state["losses"] = []
             history.append(entry)
             loss_text = f"{entry['train_loss']:.4f}" if entry["train_loss"] is not None else "-"
-            tqdm.write(f"[distill] step {step}: held-out greedy agreement {agreement:.4f}, train loss {loss_text}, "
-                       f"c = {cost['c']:.3f}")
-            record = _record(config, verifier, {
-                "status": "finished" if final else "in progress",
-                "steps_done": step,
-                "world_size": d.world,
-                "num_prompts_answered": len(examples),
-                "num_train_examples": len(train),
-                "num_held_out_examples": len(held_out),
-                "num_train_response_tokens": sum(len(e.response_ids) for e in train),
-                "num_held_out_response_tokens": sum(len(e.response_ids) for e in held_out),
-                "student_config": {k: getattr(student_lm.config, k) for k in (
-                    "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
-                    "intermediate_size", "vocab_size", "tie_word_embeddings")},
-                "student_parameters": sum(p.numel() for p in student_lm.parameters()),
-                "initial_agreement": history[0]["held_out_agreement"],
-                "final_agreement": agreement if final else None,
-                "agreement": "held-out share of response positions where student argmax == teacher argmax",
-                "cost_ratio": cost,
-                "history": history,
-                "teacher_generation_s": t_generated - t_start,
-            })
+            tqdm.write(
+                f"[distill] step {step}: held-out greedy agreement {agreement:.4f}, train loss {loss_text}, "
+                f"c = {cost['c']:.3f}"
+            )
+            record = _record(
+                config,
+                verifier,
+                {
+                    "status": "finished" if final else "in progress",
+                    "steps_done": step,
+                    "world_size": d.world,
+                    "num_prompts_answered": len(examples),
+                    "num_train_examples": len(train),
+                    "num_held_out_examples": len(held_out),
+                    "num_train_response_tokens": sum(len(e.response_ids) for e in train),
+                    "num_held_out_response_tokens": sum(len(e.response_ids) for e in held_out),
+                    "student_config": {
+                        k: getattr(student_lm.config, k)
+                        for k in (
+                            "num_hidden_layers",
+                            "hidden_size",
+                            "num_attention_heads",
+                            "num_key_value_heads",
+                            "intermediate_size",
+                            "vocab_size",
+                            "tie_word_embeddings",
+                        )
+                    },
+                    "student_parameters": sum(p.numel() for p in student_lm.parameters()),
+                    "initial_agreement": history[0]["held_out_agreement"],
+                    "final_agreement": agreement if final else None,
+                    "agreement": "held-out share of response positions where student argmax == teacher argmax",
+                    "cost_ratio": cost,
+                    "history": history,
+                    "teacher_generation_s": t_generated - t_start,
+                },
+            )
             save_student(student_lm, verifier, config.out, {"distill.json": record})
 
         evaluate_and_save(0, final=False)
@@ -422,8 +450,15 @@ def distill(config: DistillConfig) -> DistillResult:
                     t_logits = teacher(batch.input_ids, batch.attention_mask, batch.rows)  # [rows, vocab]
                 target = TopM.from_logits(t_logits, config.teacher_top_m) if config.teacher_top_m else t_logits
                 s_logits = model(batch.input_ids, batch.attention_mask, batch.rows)  # [rows, vocab]
-                loss = distill_loss(s_logits, target, config.loss, config.temperature, config.jsd_beta,
-                                    batch.labels, config.hard_label_weight)
+                loss = distill_loss(
+                    s_logits,
+                    target,
+                    config.loss,
+                    config.temperature,
+                    config.jsd_beta,
+                    batch.labels,
+                    config.hard_label_weight,
+                )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(student.parameters(), config.max_grad_norm)
@@ -443,9 +478,9 @@ def distill(config: DistillConfig) -> DistillResult:
         d.barrier()  # the other ranks leave only once rank 0 has written the checkpoint
         if not d.main:
             return DistillResult(config.out, None, None, None, [])
-        return DistillResult(config.out, history[0]["held_out_agreement"], history[-1]["held_out_agreement"],
-                             cost, history)
+        return DistillResult(
+            config.out, history[0]["held_out_agreement"], history[-1]["held_out_agreement"], cost, history
+        )
     finally:
         if d.owns_group and dist.is_initialized():
             dist.destroy_process_group()
-

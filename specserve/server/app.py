@@ -48,6 +48,8 @@ from specserve.server.protocol import (
 
 MAX_N = 64
 """Most choices one request may ask for (each is an engine request)."""
+DEFAULT_MAX_TOKENS = 16
+"""/v1/completions' max_tokens when the request leaves it out, as OpenAI's."""
 
 
 def derive_seed(seed: int | None, choice: int) -> int | None:
@@ -113,18 +115,36 @@ class _Handlers:
         if not 1 <= body.n <= MAX_N:
             raise invalid(f"n must be an integer in [1, {MAX_N}], got {body.n}", "n")
 
-    async def submit(self, body: SamplingRequest, prompts: list, max_tokens: int, request_id: str) -> RequestGroup:
+    async def submit(self, body: SamplingRequest, prompts: list, max_tokens: list[int],
+                     request_id: str) -> RequestGroup:
         """One engine request per (prompt, choice); choice i * n + j is prompt i's j-th sample."""
         specs = [
-            (prompt, body.sampling_params(max_tokens, derive_seed(body.seed, j)), f"{request_id}-{i * body.n + j}")
+            (prompt, body.sampling_params(max_tokens[i], derive_seed(body.seed, j)), f"{request_id}-{i * body.n + j}")
             for i, prompt in enumerate(prompts)
             for j in range(body.n)
         ]
         return await self.engine.add_requests(specs)
 
     def observe(self, group: RequestGroup, index: int, out: RequestOutput) -> None:
-        if out.finished:
-            self.metrics.request_finished(group.members[index])
+        self.metrics.output(group.members[index], out)
+
+    def fit_context(self, prompt_tokens: int, max_tokens: int | None, field: str = "max_tokens") -> int:
+        """``max_tokens`` if the prompt and that many tokens fit the context; None asks for all the room left.
+
+        Raises a 400 naming both numbers otherwise, as OpenAI and vLLM do, instead of quietly
+        stopping the output at the end of the context.
+        """
+        limit = self.engine.max_model_len
+        if prompt_tokens >= limit:
+            raise invalid(f"prompt is {prompt_tokens} tokens; the context holds {limit}, so the prompt must be "
+                          "shorter to leave room for output", "prompt")
+        if max_tokens is None:
+            return limit - prompt_tokens
+        if prompt_tokens + max_tokens > limit:
+            raise invalid(f"this model's context holds {limit} tokens, but you asked for {prompt_tokens + max_tokens}"
+                          f" ({prompt_tokens} in the prompt + {max_tokens} in {field}); lower {field} to at most "
+                          f"{limit - prompt_tokens} or shorten the prompt", field)
+        return max_tokens
 
     def usage(self, group: RequestGroup, n: int, completion_tokens: dict[int, int]) -> UsageInfo:
         # each prompt counts once however many choices it has, as OpenAI counts
@@ -159,8 +179,14 @@ class _Handlers:
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         self.check(body)
-        prompts = body.prompts()
-        max_tokens = 16 if body.max_tokens is None else body.max_tokens
+        # tokenized here, on a worker thread, to check each prompt against the context; the engine gets the ids
+        texts = body.prompts()
+        prompts = await run_in_threadpool(lambda: [self.engine.encode_prompt(p) for p in texts])
+        if body.max_tokens is None:
+            # OpenAI's default of 16, cut to the room a prompt leaves: only an explicit max_tokens is refused
+            max_tokens = [min(DEFAULT_MAX_TOKENS, self.fit_context(len(p), None)) for p in prompts]
+        else:
+            max_tokens = [self.fit_context(len(p), body.max_tokens) for p in prompts]
         request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         group = await self.submit(body, prompts, max_tokens, request_id)
         if body.stream:
@@ -198,11 +224,12 @@ class _Handlers:
             raise invalid("messages must be a non-empty list of {role, content} objects, got []", "messages")
         messages = [m.template_dict() for m in body.messages]
         prompt_ids = await run_in_threadpool(render_chat, self.engine.tokenizer, messages)
-        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        if max_tokens is None:
-            max_tokens = self.engine.max_model_len  # the engine stops at the end of the context
+        if body.max_completion_tokens is not None:
+            max_tokens = self.fit_context(len(prompt_ids), body.max_completion_tokens, "max_completion_tokens")
+        else:  # None: all the room the prompt leaves
+            max_tokens = self.fit_context(len(prompt_ids), body.max_tokens)
         request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        group = await self.submit(body, [prompt_ids], max_tokens, request_id)
+        group = await self.submit(body, [prompt_ids], [max_tokens], request_id)
         if body.stream:
             return _event_stream(self.stream_chat(group, body, request_id, created), group)
         finals = await self.collect(group, request)

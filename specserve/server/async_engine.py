@@ -7,7 +7,8 @@ Threads and what they own:
 - *Event-loop threads* (the server's, or any test client's) call ``add_requests``/``generate``
   and iterate the returned ``RequestGroup``. A group belongs to the loop that created it: the
   engine thread hands it outputs with ``loop.call_soon_threadsafe`` only.
-- Thread-safe from anywhere: ``abort``, ``begin_drain``, ``stats``, ``is_alive``, the properties.
+- Thread-safe from anywhere: ``abort``, ``begin_drain``, ``stats``, ``is_alive``, ``encode_prompt``,
+  the properties.
 
 What it does not know: HTTP, OpenAI shapes, chat templates. Errors are its own exception types;
 ``server/errors.py`` maps them to status codes.
@@ -29,6 +30,9 @@ from specserve.engine.outputs import RequestOutput
 from specserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+NGRAM_SOURCE = "ngram"
+"""The key of prompt-lookup proposals in ``EngineMetrics.speculation`` (draft-model ones use the draft version)."""
 
 
 class QueueFullError(Exception):
@@ -91,8 +95,8 @@ class RequestGroup:
                 member = self.members[index]
                 if isinstance(item, BaseException):
                     raise item
-                if item.delta_token_ids and member.first_token_time is None:
-                    member.first_token_time = time.monotonic()
+                if item.delta_token_ids:
+                    member.token_output(time.monotonic())
                 if item.finished:
                     member.finished = True
                     member.finish_time = time.monotonic()
@@ -118,10 +122,22 @@ class Member:
     params: SamplingParams
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
+    last_token_time: float | None = None
+    """When the latest output that carried tokens reached the loop."""
+    token_gap: float | None = None
+    """Seconds between the latest two outputs that carried tokens; None until there are two."""
     finish_time: float | None = None
     num_prompt_tokens: int = 0
     """Set by the engine thread when the request is added, before the group is handed out."""
     finished: bool = False
+
+    def token_output(self, now: float) -> None:
+        """Loop: an output carrying tokens arrived at ``now``."""
+        if self.first_token_time is None:
+            self.first_token_time = now
+        else:
+            self.token_gap = now - self.last_token_time
+        self.last_token_time = now
 
 
 @dataclass
@@ -156,6 +172,11 @@ class AsyncEngine:
         # A tokenizer saved with truncation or padding switched on resets them on its first encode;
         # do that here, so that the encodes of handler threads and this thread only ever read it.
         engine.tokenizer.encode("warm-up")
+        # the keys engine.metrics.speculation will fill, so that /metrics shows them at zero from the start
+        keys = [engine.draft_version] if engine.proposer is not None else []
+        if engine.spec_policy is not None and engine.spec_policy.ngram is not None:
+            keys.append(NGRAM_SOURCE)
+        self.speculation_keys: tuple[str, ...] = tuple(keys)
         # engine thread only:
         self._live: dict[str, tuple[RequestGroup, int]] = {}
         self._thread = threading.Thread(target=self._run, name="specserve-engine", daemon=True)
@@ -179,6 +200,14 @@ class AsyncEngine:
 
     def is_alive(self) -> bool:
         return self._thread.is_alive()
+
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        """The prompt's token ids as the engine will see them; ValueError names a bad prompt.
+
+        Safe off the engine thread: ``LLMEngine.encode_prompt`` reads only the tokenizer (see
+        ``tokenizer``) and the vocabulary size, never the engine's mutable state.
+        """
+        return self.engine.encode_prompt(prompt)
 
     def stats(self) -> EngineStats:
         with self._cv:

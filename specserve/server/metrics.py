@@ -1,10 +1,14 @@
 """ServerMetrics: the Prometheus view of one server, on its own CollectorRegistry.
 
-Two sources. Latencies (time to first token, end-to-end) are observed here, on the event loop,
-when a request finishes. Everything the engine counts (requests by finish reason, tokens,
-running / waiting, KV usage, speculation per draft version) is read at scrape time from the
-snapshot the engine thread publishes (``AsyncEngine.stats()``), so a scrape never touches the
-engine itself. Knows nothing about HTTP routes.
+Two sources. Latencies (time to first token, inter-token, end-to-end) are observed here, on the
+event loop, as a request's outputs arrive. Everything the engine counts (requests by finish
+reason, tokens, running / waiting, KV usage, speculation per proposer) is read at scrape time
+from the snapshot the engine thread publishes (``AsyncEngine.stats()``), so a scrape never
+touches the engine itself. Knows nothing about HTTP routes.
+
+Speculation series carry two labels: ``source`` (``draft``: the draft model proposed;
+``ngram``: prompt lookup did) and ``draft_version`` (the draft checkpoint behind ``draft``
+proposals; ``none`` for ``ngram`` ones, which no draft model made).
 """
 
 from __future__ import annotations
@@ -16,9 +20,19 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from specserve.engine.metrics import SpeculationStats
-from specserve.server.async_engine import AsyncEngine, Member
+from specserve.engine.outputs import RequestOutput
+from specserve.server.async_engine import NGRAM_SOURCE, AsyncEngine, Member
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
+                         1.0, 2.5, 5.0)
+NO_DRAFT = "none"
+"""The engine's draft version when it has no draft model; the ``draft_version`` label of n-gram proposals."""
+
+
+def _labels(key: str) -> tuple[str, str]:
+    """(source, draft_version) of an ``EngineMetrics.speculation`` key."""
+    return ("ngram", NO_DRAFT) if key == NGRAM_SOURCE else ("draft", key)
 
 
 class _EngineCollector(Collector):
@@ -40,51 +54,60 @@ class _EngineCollector(Collector):
         yield CounterMetricFamily("specserve_preemptions", "Requests preempted for KV space.", value=m.preemptions)
         yield CounterMetricFamily("specserve_engine_step_errors", "Engine steps that raised (their requests got "
                                   "a 500).", value=stats.step_errors)
-        yield GaugeMetricFamily("specserve_num_requests_running", "Requests in the running batch.",
+        yield GaugeMetricFamily("specserve_requests_running", "Requests in the running batch.",
                                 value=stats.num_running)
-        yield GaugeMetricFamily("specserve_num_requests_waiting", "Requests admitted but not running yet.",
+        yield GaugeMetricFamily("specserve_requests_waiting", "Requests admitted but not running yet.",
                                 value=stats.num_waiting)
-        yield GaugeMetricFamily("specserve_kv_cache_usage_ratio", "Fraction of KV blocks held by requests.",
-                                value=stats.kv_usage)
+        usage = GaugeMetricFamily("specserve_kv_cache_usage_ratio",
+                                  "Fraction of KV blocks held by requests. The verifier and the draft share one "
+                                  "block pool (a block holds both models' KV for the same tokens), so both "
+                                  "report the same ratio.", labels=["model"])
+        usage.add_metric(["verifier"], stats.kv_usage)
+        if stats.draft_version != NO_DRAFT:
+            usage.add_metric(["draft"], stats.kv_usage)
+        yield usage
         yield GaugeMetricFamily("specserve_kv_cache_free_blocks", "KV blocks free (cached-but-unused ones "
                                 "included).", value=stats.num_free_blocks)
         yield GaugeMetricFamily("specserve_kv_cache_blocks", "KV blocks in the pool.", value=stats.num_blocks)
-        yield from self._speculation(stats.draft_version, m.speculation)
+        draft = GaugeMetricFamily("specserve_draft_version", "The loaded draft model (info: always 1; "
+                                  "version='none' without one).", labels=["version"])
+        draft.add_metric([stats.draft_version], 1)
+        yield draft
+        yield from self._speculation(m.speculation)
 
-    def _speculation(self, draft_version: str, per_version: dict[str, SpeculationStats]) -> Iterator[Metric]:
-        versions = dict(per_version)
-        if draft_version != "none":  # show the loaded draft at zero before it drafts anything
-            versions.setdefault(draft_version, SpeculationStats())
-        label = ["draft_version"]
-        drafted = CounterMetricFamily("specserve_spec_decode_num_draft_tokens", "Draft tokens proposed.",
-                                      labels=label)
-        accepted = CounterMetricFamily("specserve_spec_decode_num_accepted_tokens", "Draft tokens accepted.",
-                                       labels=label)
-        steps = CounterMetricFamily("specserve_spec_decode_num_verification_steps",
+    def _speculation(self, per_key: dict[str, SpeculationStats]) -> Iterator[Metric]:
+        stats = dict(per_key)
+        for key in self.async_engine.speculation_keys:  # the proposers in use show at zero before they propose
+            stats.setdefault(key, SpeculationStats())
+        label = ["source", "draft_version"]
+        drafted = CounterMetricFamily("specserve_spec_draft_tokens", "Draft tokens proposed.", labels=label)
+        accepted = CounterMetricFamily("specserve_spec_accepted_tokens", "Draft tokens accepted.", labels=label)
+        steps = CounterMetricFamily("specserve_spec_verify_steps",
                                     "Request-steps that verified at least one draft token.", labels=label)
-        emitted = CounterMetricFamily("specserve_spec_decode_num_emitted_tokens",
+        emitted = CounterMetricFamily("specserve_spec_emitted_tokens",
                                       "Tokens emitted by those steps (accepted + recovered or bonus).", labels=label)
-        per_pos_drafted = CounterMetricFamily("specserve_spec_decode_num_draft_tokens_per_pos",
+        per_pos_drafted = CounterMetricFamily("specserve_spec_draft_tokens_per_position",
                                               "Draft tokens proposed at each position (0 = first).",
-                                              labels=["draft_version", "position"])
-        per_pos_accepted = CounterMetricFamily("specserve_spec_decode_num_accepted_tokens_per_pos",
+                                              labels=[*label, "position"])
+        per_pos_accepted = CounterMetricFamily("specserve_spec_accepted_tokens_per_position",
                                                "Draft tokens accepted at each position (0 = first).",
-                                               labels=["draft_version", "position"])
-        mean_len = GaugeMetricFamily("specserve_spec_decode_mean_acceptance_length",
+                                               labels=[*label, "position"])
+        mean_len = GaugeMetricFamily("specserve_spec_mean_acceptance_length",
                                      "Tokens emitted per verification step (accepted + 1), since start.",
                                      labels=label)
-        rate = GaugeMetricFamily("specserve_spec_decode_acceptance_rate", "Accepted / drafted tokens, since start.",
+        rate = GaugeMetricFamily("specserve_spec_acceptance_rate", "Accepted / drafted tokens, since start.",
                                  labels=label)
-        for version, s in sorted(versions.items()):
-            drafted.add_metric([version], s.drafted_tokens)
-            accepted.add_metric([version], s.accepted_tokens)
-            steps.add_metric([version], s.verification_steps)
-            emitted.add_metric([version], s.emitted_tokens)
+        for key, s in sorted(stats.items()):
+            labels = list(_labels(key))
+            drafted.add_metric(labels, s.drafted_tokens)
+            accepted.add_metric(labels, s.accepted_tokens)
+            steps.add_metric(labels, s.verification_steps)
+            emitted.add_metric(labels, s.emitted_tokens)
             for pos, (d, a) in enumerate(zip(s.drafted_per_position, s.accepted_per_position, strict=True)):
-                per_pos_drafted.add_metric([version, str(pos)], d)
-                per_pos_accepted.add_metric([version, str(pos)], a)
-            mean_len.add_metric([version], s.mean_acceptance_length)
-            rate.add_metric([version], s.acceptance_rate)
+                per_pos_drafted.add_metric([*labels, str(pos)], d)
+                per_pos_accepted.add_metric([*labels, str(pos)], a)
+            mean_len.add_metric(labels, s.mean_acceptance_length)
+            rate.add_metric(labels, s.acceptance_rate)
         yield from (drafted, accepted, steps, emitted, per_pos_drafted, per_pos_accepted, mean_len, rate)
 
 
@@ -95,15 +118,22 @@ class ServerMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.ttft = Histogram("specserve_time_to_first_token_seconds", "Arrival to first generated token.",
                               buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.itl = Histogram("specserve_inter_token_latency_seconds",
+                             "Gap between successive outputs of a request divided by the tokens the later one "
+                             "carried (one observation per output; speculation emits several tokens at once).",
+                             buckets=TOKEN_LATENCY_BUCKETS, registry=self.registry)
         self.e2e = Histogram("specserve_e2e_request_latency_seconds", "Arrival to the last token of a request.",
                              buckets=LATENCY_BUCKETS, registry=self.registry)
         self.registry.register(_EngineCollector(async_engine))
 
-    def request_finished(self, member: Member) -> None:
-        """Observe a request that ran to its end (aborted ones say nothing about latency)."""
-        if member.first_token_time is not None:
-            self.ttft.observe(member.first_token_time - member.arrival_time)
-        if member.finish_time is not None:
+    def output(self, member: Member, out: RequestOutput) -> None:
+        """Loop: observe one output of ``member``, right after ``RequestGroup.outputs`` yielded it."""
+        if out.delta_token_ids:
+            if member.token_gap is None:
+                self.ttft.observe(member.first_token_time - member.arrival_time)
+            else:
+                self.itl.observe(member.token_gap / len(out.delta_token_ids))
+        if out.finished and member.finish_time is not None:  # aborted ones say nothing about latency
             self.e2e.observe(member.finish_time - member.arrival_time)
 
     def render(self) -> bytes:

@@ -76,7 +76,9 @@ class SamplingRequest(BaseModel):
 
 class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
+    max_tokens: int | None = None
+    """None: 16 (OpenAI's default), or less where a prompt leaves less room in the context. Given, each
+    prompt + max_tokens must fit the context."""
     logprobs: int | None = None
     echo: bool = False
     best_of: int | None = None
@@ -133,7 +135,7 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage]
     max_tokens: int | None = None
-    """None: generate up to the context length."""
+    """None: the room the prompt leaves in the context. Given, prompt + max_tokens must fit the context."""
     max_completion_tokens: int | None = None
     """OpenAI's newer name for max_tokens; wins when both are given."""
     logprobs: bool | None = None
