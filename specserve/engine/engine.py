@@ -57,6 +57,10 @@ def check_same_vocabulary(verifier: LlamaModel, draft: LlamaModel, verifier_tok,
             )
 
 
+def num_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
 def eos_token_ids(path: str, tokenizer) -> set[int]:
     """The tokenizer's EOS plus any the checkpoint's generation_config names."""
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
@@ -109,9 +113,9 @@ class LLMEngine:
             self.proposer = DraftProposer(ModelRunner(draft_model, num_blocks, cache.block_size))
         if method is not None:
             ngram = NgramProposer(spec.ngram_min, spec.ngram_max) if method in ("ngram", "hybrid") else None
-            c0 = 0.0
+            c0 = 0.0  # until measured: the draft's share of the verifier's parameters
             if draft_model is not None:
-                c0 = sum(p.numel() for p in draft_model.parameters()) / sum(p.numel() for p in self.verifier.parameters())
+                c0 = num_params(draft_model) / num_params(self.verifier)
             self.spec_policy = SpeculationLengthPolicy(spec, c0, ngram)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, self.spec_policy)
         self.metrics = EngineMetrics()
