@@ -24,7 +24,7 @@ generate: install
 	$(VENV)/bin/specserve generate "What is speculative decoding?"
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
