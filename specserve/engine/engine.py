@@ -262,7 +262,7 @@ class LLMEngine:
             q,
             target,
             torch.tensor(ks, dtype=torch.int64),
-            draw_uniform(generators, max_k),
+            draw_uniform(generators, ks),
             draw_exponential(generators, vocab, greedy),
             torch.tensor(greedy),
         )

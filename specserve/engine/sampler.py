@@ -41,11 +41,13 @@ def sampling_probs(
     return probs
 
 
-def draw_uniform(generators: list[torch.Generator], k: int) -> torch.Tensor:  # [batch, k]
-    out = torch.empty(len(generators), k)
-    for i, g in enumerate(generators):
+def draw_uniform(generators: list[torch.Generator], ks: list[int]) -> torch.Tensor:  # [batch, max k]
+    """U(0, 1) acceptance draws: exactly k_i from request i's generator (the rest pad), so what a
+    seeded request draws does not depend on what it is batched with."""
+    out = torch.ones(len(generators), max(ks, default=0))
+    for i, (g, k) in enumerate(zip(generators, ks)):
         if k:
-            out[i].uniform_(generator=g)
+            out[i, :k].uniform_(generator=g)
     return out
 
 
