@@ -32,7 +32,10 @@ from specserve.bench.systems import HFSystem, OursSystem, Run, kv_blocks_for, sy
 from specserve.config import SpeculativeConfig
 
 SPEC_PREFIX = "ours-spec-"
-ADAPTIVE = "ours-spec-adaptive"
+ADAPTIVE = "ours-spec-adaptive"  # the draft model only
+NGRAM = "ours-ngram-adaptive"  # prompt lookup only, no draft model
+HYBRID = "ours-hybrid-adaptive"  # n-gram when the context tail recurs, else the draft model
+METHODS = {NGRAM: "ngram", HYBRID: "hybrid"}
 ADAPTIVE_MAX_K = SpeculativeConfig().max_speculative_tokens  # the adaptive system runs with the default bound
 WARMUP_TOKENS = 16
 COST_WARMUP, COST_REPS = 3, 20
@@ -42,13 +45,15 @@ COST_WARMUP, COST_REPS = 3, 20
 
 
 def system_names(k_list: list[int], systems: list[str] | None, no_hf: bool) -> list[str]:
-    default = ["ours-plain"] + [f"{SPEC_PREFIX}k{k}" for k in k_list] + [ADAPTIVE, "hf-plain", "hf-assisted"]
+    default = (["ours-plain"] + [f"{SPEC_PREFIX}k{k}" for k in k_list]
+               + [ADAPTIVE, NGRAM, HYBRID, "hf-plain", "hf-assisted"])
     names = systems or default
-    pattern = re.compile(r"ours-plain|ours-spec-k\d+|ours-spec-adaptive|hf-plain|hf-assisted")
+    pattern = re.compile(r"ours-plain|ours-spec-k\d+|ours-spec-adaptive|ours-ngram-adaptive|ours-hybrid-adaptive"
+                         r"|hf-plain|hf-assisted")
     bad = [n for n in names if not pattern.fullmatch(n)]
     if bad:
         raise ValueError(f"unknown systems {bad}; choose from ours-plain, ours-spec-k<K> (e.g. ours-spec-k4), "
-                         "ours-spec-adaptive, hf-plain, hf-assisted")
+                         "ours-spec-adaptive, ours-ngram-adaptive, ours-hybrid-adaptive, hf-plain, hf-assisted")
     if no_hf:
         names = [n for n in names if not n.startswith("hf-")]
     if not names:
@@ -63,7 +68,7 @@ def fixed_k(name: str) -> int | None:
 
 
 def is_spec(name: str) -> bool:
-    return name.startswith(SPEC_PREFIX)
+    return name.startswith(SPEC_PREFIX) or name in METHODS
 
 
 def build_systems(names: list[str], verifier: str, draft: str, args, max_seq_len: int, eos: list[int], pad: int):
@@ -73,7 +78,9 @@ def build_systems(names: list[str], verifier: str, draft: str, args, max_seq_len
         if name == "ours-plain":
             systems[name] = OursSystem(name, verifier, None, None, args.dtype, args.device, max_seq_len)
         elif is_spec(name):
-            systems[name] = OursSystem(name, verifier, draft, fixed_k(name), args.dtype, args.device, max_seq_len)
+            method = METHODS.get(name, "draft")
+            systems[name] = OursSystem(name, verifier, None if method == "ngram" else draft, fixed_k(name),
+                                       args.dtype, args.device, max_seq_len, method=method)
         else:
             hf_draft = draft if name == "hf-assisted" else None
             systems[name] = HFSystem(name, verifier, hf_draft, args.dtype, args.device, eos, pad)
@@ -268,7 +275,7 @@ def run(args: argparse.Namespace) -> int:
     for system in systems.values():
         for t in args.temperature:
             system.run(prompts[0].token_ids, t, min(WARMUP_TOKENS, args.max_tokens), args.seed)
-    spec_engines = [s.engine for n, s in systems.items() if is_spec(n)]
+    spec_engines = [s.engine for n, s in systems.items() if is_spec(n) and s.engine.proposer is not None]
     cost = None
     if spec_engines:
         context = sorted(prompts, key=lambda p: len(p.token_ids))[len(prompts) // 2].token_ids

@@ -51,6 +51,7 @@ class OursSystem:
         max_seq_len: int,  # longest prompt + output + draft tokens of one request: sizes KV pool and prefill chunk
         max_batch: int = 1,
         block_size: int = 16,
+        method: str | None = None,
     ) -> None:
         self.name = name
         self.device = device
@@ -69,13 +70,15 @@ class OursSystem:
                 max_num_seqs=max(max_batch, 1),
                 max_num_batched_tokens=max(512, max_seq_len),
             ),
-            speculative=SpeculativeConfig(draft=draft, num_speculative_tokens=num_speculative_tokens),
+            speculative=SpeculativeConfig(
+                draft=draft, num_speculative_tokens=num_speculative_tokens, method=method if draft or method else None
+            ),
         )
         self.engine = self.llm.engine
 
     def _counters(self) -> tuple[int, int]:
-        stats = self.engine.metrics.speculation.get(self.engine.draft_version)
-        return (stats.drafted_tokens, stats.accepted_tokens) if stats is not None else (0, 0)
+        stats = self.engine.metrics.total_speculation()  # every proposer source together
+        return stats.drafted_tokens, stats.accepted_tokens
 
     def run(
         self, prompt_ids: list[int], temperature: float, max_tokens: int, seed: int, ignore_eos: bool = False
