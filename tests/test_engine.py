@@ -7,21 +7,10 @@ import random
 import pytest
 import torch
 import transformers
+from tiny_models import PROMPTS, greedy
 
 from specserve import LLM, SamplingParams
 from specserve.config import CacheConfig, SchedulerConfig
-
-PROMPTS = [
-    "The quick brown fox",
-    "Speculative decoding lets a small draft model propose tokens that a large model",
-    "def add(a, b):",
-    "To",
-    "Natalia sold clips to 48 of her friends in April, and then she sold half as many in May. How many?",
-]
-
-
-def greedy(n: int) -> SamplingParams:
-    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,23 @@ CORPUS = [
     "Héllo wörld, ünïcode and emoji 🙂 must survive incremental detokenisation.",
 ] * 20
 
+# prompts of different lengths for engine tests
+PROMPTS = [
+    "The quick brown fox",
+    "Speculative decoding lets a small draft model propose tokens that a large model",
+    "def add(a, b):",
+    "To",
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many in May.",
+]
+
+
+def greedy(n: int):
+    """Greedy sampling of exactly n tokens (EOS ignored), as the equality tests compare."""
+    from specserve import SamplingParams
+
+    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+
+
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
