@@ -56,12 +56,13 @@ class AttentionMetadata:
             mask[:, :, 0] |= pad
             token_index = torch.cat([b * max_query + torch.arange(q, device=device) for b, q in enumerate(query_lens)])
         if max_query == 1 and uniform:
-            # pure decode: every query sees its whole context; masking only hides the padding
-            mask = kv_pos[None, None, :] < ctx[:, None, None]
+            # pure decode: every query sees its whole context; masking only hides the padding,
+            # and when every context is as long as the longest there is none (no mask, a faster kernel)
+            mask = None if min(context_lens) == max_context else (kv_pos[None, None, :] < ctx[:, None, None])
         return AttentionMetadata(
             slot_mapping=slot_mapping,
             context_slots=context_slots,
-            mask=mask[:, None],
+            mask=None if mask is None else mask[:, None],
             token_index=token_index,
             batch=batch,
             max_query=max_query,
