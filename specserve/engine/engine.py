@@ -42,7 +42,6 @@ class StepOutput:
     """Per scheduled request that sampled: the emitted tokens ([accepted..., recovered or bonus])."""
 
     emitted: dict[str, list[int]]
-    num_draft_tokens: dict[str, int]
 
 
 def check_same_vocabulary(verifier: LlamaModel, draft: LlamaModel, verifier_tok, draft_tok) -> None:
@@ -173,6 +172,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         plan = self.scheduler.schedule()
         self.metrics.preemptions += len(plan.preempted)
+        self.metrics.prefix_cache_hit_tokens = self.kv.prefix_hit_blocks * self.kv.block_size
         if plan.empty:
             return []
         output = self.execute(plan)
@@ -221,11 +221,8 @@ class LLMEngine:
 
         sampling = [s for s in plan.scheduled if s.samples]
         if not sampling:
-            return StepOutput({}, {})
-        return StepOutput(
-            self._accept(sampling, logits, draft_ids, draft_probs, spec_row),
-            {s.request.request_id: s.num_draft_tokens for s in sampling},
-        )
+            return StepOutput({})
+        return StepOutput(self._accept(sampling, logits, draft_ids, draft_probs, spec_row))
 
     def _accept(
         self,
