@@ -95,7 +95,12 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
+    trace_topm: int = 0
+    """Keep the verifier's top-m log-probs of every generated position and each verification step's
+    counts, and hand them out with the finished request (for the traffic log). 0: keep nothing."""
 
     def __post_init__(self) -> None:
+        if not 0 <= self.trace_topm <= 1000:
+            raise ValueError(f"trace_topm must be in [0, 1000], got {self.trace_topm}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")

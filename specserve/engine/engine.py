@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import AutoTokenizer, GenerationConfig
@@ -30,6 +30,7 @@ from specserve.engine.request import Request, RequestStatus
 from specserve.engine.sampler import draw_exponential, draw_uniform, sampling_probs
 from specserve.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from specserve.engine.speculation_length import SpeculationLengthPolicy
+from specserve.engine.trace import SpecStep, TraceRecorder
 from specserve.model.llama import LlamaModel
 from specserve.model.loader import load_model, resolve_dtype
 from specserve.sampling_params import SamplingParams
@@ -42,6 +43,8 @@ class StepOutput:
     """Per scheduled request that sampled: the emitted tokens ([accepted..., recovered or bonus])."""
 
     emitted: dict[str, list[int]]
+    verifier_logits: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Per sampling request, its [k + 1, vocab] verifier logits; only while traces are recorded."""
 
 
 def check_same_vocabulary(verifier: LlamaModel, draft: LlamaModel, verifier_tok, draft_tok) -> None:
@@ -93,8 +96,10 @@ class LLMEngine:
 
         cache = config.cache
         per_block = kv_bytes_per_block(self.verifier, cache.block_size, dtype)
+        self.draft_block_bytes = 0  # a swapped-in draft may need at most this much KV per block
         if draft_model is not None:
-            per_block += kv_bytes_per_block(draft_model, cache.block_size, dtype)
+            self.draft_block_bytes = kv_bytes_per_block(draft_model, cache.block_size, dtype)
+            per_block += self.draft_block_bytes
         num_blocks = cache.num_blocks or max(1, cache.kv_cache_memory // per_block)
         self.num_blocks = num_blocks
         max_len = config.scheduler.max_model_len or self.verifier.arch.max_position_embeddings
@@ -153,6 +158,8 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         detok = IncrementalDetokenizer(self.tokenizer, ids, params.stop)
         request = Request(request_id, ids, params, detok, self.eos_token_ids)
+        if self.config.trace_topm:
+            request.trace = TraceRecorder(min(self.config.trace_topm, self.verifier.arch.vocab_size))
         self.requests[request_id] = request
         self.scheduler.add(request)
         self.metrics.prompt_tokens += len(ids)
@@ -166,6 +173,35 @@ class LLMEngine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    # ---- draft hot-swap -----------------------------------------------------------------------
+
+    def swap_draft(self, draft_model: LlamaModel, version: str) -> None:
+        """Replace the draft model between steps (call it from the thread that drives `step()`).
+
+        Outputs cannot change: the verifier decides every token. The new draft starts with empty KV:
+        every unfinished request's draft counter goes back to 0 (it catches up on its next proposal)
+        and cached prefix blocks stop vouching for draft KV. Acceptance estimates start again from
+        the prior, since they described the old draft.
+        """
+        if self.proposer is None:
+            raise ValueError("this engine runs without a draft model; start it with one to swap drafts")
+        check_same_vocabulary(self.verifier, draft_model, self.tokenizer, None)
+        bs = self.config.cache.block_size
+        need = kv_bytes_per_block(draft_model, bs, next(draft_model.parameters()).dtype)
+        if need > self.draft_block_bytes:
+            raise ValueError(
+                f"draft {version!r} needs {need} KV bytes per block, more than the {self.draft_block_bytes} "
+                "reserved for the draft at startup; restart the server to serve a larger draft"
+            )
+        self.proposer = DraftProposer(ModelRunner(draft_model, self.num_blocks, bs))
+        self.kv.invalidate_draft()
+        for r in self.requests.values():
+            r.num_draft_computed_tokens = 0
+            r.spec_counts.pop("draft", None)
+        if self.spec_policy is not None:
+            self.spec_policy.reset_draft(num_params(draft_model) / num_params(self.verifier))
+        self.draft_version = version
 
     # ---- the step ---------------------------------------------------------------------------
 
@@ -222,7 +258,13 @@ class LLMEngine:
         sampling = [s for s in plan.scheduled if s.samples]
         if not sampling:
             return StepOutput({})
-        return StepOutput(self._accept(sampling, logits, draft_ids, draft_probs, spec_row))
+        emitted = self._accept(sampling, logits, draft_ids, draft_probs, spec_row)
+        rows = {}
+        if self.config.trace_topm:
+            rows = dict(
+                zip((s.request.request_id for s in sampling), logits.split([s.num_draft_tokens + 1 for s in sampling]))
+            )
+        return StepOutput(emitted, rows)
 
     def _accept(
         self,
@@ -308,6 +350,12 @@ class LLMEngine:
                 if self._check_stop(r, token):
                     break
             self.metrics.generation_tokens += len(new_ids)
+            trace = None
+            if r.trace is not None:
+                step = SpecStep(r.spec_source or "draft" if k else "none", k, num_accepted)
+                r.trace.add(output.verifier_logits[r.request_id], len(new_ids), step)
+                if r.is_finished:
+                    trace = r.trace.finish(r, self.draft_version)
             if r.is_finished:
                 self.scheduler.finish(r, r.status)
                 self._count_finished(r)
@@ -325,6 +373,7 @@ class LLMEngine:
                     finish_reason=r.finish_reason,
                     num_prompt_tokens=r.num_prompt_tokens,
                     stop_reason=r.stop_reason,
+                    trace=trace,
                 )
             )
         return outputs

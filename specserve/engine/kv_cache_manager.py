@@ -82,6 +82,10 @@ class KVCacheManager:
             self.req_hashes[request.request_id] = [self.pool.blocks[b].block_hash for b in cached_blocks]
         return True
 
+    def invalidate_draft(self) -> None:
+        """A new draft model: no cached block holds its KV."""
+        self.pool.invalidate_draft()
+
     def cache_finalised(self, request: Request, num_finalised: int, num_draft_finalised: int) -> None:
         """Enter the request's full blocks of finalised tokens into the prefix cache."""
         if not self.enable_prefix_caching:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from specserve.engine.trace import RequestTrace
+
 
 @dataclass
 class RequestOutput:
@@ -21,3 +23,5 @@ class RequestOutput:
     num_prompt_tokens: int
     stop_reason: str | int | None = None
     """The stop string or stop token id that ended the request, if any."""
+    trace: RequestTrace | None = None
+    """Set once, on the finishing output, when the engine records traces (EngineConfig.trace_topm > 0)."""

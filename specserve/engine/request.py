@@ -13,6 +13,7 @@ import time
 import torch
 
 from specserve.engine.detokenizer import IncrementalDetokenizer
+from specserve.engine.trace import TraceRecorder
 from specserve.sampling_params import SamplingParams
 
 
@@ -62,6 +63,7 @@ class Request:
         self.ngram_proposal: list[int] = []
         self.steps_since_draft = 0
         self.probe_interval = 16  # steps at k = 0 before probing with k = 1 (see speculation_length)
+        self.trace: TraceRecorder | None = None  # set by the engine when it records traces
 
     @property
     def num_tokens(self) -> int:

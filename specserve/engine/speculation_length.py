@@ -86,6 +86,12 @@ class SpeculationLengthPolicy:
         self.verifier_cost = StepCostModel()
         self.draft_step_seconds: float | None = None
 
+    def reset_draft(self, initial_cost_ratio: float) -> None:
+        """A new draft model: forget what was measured of the old one."""
+        self.initial_cost_ratio = initial_cost_ratio
+        self.acceptance_rate["draft"] = 0.6
+        self.draft_step_seconds = None
+
     def observe_acceptance(self, source: str, drafted: int, accepted: int) -> None:
         if drafted:
             w = 1.0 - (1.0 - EMA) ** drafted
