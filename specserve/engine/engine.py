@@ -20,6 +20,7 @@ from transformers import AutoTokenizer, GenerationConfig
 from kernels import rejection_sample
 from specserve.config import EngineConfig
 from specserve.engine.detokenizer import IncrementalDetokenizer
+from specserve.engine.eagle_proposer import EagleProposer
 from specserve.engine.kv_cache_manager import KVCacheManager
 from specserve.engine.metrics import EngineMetrics
 from specserve.engine.model_runner import ModelRunner, TokenRun, kv_bytes_per_block
@@ -31,6 +32,7 @@ from specserve.engine.sampler import draw_exponential, draw_uniform, sampling_pr
 from specserve.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from specserve.engine.speculation_length import SpeculationLengthPolicy
 from specserve.engine.trace import SpecStep, TraceRecorder
+from specserve.model.eagle import EagleHead, is_eagle_checkpoint, load_eagle
 from specserve.model.llama import LlamaModel
 from specserve.model.loader import load_model, resolve_dtype
 from specserve.sampling_params import SamplingParams
@@ -45,6 +47,8 @@ class StepOutput:
     emitted: dict[str, list[int]]
     verifier_logits: dict[str, torch.Tensor] = field(default_factory=dict)
     """Per sampling request, its [k + 1, vocab] verifier logits; only while traces are recorded."""
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Per scheduled request, the verifier's [new tokens, hidden] features; only for an EAGLE draft."""
 
 
 def check_same_vocabulary(verifier: LlamaModel, draft: LlamaModel, verifier_tok, draft_tok) -> None:
@@ -60,7 +64,15 @@ def check_same_vocabulary(verifier: LlamaModel, draft: LlamaModel, verifier_tok,
 
 
 def num_params(model: torch.nn.Module) -> int:
+    """Parameters a forward multiplies by (an EAGLE head: its own, plus the output rows it uses)."""
+    if isinstance(model, EagleHead):
+        return sum(p.numel() for p in model.parameters()) + model.draft_vocab_size * model.arch.hidden_size
     return sum(p.numel() for p in model.parameters())
+
+
+def make_proposer(draft: LlamaModel | EagleHead, num_blocks: int, block_size: int) -> DraftProposer:
+    runner = ModelRunner(draft, num_blocks, block_size)
+    return EagleProposer(runner) if isinstance(draft, EagleHead) else DraftProposer(runner)
 
 
 def eos_token_ids(path: str, tokenizer) -> set[int]:
@@ -82,7 +94,10 @@ class LLMEngine:
         self.verifier = load_model(config.verifier, dtype, config.device)
         spec = config.speculative
         self.draft_version = "none"
-        if draft_model is None and spec.draft is not None:
+        if draft_model is None and spec.draft is not None and is_eagle_checkpoint(spec.draft):
+            draft_model = load_eagle(spec.draft, self.verifier, config.verifier)
+            self.draft_version = spec.draft
+        elif draft_model is None and spec.draft is not None:
             draft_model = load_model(spec.draft, dtype, config.device)
             try:
                 draft_tok = AutoTokenizer.from_pretrained(spec.draft)
@@ -114,7 +129,7 @@ class LLMEngine:
         self.spec_policy = None
         method = spec.resolved_method
         if draft_model is not None and method in ("draft", "hybrid"):
-            self.proposer = DraftProposer(ModelRunner(draft_model, num_blocks, cache.block_size))
+            self.proposer = make_proposer(draft_model, num_blocks, cache.block_size)
         if method is not None:
             ngram = NgramProposer(spec.ngram_min, spec.ngram_max) if method in ("ngram", "hybrid") else None
             c0 = 0.0  # until measured: the draft's share of the verifier's parameters
@@ -194,7 +209,7 @@ class LLMEngine:
                 f"draft {version!r} needs {need} KV bytes per block, more than the {self.draft_block_bytes} "
                 "reserved for the draft at startup; restart the server to serve a larger draft"
             )
-        self.proposer = DraftProposer(ModelRunner(draft_model, self.num_blocks, bs))
+        self.proposer = make_proposer(draft_model, self.num_blocks, bs)
         self.kv.invalidate_draft()
         for r in self.requests.values():
             r.num_draft_computed_tokens = 0
@@ -247,7 +262,12 @@ class LLMEngine:
                 )
             )
         t0 = time.perf_counter()
-        logits = self.runner.forward(runs)  # [sum of (k + 1) over sampling requests, vocab]
+        eagle = isinstance(self.proposer, EagleProposer)
+        logits = self.runner.forward(runs, keep_features=eagle)  # [sum of (k + 1) over sampling requests, vocab]
+        features = {}
+        if eagle:  # [num_tokens, hidden] -> per request
+            split = self.runner.last_features.split([len(run.token_ids) for run in runs])
+            features = {s.request.request_id: f for s, f in zip(plan.scheduled, split)}
         verify_seconds = time.perf_counter() - t0
         self.metrics.verifier_seconds += verify_seconds
         if self.spec_policy is not None:
@@ -257,14 +277,14 @@ class LLMEngine:
 
         sampling = [s for s in plan.scheduled if s.samples]
         if not sampling:
-            return StepOutput({})
+            return StepOutput({}, features=features)
         emitted = self._accept(sampling, logits, draft_ids, draft_probs, spec_row)
         rows = {}
         if self.config.trace_topm:
             rows = dict(
                 zip((s.request.request_id for s in sampling), logits.split([s.num_draft_tokens + 1 for s in sampling]))
             )
-        return StepOutput(emitted, rows)
+        return StepOutput(emitted, rows, features)
 
     def _accept(
         self,
@@ -319,6 +339,9 @@ class LLMEngine:
             k = s.num_draft_tokens
             old_num_tokens = r.num_tokens
             emitted = output.emitted.get(r.request_id)
+            if r.request_id in output.features:
+                num_valid = s.num_new_tokens - (k - (len(emitted) - 1) if emitted is not None else 0)
+                self._keep_features(r, output.features[r.request_id][:num_valid])
             if emitted is None:  # a prompt chunk that did not reach the end
                 r.num_computed_tokens += s.num_new_tokens
                 self.kv.cache_finalised(r, r.num_computed_tokens, r.num_draft_computed_tokens)
@@ -329,8 +352,10 @@ class LLMEngine:
             if k:
                 source = r.spec_source or "draft"
                 if source == "draft":
-                    # the draft saw its own tokens up to d_{k-1}; those accepted stay valid
-                    r.num_draft_computed_tokens = old_num_tokens + min(num_accepted, k - 1)
+                    # the draft saw its own tokens up to d_{k-1}; those accepted stay valid (unless the
+                    # proposer re-runs them with better inputs: an EAGLE head's true features)
+                    keep = 0 if self.proposer.recompute_accepted else min(num_accepted, k - 1)
+                    r.num_draft_computed_tokens = old_num_tokens + keep
                     r.steps_since_draft = 0
                 else:
                     r.steps_since_draft += 1
@@ -377,6 +402,19 @@ class LLMEngine:
                 )
             )
         return outputs
+
+    @staticmethod
+    def _keep_features(r: Request, new: torch.Tensor) -> None:  # new: [committed rows, hidden]
+        """Append the verifier's features of r's newly committed positions; drop those the head has used."""
+        start = r.num_computed_tokens
+        if r.features is None or r.features_start + r.features.shape[0] != start:
+            r.features, r.features_start = new, start
+        else:
+            r.features = torch.cat([r.features, new])
+        # the head's next catch-up starts at its counter h and reads f_{h-1} onwards
+        drop = max(0, r.num_draft_computed_tokens - 1 - r.features_start)
+        if drop:
+            r.features, r.features_start = r.features[drop:], r.features_start + drop
 
     def _check_stop(self, r: Request, token: int) -> bool:
         """Detokenize one new token and decide whether the request ends with it."""

@@ -2,8 +2,9 @@
 
 A run is a request's new tokens, where they start, the request's block table and how many of
 its last rows need logits. The runner turns these into flat tensors (ids, positions, slots) and
-attention metadata, calls the model and returns fp32 logits. Knows nothing about request queues,
-sampling or speculation.
+attention metadata, calls the model and returns fp32 logits. On CUDA, small decode/verification
+batches can replay captured CUDA graphs instead (`capture_cuda_graphs`, called once at engine
+start). Knows nothing about request queues, sampling or speculation.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from specserve.engine.cuda_graphs import CudaGraphs, GraphShapes
 from specserve.model.attention import AttentionMetadata
 from specserve.model.llama import LlamaModel
 
@@ -38,17 +40,34 @@ class ModelRunner:
         param = next(model.parameters())
         self.device = param.device
         self.dtype = param.dtype
+        # one slot more than the blocks hold: a scratch slot, where a CUDA graph's padding rows write
         self.kv_cache = torch.zeros(
-            a.num_layers, 2, num_blocks * block_size, a.num_kv_heads, a.head_dim, dtype=self.dtype, device=self.device
+            a.num_layers, 2, num_blocks * block_size + 1, a.num_kv_heads, a.head_dim, dtype=self.dtype, device=self.device
         )  # [layers, k/v, slots, kv_heads, head_dim]
-        self.last_hidden: torch.Tensor | None = None  # [rows with logits, hidden] of the latest forward
+        self.cuda_graphs: CudaGraphs | None = None
+        self.last_hidden: torch.Tensor | None = None  # [rows with logits, hidden] features of the latest forward
+        self.last_features: torch.Tensor | None = None  # [num_tokens, hidden] every row's features, if kept
 
     @property
     def vocab_size(self) -> int:
         return self.model.arch.vocab_size
 
+    def capture_cuda_graphs(self, shapes: GraphShapes) -> None:
+        """Capture the model's forward for these decode/verification shapes (CUDA, a plain LlamaModel)."""
+        if not isinstance(self.model, LlamaModel):
+            raise ValueError(f"CUDA graphs capture a LlamaModel's forward, not a {type(self.model).__name__}'s")
+        graphs = CudaGraphs(self.model, self.kv_cache, self.block_size, shapes)
+        graphs.capture()
+        self.cuda_graphs = graphs
+
     @torch.inference_mode()
-    def forward(self, runs: list[TokenRun]) -> torch.Tensor:  # [sum(num_logits), vocab] fp32
+    def forward(
+        self,
+        runs: list[TokenRun],
+        features: torch.Tensor | None = None,  # [num_tokens, hidden]: an EAGLE head's input features
+        keep_features: bool = False,
+    ) -> torch.Tensor:  # [sum(num_logits), vocab] fp32
+        """keep_features: keep every row's features in `last_features` (an EAGLE head reads the verifier's)."""
         bs = self.block_size
         ids: list[int] = []
         positions: list[int] = []
@@ -67,10 +86,20 @@ class ModelRunner:
         table = torch.tensor([r.block_ids + [0] * (max_blocks - len(r.block_ids)) for r in runs])  # [batch, blocks]
         run_of_token = torch.repeat_interleave(torch.arange(len(runs)), torch.tensor(query_lens))  # [num_tokens]
         slot_mapping = table[run_of_token, pos // bs] * bs + pos % bs  # [num_tokens]
-        ctx_pos = torch.arange(max(context_lens))  # [max_context]
-        context_slots = table[:, ctx_pos // bs] * bs + ctx_pos % bs  # [batch, max_context]
-        meta = AttentionMetadata.build(query_lens, context_lens, slot_mapping.to(dev), context_slots.to(dev))
-        hidden = self.model(torch.tensor(ids, device=dev), pos.to(dev), self.kv_cache, meta)
+        key = None
+        if self.cuda_graphs is not None and features is None:
+            key = self.cuda_graphs.bucket(len(runs), max(query_lens), max(context_lens), max_blocks)
+        if key is not None:
+            hidden = self.cuda_graphs.run(key, ids, pos, slot_mapping, query_lens, context_lens, table)
+            if keep_features:  # the graph's output buffer is rewritten by its next replay
+                hidden = hidden.clone()
+        else:
+            ctx_pos = torch.arange(max(context_lens))  # [max_context]
+            context_slots = table[:, ctx_pos // bs] * bs + ctx_pos % bs  # [batch, max_context]
+            meta = AttentionMetadata.build(query_lens, context_lens, slot_mapping.to(dev), context_slots.to(dev))
+            args = () if features is None else (features.to(dev),)
+            hidden = self.model(torch.tensor(ids, device=dev), pos.to(dev), self.kv_cache, meta, *args)
+        self.last_features = hidden if keep_features else None
         hidden = hidden[torch.tensor(logit_rows, dtype=torch.int64, device=dev)]
         self.last_hidden = hidden
         return self.model.compute_logits(hidden)

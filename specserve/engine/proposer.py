@@ -20,6 +20,8 @@ from specserve.engine.sampler import sampling_probs
 
 
 class DraftProposer:
+    recompute_accepted = False  # the draft's KV of accepted draft tokens stays valid (see EagleProposer)
+
     def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
         self.step_seconds = 0.0  # time of the latest single-token draft forward (cost ratio input)

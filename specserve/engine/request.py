@@ -64,6 +64,9 @@ class Request:
         self.steps_since_draft = 0
         self.probe_interval = 16  # steps at k = 0 before probing with k = 1 (see speculation_length)
         self.trace: TraceRecorder | None = None  # set by the engine when it records traces
+        # an EAGLE head's input: the verifier's features of positions features_start.. (only with an EAGLE draft)
+        self.features: torch.Tensor | None = None  # [positions, hidden]
+        self.features_start = 0
 
     @property
     def num_tokens(self) -> int:

@@ -6,8 +6,9 @@ each (the loader concatenates the checkpoint's weights). The numerics follow HF 
 Llama (norms in fp32, cos/sin cast to the activation dtype) so that logits match it.
 
 The model knows nothing about requests or blocks: it takes flat token ids, their positions,
-the attention metadata and the KV pool, and returns hidden states; `compute_logits` turns the
-rows that need sampling into fp32 logits.
+the attention metadata and the KV pool, and returns the last layer's hidden states (the features
+an EAGLE draft head reads); `compute_logits` applies the final norm and the output layer to the
+rows that need sampling only.
 """
 
 from __future__ import annotations
@@ -144,14 +145,17 @@ class LlamaModel(nn.Module):
         positions: torch.Tensor,  # [num_tokens]
         kv_cache: torch.Tensor,  # [num_layers, 2, num_slots, num_kv_heads, head_dim]
         meta: AttentionMetadata,
-    ) -> torch.Tensor:  # [num_tokens, hidden], after the final norm
+    ) -> torch.Tensor:  # [num_tokens, hidden]: the last layer's output, before the final norm (the "features")
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, kv_cache[i, 0], kv_cache[i, 1], meta)
-        return self.norm(x)
+        return x
+
+    @property
+    def output_weight(self) -> torch.Tensor:  # [vocab, hidden]
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[rows, hidden] -> [rows, vocab] fp32 logits."""
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        """[rows, hidden] features -> final norm -> [rows, vocab] fp32 logits."""
+        return F.linear(self.norm(hidden), self.output_weight).float()

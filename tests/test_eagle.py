@@ -1,0 +1,145 @@
+"""EAGLE draft heads: checkpoint round trip, the verifier features they read, and lossless speculation with them."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from test_speculative import chi_square_pvalue, exact_second_token_distribution
+from tiny_models import PROMPTS, greedy
+
+from specserve import LLM, SamplingParams
+from specserve.config import CacheConfig, SchedulerConfig
+from specserve.engine.eagle_proposer import EagleProposer
+from specserve.model.eagle import EagleHead, is_eagle_checkpoint, load_eagle, verifier_fingerprint
+from specserve.model.loader import load_model
+
+
+def build_head(verifier_dir: str, out: str, vocab_ids: torch.Tensor | None = None, seed: int = 0) -> str:
+    torch.manual_seed(seed)
+    verifier = load_model(verifier_dir, torch.float32, "cpu")
+    head = EagleHead(verifier, vocab_ids)
+    with torch.no_grad():
+        for p in head.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3)
+    head.save(out, verifier_dir)
+    return out
+
+
+@pytest.fixture(scope="module")
+def heads(tiny, tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("eagle")
+    vocab = load_model(tiny["llama"], torch.float32, "cpu").arch.vocab_size
+    trimmed = torch.randperm(vocab, generator=torch.Generator().manual_seed(0))[: vocab // 3]
+    return {
+        "full": build_head(tiny["llama"], str(root / "full")),
+        "trimmed": build_head(tiny["llama"], str(root / "trimmed"), trimmed, seed=1),
+    }
+
+
+def make(tiny, draft: str | None, k: int | None, **kw) -> LLM:
+    cache = kw.pop("cache", CacheConfig(num_blocks=256, block_size=4))
+    return LLM(tiny["llama"], draft=draft, dtype="float32", num_speculative_tokens=k, cache=cache, **kw)
+
+
+@pytest.fixture(scope="module")
+def plain(tiny) -> LLM:
+    return make(tiny, None, None)
+
+
+def test_checkpoint_round_trip_and_fingerprint(tiny, heads):
+    assert is_eagle_checkpoint(heads["trimmed"]) and not is_eagle_checkpoint(tiny["llama"])
+    verifier = load_model(tiny["llama"], torch.float32, "cpu")
+    head = load_eagle(heads["trimmed"], verifier, tiny["llama"])
+    assert head.trimmed and head.draft_vocab_size < verifier.arch.vocab_size
+    # the head saves only its own weights: no embedding, norm or output layer
+    assert set(head.state_dict()) == {"draft_vocab"} | {n for n, _ in head.named_parameters()}
+    assert not any("embed" in n or "lm_head" in n for n in head.state_dict())
+    assert os.path.getsize(os.path.join(heads["trimmed"], "model.safetensors")) < 200_000
+    assert verifier_fingerprint(tiny["llama"]) != verifier_fingerprint(tiny["qwen2"])
+    other = load_model(tiny["qwen2"], torch.float32, "cpu")
+    with pytest.raises(ValueError, match="trained for verifier"):
+        load_eagle(heads["full"], other, tiny["qwen2"])
+
+
+def test_trimmed_head_puts_no_probability_outside_its_vocabulary(tiny, heads):
+    verifier = load_model(tiny["llama"], torch.float32, "cpu")
+    head = load_eagle(heads["trimmed"], verifier, tiny["llama"])
+    logits = head.compute_logits(torch.randn(5, verifier.arch.hidden_size))
+    probs = logits.softmax(-1)
+    outside = torch.ones(verifier.arch.vocab_size, dtype=torch.bool)
+    outside[head.draft_vocab] = False
+    assert torch.all(probs[:, outside] == 0)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(5))
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+@pytest.mark.parametrize("which", ["full", "trimmed"])
+def test_greedy_with_eagle_equals_plain_greedy(tiny, heads, plain, which, k):
+    spec = make(tiny, heads[which], k)
+    assert isinstance(spec.engine.proposer, EagleProposer)
+    expected = [c.token_ids for c in plain.generate(PROMPTS, greedy(32))]
+    assert [c.token_ids for c in spec.generate(PROMPTS, greedy(32))] == expected
+    assert spec.engine.metrics.spec(spec.engine.draft_version).drafted_tokens > 0
+    assert spec.engine.kv.num_free_blocks == spec.engine.num_blocks
+
+
+def test_eagle_with_preemption_chunked_prefill_prefix_cache_and_hybrid(tiny, heads, plain):
+    spec = make(
+        tiny,
+        heads["trimmed"],
+        None,  # adaptive k, hybrid with prompt lookup
+        cache=CacheConfig(num_blocks=24, block_size=4),
+        scheduler=SchedulerConfig(max_num_batched_tokens=16, max_num_seqs=8),
+    )
+    prompts = PROMPTS + PROMPTS[:2]  # repeats hit the prefix cache
+    expected = [c.token_ids for c in plain.generate(prompts, greedy(30))]
+    assert [c.token_ids for c in spec.generate(prompts, greedy(30))] == expected
+    assert spec.engine.kv.num_free_blocks == spec.engine.num_blocks
+
+
+def test_head_reads_the_verifiers_true_features(tiny, heads):
+    """The features handed to the head are the verifier's last-layer outputs at exactly those positions."""
+    spec = make(tiny, heads["full"], 3)
+    eng = spec.engine
+    rid = eng.add_request(PROMPTS[0], greedy(40))
+    seen = []
+    original = eng.proposer.propose
+
+    def spy(items):
+        for r, _, _ in items:
+            if r.features is not None:
+                seen.append((list(r.all_token_ids), r.features_start, r.features.clone()))
+        return original(items)
+
+    eng.proposer.propose = spy
+    while eng.has_unfinished():
+        eng.step()
+    assert rid not in eng.requests and len(seen) > 3
+    verifier = load_model(tiny["llama"], torch.float32, "cpu")
+    from specserve.engine.model_runner import ModelRunner, TokenRun
+
+    for tokens, start, feats in seen:
+        runner = ModelRunner(verifier, 64, 4)
+        runner.forward([TokenRun(tokens, 0, list(range(64)), 1)], keep_features=True)
+        torch.testing.assert_close(feats, runner.last_features[start : start + feats.shape[0]], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("which", ["full", "trimmed"])
+def test_sampled_speculation_with_eagle_keeps_the_verifier_distribution(tiny, heads, which):
+    pytest.importorskip("scipy")
+    temperature = 1.5
+    spec = make(tiny, heads[which], 2, scheduler=SchedulerConfig(max_num_seqs=256, max_num_batched_tokens=4096))
+    prompt = spec.tokenizer.encode("The quick brown fox")
+    n = 6000
+    outs = spec.generate(
+        [prompt] * n, [SamplingParams(max_tokens=3, temperature=temperature, seed=i, ignore_eos=True) for i in range(n)]
+    )
+    vocab = spec.engine.verifier.arch.vocab_size
+    counts = torch.bincount(torch.tensor([o.token_ids[1] for o in outs]), minlength=vocab).float()
+    exact = exact_second_token_distribution(tiny["llama"], prompt, temperature)
+    stats = spec.engine.metrics.total_speculation()
+    assert 0.02 < stats.acceptance_rate < 0.95, stats.acceptance_rate
+    assert chi_square_pvalue(counts, exact) > 1e-3
