@@ -1,0 +1,183 @@
+"""EAGLE training data: chat sequences and what the verifier computes over them, teacher-forced.
+
+A sequence is a chat-templated user prompt followed by a response: either the dataset's own
+(ShareGPT's first assistant turn, GSM8K's answer, a plain-text chunk's second half) or the verifier's
+answer generated through our engine. One teacher pass of the verifier (our model code, batched)
+gives, at every position i, its feature f_i (last layer output, before the final norm: what the
+engine hands an EAGLE head) and its top-m log-probabilities for token i + 1. Both are kept in memory
+compactly (bf16 features, int32 ids, fp16 log-probs), so training epochs never rerun the verifier.
+Knows nothing about the head or the optimiser.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from specserve.distill.data import check_not_eval_only, prompt_of, read_text
+from specserve.engine.model_runner import ModelRunner, TokenRun
+from specserve.model.llama import LlamaModel
+
+ASSISTANT_ROLES = ("gpt", "assistant", "bard", "chatgpt")
+
+
+@dataclass
+class TeacherSequence:
+    token_ids: torch.Tensor  # [T] int64
+    features: torch.Tensor  # [T, hidden] bf16: f_i, the verifier's last-layer output at position i
+    topm_ids: torch.Tensor  # [T, m] int32: the verifier's m most likely next tokens after position i
+    topm_logprobs: torch.Tensor  # [T, m] fp16: their log-probabilities (temperature 1)
+    num_prompt_tokens: int
+
+
+def _first_reply(messages: list) -> tuple[str, str] | None:
+    user = None
+    for m in messages:
+        if not isinstance(m, dict):
+            continue
+        role, text = m.get("from", m.get("role")), m.get("value", m.get("content"))
+        if not isinstance(text, str) or not text.strip():
+            continue
+        if user is None and role in ("human", "user"):
+            user = text
+        elif user is not None and role in ASSISTANT_ROLES:
+            return user, text
+    return None
+
+
+def _pair_of(record: dict) -> tuple[str, str] | None:
+    for key in ("conversations", "messages"):
+        if isinstance(record.get(key), list):
+            return _first_reply(record[key])
+    prompt = prompt_of(record)
+    for key in ("answer", "response", "output", "completion"):
+        if prompt and isinstance(record.get(key), str) and record[key].strip():
+            return prompt, record[key]
+    return None
+
+
+def read_pairs(path: str, limit: int | None = None) -> list[tuple[str, str]]:
+    """(prompt, response) pairs a file holds: JSONL records, a ShareGPT JSON array, or plain-text chunks."""
+    check_not_eval_only(path)
+    pairs: list[tuple[str, str]] = []
+    if path.endswith(".jsonl"):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if limit is not None and len(pairs) >= limit:
+                    break
+                if line.strip():
+                    pair = _pair_of(json.loads(line))
+                    if pair:
+                        pairs.append(pair)
+    elif path.endswith(".json"):
+        with open(path, encoding="utf-8") as f:
+            s = f.read()
+        decoder, i = json.JSONDecoder(), s.find("[") + 1
+        while i > 0 and (limit is None or len(pairs) < limit):
+            while i < len(s) and s[i] in " \t\r\n,":
+                i += 1
+            if i >= len(s) or s[i] == "]":
+                break
+            try:
+                record, i = decoder.raw_decode(s, i)
+            except json.JSONDecodeError:
+                break  # a truncated tail: keep the whole conversations before it
+            pair = _pair_of(record) if isinstance(record, dict) else None
+            if pair:
+                pairs.append(pair)
+    else:
+        for chunk in read_text(path, limit):
+            cut = len(chunk) // 3
+            pairs.append((f"Continue this text:\n\n{chunk[:cut]}", chunk[cut:]))
+    if not pairs:
+        raise ValueError(f"{path}: found no (prompt, response) pairs")
+    return pairs
+
+
+def load_pairs(paths: list[str], limit: int | None = None) -> list[tuple[str, str]]:
+    """Pairs of all files, interleaved file by file, at most `limit`."""
+    per_file = [read_pairs(p, limit) for p in paths]
+    mixed = [f[i] for i in range(max(map(len, per_file), default=0)) for f in per_file if i < len(f)]
+    return mixed[:limit] if limit is not None else mixed
+
+
+def template_pairs(
+    tokenizer, pairs: list[tuple[str, str]], max_tokens: int, min_response: int = 4
+) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids with the generation prompt, response ids ending in EOS), cut to max_tokens in all."""
+    out = []
+    for prompt, response in pairs:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        p = tokenizer(text, add_special_tokens=False)["input_ids"][-(max_tokens // 2) :]
+        r = tokenizer(response, add_special_tokens=False)["input_ids"] if response else []
+        if r and tokenizer.eos_token_id is not None:
+            r = r + [tokenizer.eos_token_id]
+        r = r[: max_tokens - len(p)]
+        if len(r) >= min_response:
+            out.append((p, r))
+    return out
+
+
+@torch.inference_mode()
+def teacher_pass(
+    verifier: LlamaModel,
+    sequences: list[list[int]],
+    prompt_lens: list[int],
+    top_m: int,
+    max_batch_tokens: int = 2048,
+    progress: bool = True,
+) -> list[TeacherSequence]:
+    """The verifier over every sequence (batched up to max_batch_tokens): features and top-m per position."""
+    block = 16
+    longest = max(map(len, sequences))
+    num_blocks = -(-max(longest, max_batch_tokens) // block) + len(sequences[:64]) + 1
+    runner = ModelRunner(verifier, num_blocks, block)
+    out: list[TeacherSequence] = []
+    bar = tqdm(total=sum(map(len, sequences)), desc="teacher pass", unit="tok", disable=not progress)
+    i = 0
+    while i < len(sequences):
+        batch, tokens, next_block = [], 0, 0
+        while i < len(sequences) and (not batch or tokens + len(sequences[i]) <= max_batch_tokens):
+            n = len(sequences[i])
+            nb = -(-n // block)
+            batch.append((i, TokenRun(sequences[i], 0, list(range(next_block, next_block + nb)), n)))
+            next_block += nb
+            tokens += n
+            i += 1
+        if next_block > num_blocks:  # one long batch: grow the pool
+            runner = ModelRunner(verifier, next_block, block)
+        logits = runner.forward([run for _, run in batch], keep_features=True)  # [tokens, vocab]
+        feats = runner.last_features.to(torch.bfloat16).cpu()
+        top = torch.topk(torch.log_softmax(logits.float(), dim=-1), top_m, dim=-1)
+        row = 0
+        for idx, run in batch:
+            n = len(run.token_ids)
+            out.append(
+                TeacherSequence(
+                    token_ids=torch.tensor(run.token_ids),
+                    features=feats[row : row + n].clone(),
+                    topm_ids=top.indices[row : row + n].to(torch.int32).cpu(),
+                    topm_logprobs=top.values[row : row + n].to(torch.float16).cpu(),
+                    num_prompt_tokens=prompt_lens[idx],
+                )
+            )
+            row += n
+        bar.update(tokens)
+    bar.close()
+    return out
+
+
+def draft_vocabulary(data: list[TeacherSequence], size: int, always: set[int], vocab: int) -> torch.Tensor:
+    """The `size` tokens the verifier most often predicts or emits in `data` (plus `always`), sorted."""
+    counts = torch.zeros(vocab, dtype=torch.float64)
+    for s in data:
+        counts += torch.bincount(s.topm_ids[:, 0].long(), minlength=vocab).double()
+        counts += torch.bincount(s.token_ids, minlength=vocab).double()
+    for t in always:
+        counts[t] = float("inf")
+    return torch.topk(counts, min(size, vocab)).indices.sort().values

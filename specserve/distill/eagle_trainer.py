@@ -1,0 +1,388 @@
+"""Training an EAGLE draft head (`specserve distill --draft-type eagle`).
+
+1. Sequences: chat prompts with the dataset's own responses (`responses="dataset"`) or the verifier's
+   answers (`"verifier"`, sequence-level distillation); then one teacher pass of the verifier
+   (eagle_data.teacher_pass) keeps its features and top-m next-token log-probs at every position.
+2. The draft vocabulary: the N tokens the verifier most often predicts or emits in the training data.
+3. The head is trained teacher-forced, as EAGLE was: at position i it reads token x_i and the true
+   feature f_{i-1} (with a little noise, so it tolerates its own imperfect features when drafting
+   several tokens), predicts f_i, and is scored by
+       feature_weight * smooth_l1(norm(f^_i), norm(f_i))          (in the space the output layer reads)
+     + forward KL(verifier top-m at i restricted to the draft vocabulary || head's distribution).
+   AdamW, warmup + cosine decay, gradient clipping. Under torchrun (gloo on CPU, nccl on GPU) every rank
+   scores its share of sequences and trains on its share with DistributedDataParallel.
+4. Every `eval_every` steps (rank 0): on held-out sequences, the head's top-1 agreement with the
+   verifier and its expected acceptance sum_x min(p(x), q(x)) (p: the verifier's top-m), one step
+   ahead from true features. The best head so far is written as a checkpoint, with `distill.json`
+   and a PNG of the curves beside it; Ctrl-C stops training and keeps the best.
+
+Knows nothing about the engine's scheduling or the command line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from specserve.distill.eagle_data import TeacherSequence, draft_vocabulary, load_pairs, teacher_pass, template_pairs
+from specserve.distill.trainer import setup_distributed
+from specserve.model.attention import AttentionMetadata
+from specserve.model.eagle import EagleHead
+from specserve.model.loader import load_model
+
+
+@dataclass(frozen=True)
+class EagleConfig:
+    data: tuple[str, ...]
+    """Files of prompts (and responses): JSONL, ShareGPT JSON, plain text. Never Spec-Bench."""
+    out: str
+    """Directory the head checkpoint, distill.json and the training plot are written to."""
+    verifier: str | None = None
+    """HF checkpoint directory of the verifier; None: the default SmolLM2 verifier."""
+    responses: str = "dataset"
+    """'dataset': the files' own responses; 'verifier': the verifier's greedy answers (slower)."""
+    max_sequences: int = 2000
+    """Most sequences read over all files (interleaved file by file)."""
+    max_tokens: int = 384
+    """Most tokens per sequence (prompt + response)."""
+    max_new_tokens: int = 128
+    """With responses='verifier': most tokens the verifier answers with."""
+    draft_vocab_size: int = 8192
+    """Tokens the head can propose (the most frequent in the data); 0: the whole vocabulary."""
+    teacher_top_m: int = 32
+    """The verifier's m most likely tokens kept per position as the distillation target."""
+    teacher_dtype: str = "float32"
+    """dtype of the verifier during the teacher pass (and generation)."""
+    feature_weight: float = 1.0
+    """Weight of the feature regression next to the distribution loss."""
+    feature_noise: float = 0.1
+    """Uniform noise added to the input features, relative to their RMS."""
+    steps: int = 2000
+    """Optimizer steps (training stops earlier at max_minutes)."""
+    max_minutes: float | None = None
+    """Wall-clock budget of the training loop; None: no limit."""
+    batch_size: int = 8
+    """Sequences per step and rank."""
+    lr: float = 1e-3
+    """Peak AdamW learning rate."""
+    warmup_fraction: float = 0.03
+    """Share of steps warming the learning rate up (then cosine decay)."""
+    eval_every: int = 200
+    """Steps between held-out evaluations (and checkpoints of the best head)."""
+    eval_fraction: float = 0.05
+    """Share of sequences held out."""
+    seed: int = 0
+    """Seed of the head's initialisation, the split and the data order."""
+    device: str | None = None
+    """torch device; None: cuda if available, else cpu."""
+    progress: bool = True
+    """Show progress bars (rank 0)."""
+
+    def __post_init__(self) -> None:
+        from specserve.distill.data import check_not_eval_only
+
+        if not self.data:
+            raise ValueError("EAGLE training needs at least one --data file")
+        for p in self.data:
+            check_not_eval_only(p)
+        if self.responses not in ("dataset", "verifier"):
+            raise ValueError(f"responses must be 'dataset' or 'verifier', got {self.responses!r}")
+        for name in ("max_sequences", "max_tokens", "teacher_top_m", "steps", "batch_size", "eval_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_tokens < 16:
+            raise ValueError(f"max_tokens must be >= 16, got {self.max_tokens}")
+        if self.draft_vocab_size < 0:
+            raise ValueError(f"draft_vocab_size must be >= 0 (0: whole vocabulary), got {self.draft_vocab_size}")
+        if not 0.0 < self.eval_fraction < 1.0:
+            raise ValueError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
+        if self.feature_weight < 0 or self.feature_noise < 0 or not self.lr > 0:
+            raise ValueError("feature_weight and feature_noise must be >= 0 and lr > 0")
+
+
+# ---- one batch ------------------------------------------------------------------------------------
+
+
+@dataclass
+class HeadBatch:
+    input_ids: torch.Tensor  # [tokens] x_i
+    positions: torch.Tensor  # [tokens]
+    in_features: torch.Tensor  # [tokens, hidden] f_{i-1} (zeros at i = 0)
+    target_features: torch.Tensor  # [tokens, hidden] f_i
+    topm_ids: torch.Tensor  # [tokens, m] int64, in draft-vocabulary indices (-1: outside it)
+    topm_probs: torch.Tensor  # [tokens, m] the verifier's probabilities, renormalised on the draft vocabulary
+    topm_p: torch.Tensor  # [tokens, m] the verifier's probabilities as they are (0 outside the draft vocabulary)
+    loss_mask: torch.Tensor  # [tokens] bool: positions with a next token (not a sequence's last)
+    meta: AttentionMetadata
+    num_tokens: int
+
+
+def make_batch(seqs: list[TeacherSequence], to_draft: torch.Tensor, device) -> HeadBatch:
+    """Sequences packed end to end, each attending causally to itself (a prefill of several requests)."""
+    ids, pos, fin, fout, tids, tlp, mask = [], [], [], [], [], [], []
+    for s in seqs:
+        n = s.token_ids.numel()
+        f = s.features.float()
+        ids.append(s.token_ids)
+        pos.append(torch.arange(n))
+        fin.append(torch.cat([torch.zeros(1, f.shape[1]), f[:-1]]))
+        fout.append(f)
+        tids.append(to_draft[s.topm_ids.long()])
+        tlp.append(s.topm_logprobs.float())
+        m = torch.ones(n, dtype=torch.bool)
+        m[-1] = False
+        mask.append(m)
+    lens = [s.token_ids.numel() for s in seqs]
+    total = sum(lens)
+    starts = torch.tensor([0] + lens[:-1]).cumsum(0)
+    longest = max(lens)
+    ctx = torch.arange(longest)
+    context_slots = (starts[:, None] + ctx[None, :]).clamp(max=total - 1)  # [batch, longest]
+    meta = AttentionMetadata.build(lens, lens, torch.arange(total).to(device), context_slots.to(device))
+    topm_ids = torch.cat(tids)
+    p = torch.cat(tlp).exp() * (topm_ids >= 0)
+    probs = p / p.sum(-1, keepdim=True).clamp_min(1e-9)
+    return HeadBatch(
+        torch.cat(ids).to(device),
+        torch.cat(pos).to(device),
+        torch.cat(fin).to(device),
+        torch.cat(fout).to(device),
+        topm_ids.to(device),
+        probs.to(device),
+        p.to(device),
+        torch.cat(mask).to(device),
+        meta,
+        total,
+    )
+
+
+def head_forward(model: torch.nn.Module, head: EagleHead, batch: HeadBatch, noise: float) -> torch.Tensor:
+    """[tokens, hidden] predicted features (model: the head, or its DDP wrapper); fresh KV scratch per batch."""
+    a = head.arch
+    kv = torch.zeros(1, 2, batch.num_tokens, a.num_kv_heads, a.head_dim, device=batch.input_ids.device)
+    if torch.is_grad_enabled():  # a non-leaf, so attention may write keys/values into it in place under autograd
+        kv = kv.requires_grad_().clone()
+    feats = batch.in_features
+    if noise > 0:  # the head must tolerate its own imperfect features when it drafts several tokens
+        rms = feats.pow(2).mean(-1, keepdim=True).sqrt()
+        feats = feats + (torch.rand_like(feats) * 2 - 1) * noise * rms
+    return model(batch.input_ids, batch.positions, kv, batch.meta, feats)
+
+
+def losses(head: EagleHead, batch: HeadBatch, predicted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(feature loss, distribution loss) averaged over positions with a next token."""
+    m = batch.loss_mask
+    norm = head.verifier.norm
+    feat = F.smooth_l1_loss(norm(predicted[m]), norm(batch.target_features[m]))
+    logq = torch.log_softmax(head.draft_logits(predicted[m]), dim=-1)  # [rows, draft_vocab]
+    ids = batch.topm_ids[m]
+    picked = logq.gather(1, ids.clamp_min(0))
+    kl = -(batch.topm_probs[m] * picked).sum(-1).mean()
+    return feat, kl
+
+
+@torch.no_grad()
+def evaluate(head: EagleHead, batches: list[HeadBatch]) -> dict:
+    """One step ahead from true features: top-1 agreement, and expected acceptance sum_x min(p(x), q(x))
+    over the verifier's top-m tokens (a lower bound: the mass outside its top m is left out)."""
+    agree = accept = rows = 0.0
+    for b in batches:
+        pred = head_forward(head, head, b, 0.0)
+        m = b.loss_mask
+        q = torch.softmax(head.draft_logits(pred[m]), dim=-1)  # [rows, draft_vocab]
+        ids = b.topm_ids[m]
+        top1 = ids[:, 0]
+        agree += ((q.argmax(-1) == top1) & (top1 >= 0)).sum().item()
+        q_at = q.gather(1, ids.clamp_min(0)) * (ids >= 0)
+        accept += torch.minimum(b.topm_p[m], q_at).sum().item()
+        rows += m.sum().item()
+    return {"agreement": agree / max(rows, 1), "expected_acceptance": accept / max(rows, 1)}
+
+
+# ---- the run ---------------------------------------------------------------------------------------
+
+
+def _sequences(config: EagleConfig, verifier_dir: str, tokenizer, rank: int, world: int) -> tuple[list, list]:
+    if config.responses == "dataset":
+        pairs = load_pairs(list(config.data), config.max_sequences)
+        templated = template_pairs(tokenizer, pairs, config.max_tokens)[rank::world]
+    else:  # prompts only (any prompt file the standalone distiller reads); the verifier answers them
+        from specserve import LLM
+        from specserve.config import CacheConfig, SchedulerConfig
+        from specserve.distill.data import generate_targets, load_prompts
+
+        pairs = [(p, "") for p in load_prompts(list(config.data), config.max_sequences)]
+        templated = [(p, []) for p, _ in template_pairs(tokenizer, pairs, config.max_tokens, min_response=0)]
+        templated = templated[rank::world]
+
+        llm = LLM(
+            verifier_dir,
+            dtype=config.teacher_dtype,
+            device=str(config.device or "cpu"),
+            cache=CacheConfig(block_size=16, num_blocks=64 * (config.max_tokens // 16 + 2)),
+            scheduler=SchedulerConfig(max_num_seqs=32, max_num_batched_tokens=2048),
+        )
+        prompts = [p for p, _ in templated]
+        examples = generate_targets(llm, prompts, config.max_new_tokens, 32, progress=config.progress and rank == 0)
+        templated = [(e.prompt_ids, e.response_ids) for e in examples if len(e.response_ids) >= 4]
+        del llm
+    return [p + r for p, r in templated], [len(p) for p, _ in templated]
+
+
+def _plot(path: str, history: list[dict]) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    evals = [h for h in history if "agreement" in h]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    ax[0].plot([h["step"] for h in history if "loss" in h], [h["loss"] for h in history if "loss" in h])
+    ax[0].set(xlabel="step", ylabel="training loss", title="EAGLE head: loss")
+    ax[1].plot([h["step"] for h in evals], [h["agreement"] for h in evals], marker="o", label="top-1 agreement")
+    ax[1].plot(
+        [h["step"] for h in evals], [h["expected_acceptance"] for h in evals], marker="s", label="expected acceptance"
+    )
+    ax[1].set(xlabel="step", ylabel="held out", title="one step ahead, held-out sequences", ylim=(0, 1))
+    ax[1].legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(path, "distill.png"), dpi=120)
+    plt.close(fig)
+
+
+def train_eagle(config: EagleConfig) -> dict:
+    from transformers import AutoTokenizer
+
+    from specserve.distill.student import copy_tokenizer_files
+
+    d = setup_distributed(config.device)
+    verifier_dir = config.verifier
+    if verifier_dir is None:
+        from specserve.model.default_models import default_verifier
+
+        verifier_dir = default_verifier()
+    tokenizer = AutoTokenizer.from_pretrained(verifier_dir)
+    started = time.time()
+    verifier = load_model(verifier_dir, config.teacher_dtype, str(d.device))
+    seqs, prompt_lens = _sequences(config, verifier_dir, tokenizer, d.rank, d.world)
+    data = teacher_pass(verifier, seqs, prompt_lens, config.teacher_top_m, progress=config.progress and d.main)
+    teacher_seconds = time.time() - started
+    verifier = verifier.float()  # the head trains in fp32 on the verifier's frozen embedding / norm / output
+    vocab = verifier.arch.vocab_size
+
+    rng = random.Random(config.seed)
+    rng.shuffle(data)
+    n_eval = max(1, round(config.eval_fraction * len(data)))
+    held_out, train = data[:n_eval], data[n_eval:]
+    if not train:
+        raise ValueError(f"only {len(data)} sequences: too few to train and hold some out")
+    always = {t for t in (tokenizer.eos_token_id, tokenizer.bos_token_id) if t is not None}
+    if config.draft_vocab_size and config.draft_vocab_size < vocab:
+        draft_vocab = draft_vocabulary(train, config.draft_vocab_size, always, vocab)
+        if d.world > 1:  # every rank saw other data: use rank 0's choice
+            dist.broadcast(draft_vocab, 0)
+    else:
+        draft_vocab = None
+    torch.manual_seed(config.seed)
+    head = EagleHead(verifier, draft_vocab).to(d.device)
+    to_draft = torch.full((vocab,), -1, dtype=torch.int64)
+    to_draft[head.draft_vocab.cpu()] = torch.arange(head.draft_vocab_size)
+    coverage = sum((to_draft[s.topm_ids[:, 0].long()] >= 0).float().mean().item() for s in held_out) / len(held_out)
+
+    model = head
+    if d.world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(head)
+    params = [p for p in head.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    warmup = max(1, int(config.warmup_fraction * config.steps))
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, config.steps - warmup))))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    eval_batches = [make_batch(held_out[i : i + 8], to_draft, d.device) for i in range(0, len(held_out), 8)]
+    history: list[dict] = []
+    best = {"expected_acceptance": -1.0}
+    os.makedirs(config.out, exist_ok=True)
+
+    def checkpoint(step: int) -> None:
+        nonlocal best
+        head.eval()
+        result = {"step": step, **evaluate(head, eval_batches)}
+        head.train()
+        history.append(result)
+        if result["expected_acceptance"] > best["expected_acceptance"]:
+            best = result
+            head.save(config.out, verifier_dir, {"trained_steps": step})
+            copy_tokenizer_files(verifier_dir, config.out)
+        report = {
+            "draft_type": "eagle",
+            "config": {**asdict(config), "data": [os.path.abspath(p) for p in config.data]},
+            "verifier": os.path.abspath(verifier_dir),
+            "sequences": {"train": len(train), "held_out": len(held_out)},
+            "train_tokens": int(sum(s.token_ids.numel() for s in train)),
+            "draft_vocab_size": head.draft_vocab_size,
+            "held_out_top1_in_draft_vocab": coverage,
+            "head_parameters": sum(p.numel() for p in head.parameters()),
+            "teacher_seconds": teacher_seconds,
+            "train_seconds": time.time() - train_started,
+            "best": best,
+            "history": history,
+        }
+        with open(os.path.join(config.out, "distill.json"), "w") as f:
+            json.dump(report, f, indent=2)
+        _plot(config.out, history)
+
+    train_started = time.time()
+    order: list[int] = []
+    step = 0
+    bar = tqdm(total=config.steps, desc="eagle head", disable=not (config.progress and d.main))
+    head.train()
+    try:
+        if d.main:
+            checkpoint(0)
+        while step < config.steps:
+            if config.max_minutes is not None and time.time() - train_started > 60 * config.max_minutes:
+                break
+            if len(order) < config.batch_size:
+                order = list(range(len(train)))
+                rng.shuffle(order)
+            picked = [train[order.pop()] for _ in range(config.batch_size)]
+            batch = make_batch(picked, to_draft, d.device)
+            predicted = head_forward(model, head, batch, config.feature_noise)
+            feat, kl = losses(head, batch, predicted)
+            loss = config.feature_weight * feat + kl
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            step += 1
+            if d.main:
+                history.append({"step": step, "loss": loss.item(), "feature_loss": feat.item(), "kl": kl.item()})
+                bar.set_postfix(loss=f"{loss.item():.3f}", kl=f"{kl.item():.3f}")
+                bar.update(1)
+                if step % config.eval_every == 0:
+                    checkpoint(step)
+    except KeyboardInterrupt:
+        if d.main:
+            print("interrupted: keeping the best head so far", flush=True)
+    finally:
+        bar.close()
+    if d.main and (not history or history[-1].get("step") != step or "agreement" not in history[-1]):
+        checkpoint(step)
+    d.barrier()
+    return {"out": config.out, "steps": step, "best": best, "head": head}
