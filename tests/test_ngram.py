@@ -47,8 +47,9 @@ def spec_llm(tiny, method: str, draft: str | None, k: int | None, **kw) -> LLM:
     )
 
 
-@pytest.mark.parametrize("method, draft, k", [("ngram", None, 3), ("ngram", None, None), ("hybrid", "draft", 2),
-                                              ("hybrid", "draft", None)])
+@pytest.mark.parametrize(
+    "method, draft, k", [("ngram", None, 3), ("ngram", None, None), ("hybrid", "draft", 2), ("hybrid", "draft", None)]
+)
 def test_greedy_equals_plain(tiny, method, draft, k):
     plain = LLM(tiny["llama"], dtype="float32", cache=CacheConfig(num_blocks=256, block_size=4))
     params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
@@ -92,3 +93,32 @@ def test_matches_across_the_prompt_output_boundary_and_repeats():
     assert p.propose([5, 7, 7, 7, 7], k=3) == [7]
     # min_n bounds the shortest match
     assert NgramProposer(min_n=3, max_n=4).propose([1, 2, 9, 1, 2], k=2) == []
+
+
+def test_a_cold_draft_pays_its_catch_up_in_the_choice_of_k():
+    """A request whose recent tokens came from prompt lookup: the draft must first catch up on them."""
+    from types import SimpleNamespace
+
+    from specserve.config import SpeculativeConfig
+    from specserve.engine.speculation_length import SpeculationLengthPolicy
+
+    policy = SpeculationLengthPolicy(SpeculativeConfig(draft="x"), initial_cost_ratio=0.1, ngram=None)
+    policy.acceptance_rate["draft"] = 0.5
+    for n in [1, 2, 3, 4] * 5:  # verification nearly free
+        policy.observe_verifier_step(n, 0.03 + 0.0003 * n)
+    policy.observe_draft_step(0.003)
+    for n in [1, 10, 50, 200] * 3:  # the draft's catch-up: 1 ms per token it has not seen
+        policy.observe_draft_catchup(n, 0.002 + 0.001 * n)
+    warm = SimpleNamespace(
+        num_tokens=100,
+        num_draft_computed_tokens=99,
+        spec_counts={},
+        steps_since_draft=0,
+        probe_interval=16,
+        all_token_ids=[1] * 100,
+    )
+    cold = SimpleNamespace(**{**vars(warm), "num_draft_computed_tokens": 0})
+    assert policy.draft_overhead(warm, 1) == 0.0
+    assert policy.draft_overhead(cold, 1) > 2.0  # ~100 ms of catch-up against a 30 ms step
+    assert policy(warm, 1) >= 2
+    assert policy(cold, 1) == 0

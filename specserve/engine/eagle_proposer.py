@@ -63,6 +63,8 @@ class EagleProposer(DraftProposer):
             logits = self.runner.forward(runs, features)
             if all(len(run.token_ids) == 1 for run in runs):
                 self.step_seconds = time.perf_counter() - t0
+            if j == 0:
+                self.catchup = (sum(len(run.token_ids) for run in runs), time.perf_counter() - t0)
             probs = sampling_probs(logits, [requests[i].params for i in active])
             tokens = self._sample(probs, [requests[i] for i in active])
             for row, i in enumerate(active):

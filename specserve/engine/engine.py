@@ -19,6 +19,7 @@ from transformers import AutoTokenizer, GenerationConfig
 
 from kernels import rejection_sample
 from specserve.config import EngineConfig
+from specserve.engine.cuda_graphs import graph_shapes
 from specserve.engine.detokenizer import IncrementalDetokenizer
 from specserve.engine.eagle_proposer import EagleProposer
 from specserve.engine.kv_cache_manager import KVCacheManager
@@ -136,6 +137,11 @@ class LLMEngine:
             if draft_model is not None:
                 c0 = num_params(draft_model) / num_params(self.verifier)
             self.spec_policy = SpeculationLengthPolicy(spec, c0, ngram)
+        shapes = graph_shapes(config, self.max_model_len)  # None off CUDA or with cuda_graphs off
+        if shapes is not None:  # captured now, before any request, never lazily mid-step
+            self.runner.capture_cuda_graphs(shapes)
+            if self.proposer is not None and isinstance(self.proposer.runner.model, LlamaModel):
+                self.proposer.runner.capture_cuda_graphs(shapes)  # an EAGLE head runs eagerly
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, self.spec_policy)
         self.metrics = EngineMetrics()
         self.requests: dict[str, Request] = {}
@@ -274,6 +280,8 @@ class LLMEngine:
             self.spec_policy.observe_verifier_step(plan.num_batched_tokens, verify_seconds)
             if spec_items and self.proposer.step_seconds > 0:
                 self.spec_policy.observe_draft_step(self.proposer.step_seconds)
+            if spec_items:
+                self.spec_policy.observe_draft_catchup(*self.proposer.catchup)
 
         sampling = [s for s in plan.scheduled if s.samples]
         if not sampling:
@@ -299,9 +307,12 @@ class LLMEngine:
         max_k = max(ks)
         params = [p for s in sampling for p in [s.request.params] * (s.num_draft_tokens + 1)]
         probs = sampling_probs(logits, params)  # [sum(k + 1), vocab]
-        target = torch.zeros(batch, max_k + 1, vocab)
+        # the kernel takes every input on the logits' device; ids and random draws are made on the host
+        # (from each request's CPU generator, so a seed means the same on any device) and moved once
+        dev = logits.device
+        target = torch.zeros(batch, max_k + 1, vocab, device=dev)
         draft_token_ids = torch.full((batch, max_k), -1, dtype=torch.int64)
-        q = torch.zeros(batch, max_k, vocab) if draft_probs is not None and max_k > 0 else None
+        q = torch.zeros(batch, max_k, vocab, device=dev) if draft_probs is not None and max_k > 0 else None
         row = 0
         for i, s in enumerate(sampling):
             k = s.num_draft_tokens
@@ -317,19 +328,16 @@ class LLMEngine:
         generators = [s.request.generator for s in sampling]
         greedy = [s.request.params.greedy for s in sampling]
         out_ids, num_accepted = rejection_sample(
-            draft_token_ids,
+            draft_token_ids.to(dev),
             q,
             target,
-            torch.tensor(ks, dtype=torch.int64),
-            draw_uniform(generators, ks),
-            draw_exponential(generators, vocab, greedy),
-            torch.tensor(greedy),
+            torch.tensor(ks, dtype=torch.int64, device=dev),
+            draw_uniform(generators, ks).to(dev),
+            draw_exponential(generators, vocab, greedy).to(dev),
+            torch.tensor(greedy, device=dev),
         )
-        result = {}
-        for i, s in enumerate(sampling):
-            n = int(num_accepted[i]) + 1
-            result[s.request.request_id] = out_ids[i, :n].tolist()
-        return result
+        out_ids, num_accepted = out_ids.tolist(), num_accepted.tolist()  # one device-to-host copy each
+        return {s.request.request_id: out_ids[i][: num_accepted[i] + 1] for i, s in enumerate(sampling)}
 
     def update(self, plan: SchedulerOutput, output: StepOutput) -> list[RequestOutput]:
         self.metrics.steps += 1

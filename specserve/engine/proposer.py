@@ -25,6 +25,7 @@ class DraftProposer:
     def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
         self.step_seconds = 0.0  # time of the latest single-token draft forward (cost ratio input)
+        self.catchup: tuple[int, float] = (0, 0.0)  # (tokens, seconds) of the latest proposal's first forward
 
     def _sample(self, probs: torch.Tensor, requests: list[Request]) -> torch.Tensor:  # [batch]
         out = probs.argmax(dim=-1)
@@ -32,7 +33,7 @@ class DraftProposer:
             if not r.params.greedy:
                 noise = torch.empty(probs.shape[-1]).exponential_(generator=r.generator)
                 noise.clamp_min_(torch.finfo(torch.float32).tiny)
-                out[i] = (probs[i] / noise).argmax()
+                out[i] = (probs[i] / noise.to(probs.device)).argmax()  # drawn on the host: same on any device
         return out
 
     def propose(
@@ -44,7 +45,7 @@ class DraftProposer:
         max_k = max(ks)
         batch, vocab = len(items), self.runner.vocab_size
         draft_ids = torch.full((batch, max_k), -1, dtype=torch.int64)
-        draft_probs = torch.zeros(batch, max_k, vocab)
+        draft_probs = torch.zeros(batch, max_k, vocab, device=self.runner.device)
         runs = [
             TokenRun(r.all_token_ids[r.num_draft_computed_tokens :], r.num_draft_computed_tokens, blocks, 1)
             for r, _, blocks in items
@@ -55,6 +56,8 @@ class DraftProposer:
             logits = self.runner.forward(runs)
             if all(len(run.token_ids) == 1 for run in runs):
                 self.step_seconds = time.perf_counter() - t0
+            if j == 0:
+                self.catchup = (sum(len(run.token_ids) for run in runs), time.perf_counter() - t0)
             probs = sampling_probs(logits, [requests[i].params for i in active])
             tokens = self._sample(probs, [requests[i] for i in active])
             for row, i in enumerate(active):

@@ -6,12 +6,18 @@ plus k draft steps (c each, relative to the verifier step), plus the verifier's 
 more tokens per request (v each). On a GPU at small batch v ~ 0 ("verification is free"); on a CPU
 without native bf16 matmuls, or at large batch, it is not. So the policy fits the verifier's step
 time against the number of tokens in the step (t(n) = a + b n, online), times the draft's
-single-token steps, and picks the k in [0, k_max] maximising E(k) / (1 + k (c + v)) with the
+single-token steps, and picks the k in [0, k_max] maximising E(k) / (1 + k (c + v) + o) with the
 request's acceptance estimate (its own counts blended with the engine-wide rate). With prompt
 lookup (n-gram) enabled, a request whose context tail recurs proposes from the match instead
 (c = 0), with its own acceptance estimate per source. k = 0 is plain
 decoding; a request held there probes with k = 1 now and then, backing off while probes fail,
 so its estimate can recover. A fixed k (`--num-speculative-tokens`) bypasses all of this.
+
+o is what the draft must compute before it can propose: a request whose last tokens came from
+prompt lookup or plain steps has a gap of tokens the draft has not seen, and its catch-up forward
+(fitted online like the verifier's: t_d(n) = a_d + b_d n) costs (t_d(gap) - t_d(1)) / plain step.
+Without it, a hybrid would switch to a cold draft whenever the n-gram match ran out and pay a
+prefill of the whole gap for a few probable rejections.
 """
 
 from __future__ import annotations
@@ -26,16 +32,18 @@ MAX_PROBE_INTERVAL = 256
 EMA = 0.05
 
 
-def expected_speedup(alpha: float, k: int, c: float) -> float:
-    """Expected speedup over plain decoding (Leviathan et al. eq. 1): tokens per step over cost per step."""
+def expected_speedup(alpha: float, k: int, c: float, overhead: float = 0.0) -> float:
+    """Expected speedup over plain decoding (Leviathan et al. eq. 1): tokens per step over cost per step.
+
+    overhead: a fixed cost of drafting at all this step (the draft's catch-up), in plain verifier steps."""
     if k == 0:
         return 1.0
     alpha = min(max(alpha, 0.0), 0.999)
-    return (1.0 - alpha ** (k + 1)) / ((1.0 - alpha) * (1.0 + k * c))
+    return (1.0 - alpha ** (k + 1)) / ((1.0 - alpha) * (1.0 + k * c + overhead))
 
 
-def best_k(alpha: float, c: float, k_max: int) -> int:
-    return max(range(k_max + 1), key=lambda k: (expected_speedup(alpha, k, c), -k))
+def best_k(alpha: float, c: float, k_max: int, overhead: float = 0.0) -> int:
+    return max(range(k_max + 1), key=lambda k: (expected_speedup(alpha, k, c, overhead), -k))
 
 
 class StepCostModel:
@@ -84,6 +92,7 @@ class SpeculationLengthPolicy:
         # engine-wide acceptance rate per source, updated from every verification
         self.acceptance_rate = {"draft": 0.6, "ngram": 0.5}
         self.verifier_cost = StepCostModel()
+        self.draft_cost = StepCostModel()  # the draft's first forward of a proposal (catch-up) vs its tokens
         self.draft_step_seconds: float | None = None
 
     def reset_draft(self, initial_cost_ratio: float) -> None:
@@ -91,6 +100,7 @@ class SpeculationLengthPolicy:
         self.initial_cost_ratio = initial_cost_ratio
         self.acceptance_rate["draft"] = 0.6
         self.draft_step_seconds = None
+        self.draft_cost = StepCostModel()
 
     def observe_acceptance(self, source: str, drafted: int, accepted: int) -> None:
         if drafted:
@@ -99,6 +109,17 @@ class SpeculationLengthPolicy:
 
     def observe_verifier_step(self, num_tokens: int, seconds: float) -> None:
         self.verifier_cost.observe(num_tokens, seconds)
+
+    def observe_draft_catchup(self, num_tokens: int, seconds: float) -> None:
+        self.draft_cost.observe(num_tokens, seconds)
+
+    def draft_overhead(self, request: Request, batch: int) -> float:
+        """o: the draft's catch-up on the tokens it has not seen, beyond one token, in plain verifier steps."""
+        gap = request.num_tokens - request.num_draft_computed_tokens
+        draft, verifier = self.draft_cost.fit(), self.verifier_cost.fit()
+        if gap <= 1 or draft is None or verifier is None:
+            return 0.0
+        return draft[1] * (gap - 1) / (verifier[0] + verifier[1] * batch)
 
     def observe_draft_step(self, seconds: float) -> None:
         if self.draft_step_seconds is None:
@@ -147,7 +168,8 @@ class SpeculationLengthPolicy:
         request.spec_source = "draft"
         if fixed is not None:
             return fixed
-        k = best_k(self.request_acceptance(request), self.cost_per_draft_token(num_running), cap)
+        overhead = self.draft_overhead(request, num_running)
+        k = best_k(self.request_acceptance(request), self.cost_per_draft_token(num_running), cap, overhead)
         if k == 0 and cap > 0 and request.steps_since_draft >= request.probe_interval:
             return 1
         return k

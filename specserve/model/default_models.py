@@ -3,7 +3,9 @@
 The package ships a GGUF file (Q4_1). The first call dequantises it with HF transformers and
 saves a plain checkpoint (config.json + bf16 safetensors + tokenizer) under the cache directory
 (`$SPECSERVE_CACHE`, default `~/.cache/specserve`); later calls load that. Nothing is downloaded.
-The stand-in draft is the verifier's first layers with its own embeddings, norm and output layer.
+The default draft is the EAGLE head shipped inside the package (`specserve/drafts/`, trained with
+`specserve distill --draft-type eagle`, see the README for the command) when it was trained for this
+verifier; otherwise a stand-in: the verifier's first layers with its own embeddings, norm and output layer.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import shutil
 
 VERIFIER_NAME = "smollm2-135m-instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SHIPPED_DRAFT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "drafts", "smollm2-135m-eagle")
 
 
 def cache_dir() -> str:
@@ -91,3 +94,15 @@ def layer_slice_draft(verifier_dir: str, num_layers: int = 4) -> str:
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out
+
+
+def default_draft(verifier_dir: str) -> str:
+    """The shipped EAGLE head if it was trained for this verifier, else the 4-layer stand-in."""
+    from specserve.model.eagle import verifier_fingerprint
+
+    config = os.path.join(SHIPPED_DRAFT, "config.json")
+    if os.path.exists(config):
+        with open(config) as f:
+            if json.load(f).get("verifier_fingerprint") == verifier_fingerprint(verifier_dir):
+                return SHIPPED_DRAFT
+    return layer_slice_draft(verifier_dir)
