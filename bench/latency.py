@@ -1,6 +1,6 @@
 """The latency benchmark as a script: the same entry point as `specserve bench latency` (see bench/README.md).
 
-    python bench/latency.py --help
+python bench/latency.py --help
 """
 
 import sys

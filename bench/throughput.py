@@ -1,6 +1,6 @@
 """The throughput benchmark as a script: the same entry point as `specserve bench throughput` (see bench/README.md).
 
-    python bench/throughput.py --help
+python bench/throughput.py --help
 """
 
 import sys

@@ -59,15 +59,21 @@ def acceptance_summary(records: list[dict], cost: dict | None) -> dict:
     emitting a prompt's first token, count at speedup 1). `predicted_speedup_verify_cost` charges the
     verifier's measured (k + 1)-token forward instead of a free one: cost t(k + 1) / t(1) + k c.
     """
-    total = {"verification_steps": 0, "drafted_per_position": [], "reached_per_position": [],
-             "accepted_per_position": [], "decode_steps_by_k": []}
+    total = {
+        "verification_steps": 0,
+        "drafted_per_position": [],
+        "reached_per_position": [],
+        "accepted_per_position": [],
+        "decode_steps_by_k": [],
+    }
     for r in records:
         s = r["spec"]
         total["verification_steps"] += s["verification_steps"]
         for key in ("drafted_per_position", "reached_per_position", "accepted_per_position", "decode_steps_by_k"):
             total[key] = add_lists(total[key], s[key])
-    drafted, reached, accepted = (sum(total[k]) for k in
-                                  ("drafted_per_position", "reached_per_position", "accepted_per_position"))
+    drafted, reached, accepted = (
+        sum(total[k]) for k in ("drafted_per_position", "reached_per_position", "accepted_per_position")
+    )
     steps = total["verification_steps"]
     alpha = accepted / reached if reached else None
     predicted = predicted_verify = None
@@ -86,10 +92,12 @@ def acceptance_summary(records: list[dict], cost: dict | None) -> dict:
         "alpha": alpha,
         "acceptance_rate": accepted / drafted if drafted else None,
         "mean_acceptance_length": (accepted + steps) / steps if steps else None,
-        "per_position_acceptance": [ratio(a, d) for a, d in
-                                    zip(total["accepted_per_position"], total["drafted_per_position"], strict=True)],
-        "per_position_conditional": [ratio(a, r) for a, r in
-                                     zip(total["accepted_per_position"], total["reached_per_position"], strict=True)],
+        "per_position_acceptance": [
+            ratio(a, d) for a, d in zip(total["accepted_per_position"], total["drafted_per_position"], strict=True)
+        ],
+        "per_position_conditional": [
+            ratio(a, r) for a, r in zip(total["accepted_per_position"], total["reached_per_position"], strict=True)
+        ],
         "decode_steps_by_k": total["decode_steps_by_k"],
         "predicted_speedup": predicted,
         "predicted_speedup_verify_cost": predicted_verify,

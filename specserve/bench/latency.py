@@ -25,9 +25,9 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from specserve.bench.acceptance import acceptance_summary, spec_counts
-from specserve.bench.options import add_latency_args, resolve_draft, resolve_verifier
+from specserve.bench.options import LATENCY_PRESETS, add_latency_args, resolve_draft, resolve_presets, resolve_verifier
 from specserve.bench.prompts import BenchPrompt, load_prompts
-from specserve.bench.report import environment, plot_grouped_bars, ratio, table, write_json
+from specserve.bench.report import environment, plot_grouped_bars, plot_lines, ratio, table, write_json
 from specserve.bench.systems import HFSystem, OursSystem, Run, kv_blocks_for, synchronize
 from specserve.config import SpeculativeConfig
 
@@ -38,22 +38,26 @@ HYBRID = "ours-hybrid-adaptive"  # n-gram when the context tail recurs, else the
 METHODS = {NGRAM: "ngram", HYBRID: "hybrid"}
 ADAPTIVE_MAX_K = SpeculativeConfig().max_speculative_tokens  # the adaptive system runs with the default bound
 WARMUP_TOKENS = 16
-COST_WARMUP, COST_REPS = 3, 20
+COST_WARMUP = 3
 
 
 # ---- systems --------------------------------------------------------------------------------
 
 
-def system_names(k_list: list[int], systems: list[str] | None, no_hf: bool) -> list[str]:
-    default = (["ours-plain"] + [f"{SPEC_PREFIX}k{k}" for k in k_list]
-               + [ADAPTIVE, NGRAM, HYBRID, "hf-plain", "hf-assisted"])
+def system_names(k_list: list[int], systems: list[str] | None, no_hf: bool, quick: bool = False) -> list[str]:
+    adaptive = [HYBRID] if quick else [ADAPTIVE, NGRAM, HYBRID]
+    default = ["ours-plain"] + [f"{SPEC_PREFIX}k{k}" for k in k_list] + adaptive + ["hf-plain", "hf-assisted"]
     names = systems or default
-    pattern = re.compile(r"ours-plain|ours-spec-k\d+|ours-spec-adaptive|ours-ngram-adaptive|ours-hybrid-adaptive"
-                         r"|hf-plain|hf-assisted")
+    pattern = re.compile(
+        r"ours-plain|ours-spec-k\d+|ours-spec-adaptive|ours-ngram-adaptive|ours-hybrid-adaptive"
+        r"|hf-plain|hf-assisted"
+    )
     bad = [n for n in names if not pattern.fullmatch(n)]
     if bad:
-        raise ValueError(f"unknown systems {bad}; choose from ours-plain, ours-spec-k<K> (e.g. ours-spec-k4), "
-                         "ours-spec-adaptive, ours-ngram-adaptive, ours-hybrid-adaptive, hf-plain, hf-assisted")
+        raise ValueError(
+            f"unknown systems {bad}; choose from ours-plain, ours-spec-k<K> (e.g. ours-spec-k4), "
+            "ours-spec-adaptive, ours-ngram-adaptive, ours-hybrid-adaptive, hf-plain, hf-assisted"
+        )
     if no_hf:
         names = [n for n in names if not n.startswith("hf-")]
     if not names:
@@ -79,8 +83,16 @@ def build_systems(names: list[str], verifier: str, draft: str, args, max_seq_len
             systems[name] = OursSystem(name, verifier, None, None, args.dtype, args.device, max_seq_len)
         elif is_spec(name):
             method = METHODS.get(name, "draft")
-            systems[name] = OursSystem(name, verifier, None if method == "ngram" else draft, fixed_k(name),
-                                       args.dtype, args.device, max_seq_len, method=method)
+            systems[name] = OursSystem(
+                name,
+                verifier,
+                None if method == "ngram" else draft,
+                fixed_k(name),
+                args.dtype,
+                args.device,
+                max_seq_len,
+                method=method,
+            )
         else:
             hf_draft = draft if name == "hf-assisted" else None
             systems[name] = HFSystem(name, verifier, hf_draft, args.dtype, args.device, eos, pad)
@@ -90,13 +102,13 @@ def build_systems(names: list[str], verifier: str, draft: str, args, max_seq_len
 # ---- the draft / verifier cost ratio ------------------------------------------------------------
 
 
-def measure_cost_ratio(engine, context_ids: list[int], max_k: int, device: str) -> dict:
+def measure_cost_ratio(engine, context_ids: list[int], max_k: int, device: str, reps: int) -> dict:
     """c = time of one single-token draft forward / one single-token verifier forward, at the same context.
 
     Each model runs on its own fresh ModelRunner (a small private KV pool, so the engine's state is not
     touched): prefill `context_ids`, then time forwards at the next position, round-robin so drift hits
     all alike: the draft with 1 token, the verifier with 1 .. max_k + 1 tokens (what verifying k drafts
-    costs; Leviathan's formula takes it as free). Medians over COST_REPS after COST_WARMUP. Forward
+    costs; Leviathan's formula takes it as free). Medians over `reps` after COST_WARMUP. Forward
     passes only: the engine's sampling around them is not included.
     """
     from specserve.engine.model_runner import ModelRunner, TokenRun
@@ -112,7 +124,7 @@ def measure_cost_ratio(engine, context_ids: list[int], max_k: int, device: str) 
     probe = (context_ids * (max_k + 2))[: max_k + 1]  # any tokens: the cost does not depend on which
     jobs = [("draft", draft, 1)] + [(f"verifier_{m}", verifier, m) for m in sizes]
     times: dict[str, list[float]] = {name: [] for name, _, _ in jobs}
-    for i in range(COST_WARMUP + COST_REPS):
+    for i in range(COST_WARMUP + reps):
         for name, runner, m in jobs if i % 2 == 0 else reversed(jobs):
             run = [TokenRun(probe[:m], n, blocks, m)]
             synchronize(device)
@@ -128,7 +140,7 @@ def measure_cost_ratio(engine, context_ids: list[int], max_k: int, device: str) 
         "verifier_forward_ms": 1e3 * median["verifier_1"],
         "verify_cost": [median[f"verifier_{m}"] / median["verifier_1"] for m in sizes],
         "context_tokens": n,
-        "reps": COST_REPS,
+        "reps": reps,
         "param_ratio": sum(p.numel() for p in draft.model.parameters())
         / sum(p.numel() for p in verifier.model.parameters()),
     }
@@ -173,15 +185,23 @@ def mismatches(outputs: dict, names: list[str], temperature: float, prompts: lis
     return result
 
 
-def summarize(records: list[dict], names: list[str], temperature: float, categories: list[str],
-              cost: dict | None, outputs: dict, prompts: list[BenchPrompt]) -> dict:
+def summarize(
+    records: list[dict],
+    names: list[str],
+    temperature: float,
+    categories: list[str],
+    cost: dict | None,
+    outputs: dict,
+    prompts: list[BenchPrompt],
+) -> dict:
     recs = [r for r in records if r["temperature"] == temperature]
     systems = {}
     for name in names:
         mine = [r for r in recs if r["system"] == name]
         systems[name] = throughput_of(mine)
-        systems[name]["by_category"] = {cat: throughput_of([r for r in mine if r["category"] == cat])
-                                        for cat in categories}
+        systems[name]["by_category"] = {
+            cat: throughput_of([r for r in mine if r["category"] == cat]) for cat in categories
+        }
     for name in names:
         for base, key in (("ours-plain", "speedup_vs_ours_plain"), ("hf-plain", "speedup_vs_hf_plain")):
             ref = systems.get(base)
@@ -221,30 +241,94 @@ def print_summary(s: dict, categories: list[str], dtype: str) -> None:
     rows = []
     for name, v in s["systems"].items():
         sp = s["speculation"].get(name, {})
-        rows.append([name, v["output_tokens"], v["seconds"], v["tokens_per_s"], v["speedup_vs_ours_plain"],
-                     v["speedup_vs_hf_plain"], sp.get("mean_k"), sp.get("mean_acceptance_length"), sp.get("alpha"),
-                     sp.get("predicted_speedup"), sp.get("achieved_over_predicted"),
-                     sp.get("predicted_speedup_verify_cost")])
-    print(table(["system", "tokens", "seconds", "tok/s", "x ours-plain", "x hf-plain", "mean k", "MAL", "alpha",
-                 "predicted", "achieved/pred", "pred+verify"], rows))
+        rows.append(
+            [
+                name,
+                v["output_tokens"],
+                v["seconds"],
+                v["tokens_per_s"],
+                v["speedup_vs_ours_plain"],
+                v["speedup_vs_hf_plain"],
+                sp.get("mean_k"),
+                sp.get("mean_acceptance_length"),
+                sp.get("alpha"),
+                sp.get("predicted_speedup"),
+                sp.get("achieved_over_predicted"),
+                sp.get("predicted_speedup_verify_cost"),
+            ]
+        )
+    print(
+        table(
+            [
+                "system",
+                "tokens",
+                "seconds",
+                "tok/s",
+                "x ours-plain",
+                "x hf-plain",
+                "mean k",
+                "MAL",
+                "alpha",
+                "predicted",
+                "achieved/pred",
+                "pred+verify",
+            ],
+            rows,
+        )
+    )
     print("\ntokens/s by category")
-    print(table(["system"] + categories,
-                [[n] + [v["by_category"][c]["tokens_per_s"] for c in categories] for n, v in s["systems"].items()]))
+    print(
+        table(
+            ["system"] + categories,
+            [[n] + [v["by_category"][c]["tokens_per_s"] for c in categories] for n, v in s["systems"].items()],
+        )
+    )
     if s["speculation"]:
         print("\nmean acceptance length (tokens per verification step) by category")
-        print(table(["system"] + categories,
-                    [[n] + [v["by_category"][c]["mean_acceptance_length"] for c in categories]
-                     for n, v in s["speculation"].items()]))
+        print(
+            table(
+                ["system"] + categories,
+                [
+                    [n] + [v["by_category"][c]["mean_acceptance_length"] for c in categories]
+                    for n, v in s["speculation"].items()
+                ],
+            )
+        )
         print("\nper-position acceptance: accepted / drafted at draft position 1, 2, ...")
         width = max(len(v["per_position_acceptance"]) for v in s["speculation"].values())
-        print(table(["system"] + [str(j + 1) for j in range(width)],
-                    [[n] + v["per_position_acceptance"] + [None] * (width - len(v["per_position_acceptance"]))
-                     for n, v in s["speculation"].items()]))
+        print(
+            table(
+                ["system"] + [str(j + 1) for j in range(width)],
+                [
+                    [n] + v["per_position_acceptance"] + [None] * (width - len(v["per_position_acceptance"]))
+                    for n, v in s["speculation"].items()
+                ],
+            )
+        )
     for pair, m in s.get("greedy_mismatches", {}).items():
         note = ""
         if m["differ"] and dtype == "float32" and pair.startswith(SPEC_PREFIX):
             note = "  <- unexpected in float32: speculation should reproduce plain greedy output exactly"
         print(f"greedy outputs differing, {pair}: {m['differ']}/{m['compared']}{note}")
+
+
+def acceptance_panels(summary: list[dict], categories: list[str]) -> list[tuple[str, dict]]:
+    """One panel per temperature and speculative system that drafted: acceptance at each draft position, one line
+    per category that drafted there and one for all prompts together."""
+    panels = []
+    for s in summary:
+        for name, sp in s["speculation"].items():
+            if not sp["drafted_tokens"]:
+                continue
+            series = {}
+            for label, values in [(c, sp["by_category"][c]["per_position_acceptance"]) for c in categories] + [
+                ("all", sp["per_position_acceptance"])
+            ]:
+                points = [(j + 1, v) for j, v in enumerate(values) if v is not None]
+                if points:
+                    series[label] = ([x for x, _ in points], [y for _, y in points], "k-" if label == "all" else ":")
+            panels.append((f"{name}, temperature {s['temperature']:g}", series))
+    return panels
 
 
 # ---- the run ------------------------------------------------------------------------------------
@@ -257,7 +341,8 @@ def run(args: argparse.Namespace) -> int:
     from specserve.engine.engine import eos_token_ids
 
     transformers.logging.set_verbosity_error()
-    names = system_names(args.k, args.systems, args.no_hf)
+    resolve_presets(args, LATENCY_PRESETS)
+    names = system_names(args.k, args.systems, args.no_hf, args.quick)
     bad_t = [t for t in args.temperature if t < 0]
     if bad_t:
         raise ValueError(f"temperatures must be >= 0, got {bad_t}")
@@ -279,13 +364,13 @@ def run(args: argparse.Namespace) -> int:
     cost = None
     if spec_engines:
         context = sorted(prompts, key=lambda p: len(p.token_ids))[len(prompts) // 2].token_ids
-        cost = measure_cost_ratio(spec_engines[0], context, max_k, args.device)
+        cost = measure_cost_ratio(spec_engines[0], context, max_k, args.device, args.cost_reps)
 
     records: list[dict] = []
     outputs: dict[tuple[str, float, int], list[int]] = {}
     for i, prompt in enumerate(tqdm(prompts, desc="latency", unit="prompt")):
         for t in args.temperature:
-            order = names[i % len(names):] + names[: i % len(names)]
+            order = names[i % len(names) :] + names[: i % len(names)]
             for name in order:
                 result: Run = systems[name].run(prompt.token_ids, t, args.max_tokens, args.seed + i)
                 outputs[(name, t, prompt.question_id)] = result.token_ids
@@ -304,33 +389,48 @@ def run(args: argparse.Namespace) -> int:
 
     summary = [summarize(records, names, t, args.categories, cost, outputs, prompts) for t in args.temperature]
     if cost is not None:
-        print(f"\ncost ratio c = draft / verifier single-token forward = {cost['draft_forward_ms']:.2f} ms / "
-              f"{cost['verifier_forward_ms']:.2f} ms = {cost['c']:.3f} (parameter ratio {cost['param_ratio']:.3f})")
-        print("verifier forward of k + 1 tokens / of 1 token, k = 0, 1, ...: "
-              + " ".join(f"{v:.2f}" for v in cost["verify_cost"]))
+        print(
+            f"\ncost ratio c = draft / verifier single-token forward = {cost['draft_forward_ms']:.2f} ms / "
+            f"{cost['verifier_forward_ms']:.2f} ms = {cost['c']:.3f} (parameter ratio {cost['param_ratio']:.3f})"
+        )
+        print(
+            "verifier forward of k + 1 tokens / of 1 token, k = 0, 1, ...: "
+            + " ".join(f"{v:.2f}" for v in cost["verify_cost"])
+        )
     for s in summary:
         print_summary(s, args.categories, args.dtype)
 
     config = {k: v for k, v in vars(args).items() if k not in ("func", "command", "bench")}
     config.update(verifier=verifier, draft=draft, systems=names)
-    write_json(args.out, {
-        "benchmark": "latency",
-        "config": config,
-        "environment": environment(args.device),
-        "prompts": [{k: v for k, v in asdict(p).items() if k not in ("text", "token_ids")}
-                    | {"prompt_tokens": len(p.token_ids)} for p in prompts],
-        "cost_ratio": cost,
-        "summary": summary,
-        "runs": records,
-    })
+    write_json(
+        args.out,
+        {
+            "benchmark": "latency",
+            "config": config,
+            "environment": environment(args.device),
+            "prompts": [
+                {k: v for k, v in asdict(p).items() if k not in ("text", "token_ids")}
+                | {"prompt_tokens": len(p.token_ids)}
+                for p in prompts
+            ],
+            "cost_ratio": cost,
+            "summary": summary,
+            "runs": records,
+        },
+    )
     print(f"\nwrote {args.out}")
     png = str(Path(args.out).with_suffix(".png"))
     panels = []
     for s in summary:
-        series = {n: {**{c: v["by_category"][c]["tokens_per_s"] for c in args.categories}, "all": v["tokens_per_s"]}
-                  for n, v in s["systems"].items()}
+        series = {
+            n: {**{c: v["by_category"][c]["tokens_per_s"] for c in args.categories}, "all": v["tokens_per_s"]}
+            for n, v in s["systems"].items()
+        }
         panels.append((f"temperature {s['temperature']:g}", series))
     if plot_grouped_bars(png, panels, list(args.categories) + ["all"], "tokens/s (batch 1)"):
+        print(f"wrote {png}")
+    png = str(Path(args.out).with_name(Path(args.out).stem + "_acceptance.png"))
+    if plot_lines(png, acceptance_panels(summary, args.categories), "draft position", "accepted / drafted"):
         print(f"wrote {png}")
     return 0
 

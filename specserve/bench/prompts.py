@@ -32,8 +32,10 @@ def category_of(subcategory: str) -> str:
         return "mt_bench"
     if subcategory in CATEGORIES:
         return subcategory
-    raise ValueError(f"unknown Spec-Bench category {subcategory!r}; expected one of {CATEGORIES} or an MT-Bench "
-                     f"sub-category {MT_BENCH_SUBCATEGORIES}")
+    raise ValueError(
+        f"unknown Spec-Bench category {subcategory!r}; expected one of {CATEGORIES} or an MT-Bench "
+        f"sub-category {MT_BENCH_SUBCATEGORIES}"
+    )
 
 
 def load_questions(path: str = DEFAULT_PROMPTS_FILE) -> list[dict]:

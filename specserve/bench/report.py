@@ -1,4 +1,4 @@
-"""Benchmark output: plain-text tables, the JSON file, the environment block and the grouped-bar plot.
+"""Benchmark output: Markdown tables, the JSON file, the environment block and the plots (grouped bars, lines).
 
 Knows nothing about models or about what the numbers mean; the benchmarks hand it rows.
 """
@@ -26,15 +26,17 @@ def fmt(value, digits: int = 2) -> str:
 
 
 def table(headers: list[str], rows: list[list], digits: int = 2) -> str:
-    """A right-aligned text table (first column left-aligned); None prints as '-'."""
+    """A Markdown table, padded so it also reads in a terminal: first column left-aligned, the others right;
+    None prints as '-'."""
     cells = [headers] + [[fmt(v, digits) for v in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    widths = [max(3, *(len(r[i]) for r in cells)) for i in range(len(headers))]
+    rule = [":" + "-" * (w - 1) if i == 0 else "-" * (w - 1) + ":" for i, w in enumerate(widths)]
     lines = []
     for n, r in enumerate(cells):
         padded = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))]
-        lines.append("  ".join(padded))
+        lines.append("| " + " | ".join(padded) + " |")
         if n == 0:
-            lines.append("  ".join("-" * w for w in widths))
+            lines.append("| " + " | ".join(rule) + " |")
     return "\n".join(lines)
 
 
@@ -64,13 +66,8 @@ def write_json(path: str, obj: dict) -> None:
         f.write("\n")
 
 
-def plot_grouped_bars(
-    path: str, panels: list[tuple[str, dict[str, dict[str, float | None]]]], groups: list[str], ylabel: str
-) -> bool:
-    """One panel per (title, {series: {group: value}}): bars grouped by `groups`, one bar per series.
-
-    Returns False (and says so) when matplotlib is not installed; the benchmark's numbers do not depend on it.
-    """
+def _pyplot(path: str):
+    """matplotlib.pyplot on the Agg backend, or None (said on stderr) when matplotlib is not installed."""
     try:
         import matplotlib
 
@@ -78,6 +75,26 @@ def plot_grouped_bars(
         import matplotlib.pyplot as plt
     except ImportError:
         print(f"matplotlib is not installed: no plot written to {path} (pip install matplotlib)", file=sys.stderr)
+        return None
+    return plt
+
+
+def _save(fig, plt, path: str) -> None:
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_grouped_bars(
+    path: str, panels: list[tuple[str, dict[str, dict[str, float | None]]]], groups: list[str], ylabel: str
+) -> bool:
+    """One panel per (title, {series: {group: value}}): bars grouped by `groups`, one bar per series.
+
+    Returns False (and says so) when matplotlib is not installed; the benchmark's numbers do not depend on it.
+    """
+    plt = _pyplot(path)
+    if plt is None:
         return False
     fig, axes = plt.subplots(len(panels), 1, figsize=(max(8, 1.6 * len(groups)), 3.8 * len(panels)), squeeze=False)
     for ax, (title, series) in zip(axes[:, 0], panels, strict=True):
@@ -90,8 +107,50 @@ def plot_grouped_bars(
         ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
     axes[0, 0].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, plt, path)
+    return True
+
+
+Series = dict[str, tuple[list[float], list[float], str]]
+"""label -> (x values, y values, matplotlib format string: line style, optionally a colour such as "C1--")."""
+
+
+def plot_lines(
+    path: str,
+    panels: list[tuple[str, Series]],
+    xlabel: str,
+    ylabels: str | list[str],
+    ncols: int = 2,
+    log2_x: bool = False,
+) -> bool:
+    """One panel per (title, series), lines with markers; `ylabels` is one label for all panels or one per panel.
+
+    Returns False (and says why) when there is nothing to plot or matplotlib is not installed.
+    """
+    if not panels:
+        print(f"nothing to plot: no plot written to {path}", file=sys.stderr)
+        return False
+    plt = _pyplot(path)
+    if plt is None:
+        return False
+    ncols = min(ncols, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6 * ncols, 3.8 * nrows), squeeze=False)
+    labels = [ylabels] * len(panels) if isinstance(ylabels, str) else ylabels
+    for ax, (title, series), ylabel in zip(axes.flat, panels, labels, strict=False):
+        for label, (xs, ys, style) in series.items():
+            ax.plot(xs, ys, style, marker="o", label=label)
+        if log2_x:
+            ax.set_xscale("log", base=2)
+        xs_all = sorted({x for xs, _, _ in series.values() for x in xs})
+        ax.set_xticks(xs_all, [f"{x:g}" for x in xs_all])
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(bottom=0)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.set_visible(False)
+    _save(fig, plt, path)
     return True

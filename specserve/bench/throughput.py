@@ -15,7 +15,7 @@ from dataclasses import asdict
 
 from tqdm.auto import tqdm
 
-from specserve.bench.options import add_throughput_args, resolve_verifier
+from specserve.bench.options import THROUGHPUT_PRESETS, add_throughput_args, resolve_presets, resolve_verifier
 from specserve.bench.prompts import load_prompts
 from specserve.bench.report import environment, ratio, table, write_json
 from specserve.bench.systems import HFSystem, OursSystem
@@ -42,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from specserve.engine.engine import eos_token_ids
 
     transformers.logging.set_verbosity_error()
+    resolve_presets(args, THROUGHPUT_PRESETS)
     verifier = resolve_verifier(args)
     tokenizer = AutoTokenizer.from_pretrained(verifier)
     prompts = load_prompts(tokenizer, args.prompts_per_category, args.categories, args.prompts_file)
@@ -68,17 +69,29 @@ def run(args: argparse.Namespace) -> int:
     bar = tqdm(total=len(prompts), desc="throughput", unit="prompt")
     for g, (group, own) in enumerate(groups_of(prompts, args.batch)):
         outs, seconds = ours.run_batch([p.token_ids for p in group], args.max_tokens)
-        batched.append({"question_ids": [p.question_id for p in group], "output_tokens": sum(len(o) for o in outs),
-                        "seconds": seconds})
+        batched.append(
+            {
+                "question_ids": [p.question_id for p in group],
+                "output_tokens": sum(len(o) for o in outs),
+                "seconds": seconds,
+            }
+        )
         for i, p in enumerate(group[:own]):
             systems = [ours, hf] if hf is not None else [ours]
             if (g + i) % 2:  # alternate who goes first
                 systems.reverse()
             for system in systems:
                 r = system.run(p.token_ids, 0.0, args.max_tokens, 0, ignore_eos=True)
-                single.append({"system": system.name, "question_id": p.question_id, "category": p.category,
-                               "prompt_tokens": len(p.token_ids), "output_tokens": len(r.token_ids),
-                               "seconds": r.seconds})
+                single.append(
+                    {
+                        "system": system.name,
+                        "question_id": p.question_id,
+                        "category": p.category,
+                        "prompt_tokens": len(p.token_ids),
+                        "output_tokens": len(r.token_ids),
+                        "seconds": r.seconds,
+                    }
+                )
             bar.update(1)
     bar.close()
 
@@ -105,28 +118,43 @@ def run(args: argparse.Namespace) -> int:
         },
     }
     print(f"\nplain greedy decoding, {args.max_tokens} tokens per prompt (ignore_eos), {len(prompts)} prompts")
-    print(table(["system", "batch", "tok/s"], [
-        ["ours-plain", 1, ours_1], ["hf-plain", 1, hf_1], ["ours-plain", args.batch, ours_b]]))
+    print(
+        table(
+            ["system", "batch", "tok/s"],
+            [["ours-plain", 1, ours_1], ["hf-plain", 1, hf_1], ["ours-plain", args.batch, ours_b]],
+        )
+    )
     if r1 is not None:
         met = summary["targets_met"]
-        print(f"ours batch 1 / HF batch 1 = {r1:.2f}x (target >= {TARGET_BATCH_1}x: "
-              f"{'met' if met['batch_1'] else 'not met'})")
-        target = "the target is stated for batch 8" if args.batch != 8 else (
-            f"target >= {TARGET_BATCH_N}x: {'met' if met['batch_8'] else 'not met'}")
+        print(
+            f"ours batch 1 / HF batch 1 = {r1:.2f}x (target >= {TARGET_BATCH_1}x: "
+            f"{'met' if met['batch_1'] else 'not met'})"
+        )
+        target = (
+            "the target is stated for batch 8"
+            if args.batch != 8
+            else (f"target >= {TARGET_BATCH_N}x: {'met' if met['batch_8'] else 'not met'}")
+        )
         print(f"ours batch {args.batch} / HF batch 1 = {rb:.2f}x ({target})")
 
     config = {k: v for k, v in vars(args).items() if k not in ("func", "command", "bench")}
     config.update(verifier=verifier)
-    write_json(args.out, {
-        "benchmark": "throughput",
-        "config": config,
-        "environment": environment(args.device),
-        "prompts": [{k: v for k, v in asdict(p).items() if k not in ("text", "token_ids")}
-                    | {"prompt_tokens": len(p.token_ids)} for p in prompts],
-        "summary": summary,
-        "batch_1_runs": single,
-        "batch_runs": batched,
-    })
+    write_json(
+        args.out,
+        {
+            "benchmark": "throughput",
+            "config": config,
+            "environment": environment(args.device),
+            "prompts": [
+                {k: v for k, v in asdict(p).items() if k not in ("text", "token_ids")}
+                | {"prompt_tokens": len(p.token_ids)}
+                for p in prompts
+            ],
+            "summary": summary,
+            "batch_1_runs": single,
+            "batch_runs": batched,
+        },
+    )
     print(f"\nwrote {args.out}")
     return 0
 
