@@ -32,6 +32,7 @@ class LLM:
         speculative: SpeculativeConfig | None = None,
         device: str = "cpu",
         draft_model=None,
+        cuda_graphs: bool = True,
     ) -> None:
         if verifier is None:
             from specserve.model.default_models import default_verifier
@@ -42,6 +43,7 @@ class LLM:
             verifier=verifier,
             dtype=dtype,
             device=device,
+            cuda_graphs=cuda_graphs,
             cache=cache or CacheConfig(),
             scheduler=scheduler or SchedulerConfig(),
             speculative=speculative,
@@ -80,6 +82,10 @@ class LLM:
                     if out.finished:
                         finished[out.request_id] = out
                         bar.update(1)
+                failed = self.engine.take_failed()
+                if failed:
+                    rid, error = failed[0]
+                    raise RuntimeError(f"request {rid} failed: {error!r}") from error
         finally:
             bar.close()
             for rid in ids:

@@ -216,9 +216,8 @@ def test_a_request_failing_on_the_engine_thread_fails_alone(tiny, monkeypatch):
 
 def test_a_request_failing_mid_generation_fails_alone(tiny, monkeypatch):
     """A detokenizer that breaks on one request's third token: that request gets a 500 (non-streaming) or an
-    error event (streaming); the requests queued behind it complete. One running request per step here
-    (max_num_seqs=1): requests that share the failing step's batch fail with it, as their state is suspect."""
-    engine = make_engine(tiny, max_num_seqs=1)
+    error event (streaming); the requests sharing its batch, and those queued behind it, complete."""
+    engine = make_engine(tiny)
     monkeypatch.setattr(engine_module, "IncrementalDetokenizer", PoisonAtToken)
     with serve(engine) as (url, async_engine):
 

@@ -11,6 +11,7 @@ verifies k + 1 positions, a plain one is the same call with k = 0.
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -37,6 +38,8 @@ from specserve.model.eagle import EagleHead, is_eagle_checkpoint, load_eagle
 from specserve.model.llama import LlamaModel
 from specserve.model.loader import load_model, resolve_dtype
 from specserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
 
 VOCAB_PROBE = "Hello, world! The quick brown fox: 1234 + 5678 = ?"
 
@@ -147,6 +150,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.eos_token_ids = eos_token_ids(config.verifier, self.tokenizer)
         self._ids = itertools.count()
+        self._failed: list[tuple[str, Exception]] = []
 
     # ---- requests -----------------------------------------------------------------------------
 
@@ -340,76 +344,92 @@ class LLMEngine:
         return {s.request.request_id: out_ids[i][: num_accepted[i] + 1] for i, s in enumerate(sampling)}
 
     def update(self, plan: SchedulerOutput, output: StepOutput) -> list[RequestOutput]:
+        """Commit each request's tokens. A request whose bookkeeping raises (a detokenizer fault, say) is
+        aborted and reported by `take_failed()`; the others in the batch carry on."""
         self.metrics.steps += 1
         outputs = []
         for s in plan.scheduled:
-            r = s.request
-            k = s.num_draft_tokens
-            old_num_tokens = r.num_tokens
-            emitted = output.emitted.get(r.request_id)
-            if r.request_id in output.features:
-                num_valid = s.num_new_tokens - (k - (len(emitted) - 1) if emitted is not None else 0)
-                self._keep_features(r, output.features[r.request_id][:num_valid])
-            if emitted is None:  # a prompt chunk that did not reach the end
-                r.num_computed_tokens += s.num_new_tokens
-                self.kv.cache_finalised(r, r.num_computed_tokens, r.num_draft_computed_tokens)
+            try:
+                out = self._update_one(s, output)
+            except Exception as e:  # one request's fault must not take its batch down
+                logger.exception("request %s failed while committing its tokens", s.request.request_id)
+                self._failed.append((s.request.request_id, e))
+                self.abort_request(s.request.request_id)
                 continue
-            num_accepted = len(emitted) - 1
-            # one accounting rule: computed += scheduled - rejected
-            r.num_computed_tokens += s.num_new_tokens - (k - num_accepted)
-            if k:
-                source = r.spec_source or "draft"
-                if source == "draft":
-                    # the draft saw its own tokens up to d_{k-1}; those accepted stay valid (unless the
-                    # proposer re-runs them with better inputs: an EAGLE head's true features)
-                    keep = 0 if self.proposer.recompute_accepted else min(num_accepted, k - 1)
-                    r.num_draft_computed_tokens = old_num_tokens + keep
-                    r.steps_since_draft = 0
-                else:
-                    r.steps_since_draft += 1
-                drafted, accepted = r.spec_counts.get(source, (0, 0))
-                r.spec_counts[source] = (drafted + k, accepted + num_accepted)
-                self.metrics.spec(self.draft_version if source == "draft" else "ngram").record(k, num_accepted)
-                if self.spec_policy is not None:
-                    self.spec_policy.observe_acceptance(source, k, num_accepted)
-                    if source == "draft":
-                        self.spec_policy.observe_request(r, k, num_accepted)
+            if out is not None:
+                outputs.append(out)
+        return outputs
+
+    def take_failed(self) -> list[tuple[str, Exception]]:
+        """Requests that failed on their own since the last call (they are aborted), with the error."""
+        failed, self._failed = self._failed, []
+        return failed
+
+    def _update_one(self, s: ScheduledRequest, output: StepOutput) -> RequestOutput | None:
+        r = s.request
+        k = s.num_draft_tokens
+        old_num_tokens = r.num_tokens
+        emitted = output.emitted.get(r.request_id)
+        if r.request_id in output.features:
+            num_valid = s.num_new_tokens - (k - (len(emitted) - 1) if emitted is not None else 0)
+            self._keep_features(r, output.features[r.request_id][:num_valid])
+        if emitted is None:  # a prompt chunk that did not reach the end
+            r.num_computed_tokens += s.num_new_tokens
+            self.kv.cache_finalised(r, r.num_computed_tokens, r.num_draft_computed_tokens)
+            return None
+        num_accepted = len(emitted) - 1
+        # one accounting rule: computed += scheduled - rejected
+        r.num_computed_tokens += s.num_new_tokens - (k - num_accepted)
+        if k:
+            source = r.spec_source or "draft"
+            if source == "draft":
+                # the draft saw its own tokens up to d_{k-1}; those accepted stay valid (unless the
+                # proposer re-runs them with better inputs: an EAGLE head's true features)
+                keep = 0 if self.proposer.recompute_accepted else min(num_accepted, k - 1)
+                r.num_draft_computed_tokens = old_num_tokens + keep
+                r.steps_since_draft = 0
             else:
                 r.steps_since_draft += 1
-            new_ids = []
-            for token in emitted:
-                r.append_token(token)
-                new_ids.append(token)
-                if self._check_stop(r, token):
-                    break
-            self.metrics.generation_tokens += len(new_ids)
-            trace = None
-            if r.trace is not None:
-                step = SpecStep(r.spec_source or "draft" if k else "none", k, num_accepted)
-                r.trace.add(output.verifier_logits[r.request_id], len(new_ids), step)
-                if r.is_finished:
-                    trace = r.trace.finish(r, self.draft_version)
+            drafted, accepted = r.spec_counts.get(source, (0, 0))
+            r.spec_counts[source] = (drafted + k, accepted + num_accepted)
+            self.metrics.spec(self.draft_version if source == "draft" else "ngram").record(k, num_accepted)
+            if self.spec_policy is not None:
+                self.spec_policy.observe_acceptance(source, k, num_accepted)
+                if source == "draft":
+                    self.spec_policy.observe_request(r, k, num_accepted)
+        else:
+            r.steps_since_draft += 1
+        new_ids = []
+        for token in emitted:
+            r.append_token(token)
+            new_ids.append(token)
+            if self._check_stop(r, token):
+                break
+        self.metrics.generation_tokens += len(new_ids)
+        trace = None
+        if r.trace is not None:
+            step = SpecStep(r.spec_source or "draft" if k else "none", k, num_accepted)
+            r.trace.add(output.verifier_logits[r.request_id], len(new_ids), step)
             if r.is_finished:
-                self.scheduler.finish(r, r.status)
-                self._count_finished(r)
-                self.requests.pop(r.request_id, None)
-            else:
-                self.kv.cache_finalised(r, r.num_computed_tokens, r.num_draft_computed_tokens)
-            outputs.append(
-                RequestOutput(
-                    request_id=r.request_id,
-                    text=r.detokenizer.text,
-                    token_ids=list(r.output_token_ids),
-                    delta_text=r.detokenizer.take_delta(r.is_finished),
-                    delta_token_ids=new_ids,
-                    finished=r.is_finished,
-                    finish_reason=r.finish_reason,
-                    num_prompt_tokens=r.num_prompt_tokens,
-                    stop_reason=r.stop_reason,
-                    trace=trace,
-                )
-            )
-        return outputs
+                trace = r.trace.finish(r, self.draft_version)
+        if r.is_finished:
+            self.scheduler.finish(r, r.status)
+            self._count_finished(r)
+            self.requests.pop(r.request_id, None)
+        else:
+            self.kv.cache_finalised(r, r.num_computed_tokens, r.num_draft_computed_tokens)
+        return RequestOutput(
+            request_id=r.request_id,
+            text=r.detokenizer.text,
+            token_ids=list(r.output_token_ids),
+            delta_text=r.detokenizer.take_delta(r.is_finished),
+            delta_token_ids=new_ids,
+            finished=r.is_finished,
+            finish_reason=r.finish_reason,
+            num_prompt_tokens=r.num_prompt_tokens,
+            stop_reason=r.stop_reason,
+            trace=trace,
+        )
 
     @staticmethod
     def _keep_features(r: Request, new: torch.Tensor) -> None:  # new: [committed rows, hidden]
