@@ -347,6 +347,8 @@ def _worker(rank: int, world: int, port: int, config: DistillConfig) -> None:
     )
     result = distill(config)
     assert (result.final_agreement is not None) == (rank == 0)
+    with open(os.path.join(os.path.dirname(config.out), f"rank{rank}.sha256"), "w") as f:
+        f.write(result.weights_sha256)
 
 
 @pytest.mark.slow  # two fresh interpreters importing torch and transformers: ~40 s on two busy cores
@@ -360,3 +362,6 @@ def test_two_process_run_writes_one_checkpoint(tiny, prompt_file, tmp_path):
     assert record["world_size"] == 2 and record["status"] == "finished"
     assert record["num_train_examples"] + record["num_held_out_examples"] == 16
     assert os.path.exists(out / "model.safetensors") and not os.path.exists(str(out) + ".tmp")
+    # both ranks end with identical weights (DDP averaged every step's gradients)
+    digests = [(tmp_path / f"rank{r}.sha256").read_text() for r in range(2)]
+    assert digests[0] == digests[1] and len(digests[0]) == 64

@@ -10,6 +10,10 @@
    held-out split (student argmax == teacher argmax at response positions) and writes the checkpoint
    (atomically) with `distill.json` beside it.
 
+With `traffic` (a server's traffic log) instead of `data`, step 1 reads the logged requests and the teacher
+is the verifier's logged top-m at every response position (a sparse `TopM` teacher, renormalised over its
+m tokens): the verifier is never run, only its config and tokenizer are read.
+
 The cost ratio c (one single-token forward of the student / of the verifier, through our engine's model
 code: `load_model` + `ModelRunner`, after a 128-token prefill, median of 20; bfloat16 (the engine's default
 dtype) on CUDA, float32 on the CPU, where bfloat16 matmuls are emulated slowly and would distort the ratio)
@@ -22,6 +26,7 @@ and writes. Knows nothing about the engine's scheduling or the command line.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -36,9 +41,18 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-from specserve.distill.data import Example, apply_chat_template, check_not_eval_only, generate_targets, load_prompts
+from specserve.distill.data import (
+    Example,
+    apply_chat_template,
+    check_not_eval_only,
+    check_vocabulary,
+    generate_targets,
+    load_prompts,
+    traffic_examples,
+)
 from specserve.distill.losses import LOSSES, TopM, distill_loss
 from specserve.distill.student import StudentSpec, build_student, save_student
+from specserve.online.traffic_store import describe
 
 COST_CONTEXT, COST_WARMUP, COST_REPS = 128, 3, 20
 
@@ -51,6 +65,9 @@ class DistillConfig:
     """Directory the student checkpoint (and distill.json) is written to."""
     verifier: str | None = None
     """HF checkpoint directory of the verifier (the teacher); None: the default SmolLM2 verifier."""
+    traffic: str | None = None
+    """Traffic store URL: train on the requests a server logged (their logged top-m is the teacher) instead of
+    having the verifier answer `data`'s prompts; `data` must then be empty."""
     loss: str = "fkl"
     """Divergence: fkl (forward KL), rkl (reverse KL), jsd (generalised JSD), tv (total variation)."""
     jsd_beta: float = 0.5
@@ -66,7 +83,7 @@ class DistillConfig:
     student: StudentSpec = field(default_factory=StudentSpec)
     """Shape of the student, or the verifier layers it starts from."""
     max_prompts: int | None = 1000
-    """Most prompts read over all files (interleaved file by file); None: all."""
+    """Most prompts read over all files (interleaved file by file), or the newest records of `traffic`; None: all."""
     max_prompt_tokens: int = 1024
     """Longer templated prompts keep their last tokens."""
     max_new_tokens: int = 128
@@ -97,8 +114,10 @@ class DistillConfig:
     """Show tqdm bars (rank 0 only)."""
 
     def __post_init__(self) -> None:
-        if not self.data:
-            raise ValueError("distillation needs at least one --data file")
+        if not self.data and not self.traffic:
+            raise ValueError("distillation needs at least one --data file, or a --traffic store")
+        if self.data and self.traffic:
+            raise ValueError("give --data (the verifier answers its prompts) or --traffic (logged requests), not both")
         for path in self.data:  # fail before any model loads
             check_not_eval_only(path)
         if self.loss not in LOSSES:
@@ -134,6 +153,16 @@ class DistillResult:
     final_agreement: float | None
     cost_ratio: dict | None
     history: list[dict]
+    weights_sha256: str = ""
+    """sha256 of this rank's final student weights: DDP keeps it the same on every rank."""
+
+
+def weights_digest(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
 
 
 # ---- batches ------------------------------------------------------------------------------------
@@ -145,13 +174,20 @@ class Batch:
     attention_mask: torch.Tensor  # [batch, seq]
     rows: torch.Tensor  # [batch, seq] bool: positions whose next token is a response token
     labels: torch.Tensor  # [rows] the response tokens those positions predict
+    teacher: TopM | None = None  # [rows, m] the logged teacher (traffic examples); None: run the teacher
 
     def to(self, device) -> Batch:
-        return Batch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.rows, self.labels)))
+        tensors = (t.to(device) for t in (self.input_ids, self.attention_mask, self.rows, self.labels))
+        teacher = None if self.teacher is None else TopM(self.teacher.ids.to(device), self.teacher.logprobs.to(device))
+        return Batch(*tensors, teacher)
 
 
 def collate(examples: list[Example], pad_id: int) -> Batch:
-    """Right-padded prompt + response sequences; the loss rows are the positions predicting response tokens."""
+    """Right-padded prompt + response sequences; the loss rows are the positions predicting response tokens.
+
+    Examples with a logged teacher give the batch a TopM teacher, their rows in the loss rows' order
+    (example by example), cut to the smallest m among them (each row is sorted most likely first).
+    """
     seqs = [e.prompt_ids + e.response_ids for e in examples]
     width = max(map(len, seqs))
     input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.int64)
@@ -163,7 +199,17 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
         attention_mask[i, : len(s)] = 1
         rows[i, len(e.prompt_ids) - 1 : len(s) - 1] = True
         labels.extend(e.response_ids)
-    return Batch(input_ids, attention_mask, rows, torch.tensor(labels, dtype=torch.int64))
+    teacher = None
+    logged = [e.teacher_ids is not None for e in examples]
+    if any(logged):
+        if not all(logged):
+            raise ValueError("a batch mixes examples with a logged teacher and examples without one")
+        m = min(e.teacher_ids.shape[1] for e in examples)
+        teacher = TopM(
+            torch.cat([e.teacher_ids[:, :m] for e in examples]).long(),  # [rows, m]
+            torch.cat([e.teacher_logprobs[:, :m] for e in examples]).float(),  # [rows, m]
+        )
+    return Batch(input_ids, attention_mask, rows, torch.tensor(labels, dtype=torch.int64), teacher)
 
 
 class RowLogits(nn.Module):
@@ -326,6 +372,7 @@ def _teacher_examples(config: DistillConfig, verifier: str, tokenizer, d: Dist) 
 def _record(config: DistillConfig, verifier: str, extra: dict) -> str:
     c = asdict(config)
     c["data"] = [os.path.abspath(p) for p in config.data]
+    c["traffic"] = describe(config.traffic) if config.traffic else None  # never a database password
     return json.dumps({"config": c, "verifier": os.path.abspath(verifier), **extra}, indent=2)
 
 
@@ -348,13 +395,22 @@ def distill(config: DistillConfig) -> DistillResult:
         tokenizer = AutoTokenizer.from_pretrained(verifier)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-        examples = _teacher_examples(config, verifier, tokenizer, d)
+        if config.traffic:  # every rank reads it all; the sampler shards it
+            examples = traffic_examples(
+                config.traffic, config.max_prompts, config.max_prompt_tokens, config.max_new_tokens
+            )
+        else:
+            examples = _teacher_examples(config, verifier, tokenizer, d)
         train, held_out = _split(examples, config.eval_fraction, config.seed)
         t_generated = time.perf_counter()
 
-        teacher = AutoModelForCausalLM.from_pretrained(verifier, dtype=resolve_dtype(config.teacher_dtype))
-        teacher = RowLogits(teacher.to(d.device).eval().requires_grad_(False))
+        teacher = None  # traffic examples bring their teacher
+        if not config.traffic:
+            teacher = AutoModelForCausalLM.from_pretrained(verifier, dtype=resolve_dtype(config.teacher_dtype))
+            teacher = RowLogits(teacher.to(d.device).eval().requires_grad_(False))
         student_lm = build_student(verifier, config.student, config.seed).to(d.device)
+        if config.traffic:
+            check_vocabulary(examples, student_lm.config.vocab_size, f"traffic store {describe(config.traffic)}")
         student = RowLogits(student_lm).train()
         model = student
         if d.world > 1:
@@ -372,6 +428,9 @@ def distill(config: DistillConfig) -> DistillResult:
             for i in range(0, len(held_out), config.batch_size):
                 b = collate(held_out[i : i + config.batch_size], pad_id).to(d.device)
                 eval_batches.append(b)
+                if b.teacher is not None:  # the logged top-m is sorted: its first id is the teacher's argmax
+                    teacher_argmax.append(b.teacher.ids[:, 0])
+                    continue
                 with torch.no_grad():
                     teacher_argmax.append(teacher(b.input_ids, b.attention_mask, b.rows).argmax(-1))
 
@@ -446,9 +505,13 @@ def distill(config: DistillConfig) -> DistillResult:
             sampler.set_epoch(epoch)
             for batch in loader:
                 batch = batch.to(d.device)
-                with torch.no_grad():
-                    t_logits = teacher(batch.input_ids, batch.attention_mask, batch.rows)  # [rows, vocab]
-                target = TopM.from_logits(t_logits, config.teacher_top_m) if config.teacher_top_m else t_logits
+                if batch.teacher is not None:  # logged by the server, most likely first: keep the first m
+                    m = config.teacher_top_m or batch.teacher.ids.shape[1]
+                    target = TopM(batch.teacher.ids[:, :m], batch.teacher.logprobs[:, :m])
+                else:
+                    with torch.no_grad():
+                        t_logits = teacher(batch.input_ids, batch.attention_mask, batch.rows)  # [rows, vocab]
+                    target = TopM.from_logits(t_logits, config.teacher_top_m) if config.teacher_top_m else t_logits
                 s_logits = model(batch.input_ids, batch.attention_mask, batch.rows)  # [rows, vocab]
                 loss = distill_loss(
                     s_logits,
@@ -476,10 +539,11 @@ def distill(config: DistillConfig) -> DistillResult:
         bar.close()
         evaluate_and_save(step, final=True)
         d.barrier()  # the other ranks leave only once rank 0 has written the checkpoint
+        digest = weights_digest(student)
         if not d.main:
-            return DistillResult(config.out, None, None, None, [])
+            return DistillResult(config.out, None, None, None, [], digest)
         return DistillResult(
-            config.out, history[0]["held_out_agreement"], history[-1]["held_out_agreement"], cost, history
+            config.out, history[0]["held_out_agreement"], history[-1]["held_out_agreement"], cost, history, digest
         )
     finally:
         if d.owns_group and dist.is_initialized():
