@@ -1,5 +1,10 @@
-"""Custom kernels for specserve; currently the speculative-decoding rejection sampler."""
+"""Custom kernels for specserve: the speculative-decoding rejection sampler and paged decode attention."""
 
+from kernels.paged_attention import (
+    paged_decode_attention,
+    paged_decode_attention_reference,
+    paged_decode_attention_triton,
+)
 from kernels.rejection_sampler import (
     PLACEHOLDER_TOKEN_ID,
     rejection_sample,
@@ -9,6 +14,9 @@ from kernels.rejection_sampler import (
 
 __all__ = [
     "PLACEHOLDER_TOKEN_ID",
+    "paged_decode_attention",
+    "paged_decode_attention_reference",
+    "paged_decode_attention_triton",
     "rejection_sample",
     "rejection_sample_reference",
     "rejection_sample_triton",

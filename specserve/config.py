@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from specserve.model.loader import DTYPES
+
+
+def default_device() -> str:
+    """The CLI's default device: cuda when a CUDA GPU is visible, else cpu."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @dataclass(frozen=True)
@@ -91,7 +98,10 @@ class EngineConfig:
     dtype: str = "bfloat16"
     """Weights and activations: bfloat16 (default), float32, float16."""
     device: str = "cpu"
-    """torch device of both models."""
+    """torch device of both models: 'cpu', 'cuda' or 'cuda:N' (the CLI defaults to cuda when one is visible)."""
+    cuda_graphs: bool = True
+    """On CUDA: capture the verifier's and the draft's small decode/verification passes as CUDA graphs at
+    start and replay them, so a decode step launches no kernels from Python. Ignored on the CPU."""
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
@@ -100,6 +110,14 @@ class EngineConfig:
     counts, and hand them out with the finished request (for the traffic log). 0: keep nothing."""
 
     def __post_init__(self) -> None:
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            raise ValueError(
+                f"device must be a torch device such as 'cpu', 'cuda' or 'cuda:1', got {self.device!r}"
+            ) from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r} needs a CUDA GPU, and torch sees none")
         if not 0 <= self.trace_topm <= 1000:
             raise ValueError(f"trace_topm must be in [0, 1000], got {self.trace_topm}")
         if self.dtype not in DTYPES:

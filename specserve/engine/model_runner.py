@@ -40,9 +40,9 @@ class ModelRunner:
         param = next(model.parameters())
         self.device = param.device
         self.dtype = param.dtype
-        # one slot more than the blocks hold: a scratch slot, where a CUDA graph's padding rows write
+        num_slots = num_blocks * block_size + 1  # the last slot is scratch: a CUDA graph's padding rows write there
         self.kv_cache = torch.zeros(
-            a.num_layers, 2, num_blocks * block_size + 1, a.num_kv_heads, a.head_dim, dtype=self.dtype, device=self.device
+            a.num_layers, 2, num_slots, a.num_kv_heads, a.head_dim, dtype=self.dtype, device=self.device
         )  # [layers, k/v, slots, kv_heads, head_dim]
         self.cuda_graphs: CudaGraphs | None = None
         self.last_hidden: torch.Tensor | None = None  # [rows with logits, hidden] features of the latest forward

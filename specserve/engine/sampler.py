@@ -18,19 +18,20 @@ def sampling_probs(
     params: list[SamplingParams],  # one per row
 ) -> torch.Tensor:  # [rows, vocab] fp32
     """The distribution each row samples from. Greedy rows get softmax(logits): same argmax."""
-    temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], dtype=torch.float32)
+    dev = logits.device
+    temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], dtype=torch.float32, device=dev)
     logits = logits / temps[:, None]
     top_ks = [p.top_k for p in params]
     if any(k > 0 for k in top_ks):
         vocab = logits.shape[-1]
-        k = torch.tensor([min(k, vocab) if k > 0 else vocab for k in top_ks])
+        k = torch.tensor([min(k, vocab) if k > 0 else vocab for k in top_ks], device=dev)
         sorted_logits = logits.sort(dim=-1, descending=True).values
         kth = sorted_logits.gather(1, (k - 1)[:, None])  # [rows, 1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = logits.softmax(dim=-1)
     top_ps = [p.top_p for p in params]
     if any(p < 1.0 for p in top_ps):
-        top_p = torch.tensor(top_ps, dtype=torch.float32)
+        top_p = torch.tensor(top_ps, dtype=torch.float32, device=dev)
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         # drop a token when the mass strictly before it already reaches top_p (the top token always stays)
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs

@@ -9,8 +9,14 @@ written (`context_len`). The metadata built once per step serves every layer:
   keys and values can be gathered into a dense `[batch, context, ...]` tensor;
 * `mask` is the causal mask of the padded `[batch, query, context]` problem.
 
+On CUDA, a batch whose queries are all short (decode, verification of k draft tokens, small
+prefill chunks) skips the dense gather and the mask: `kernels.paged_decode_attention` reads the
+pool through `context_slots` directly, given where each request's queries start (`query_start`)
+and how long its context is (`context_lens`). The CPU, and long prefills anywhere, take the torch
+path above.
+
 This module knows nothing about blocks, requests or schedulers: the model runner turns block
-tables into slots. A Triton paged-attention kernel for GPUs would take the same metadata.
+tables into slots.
 """
 
 from __future__ import annotations
@@ -19,6 +25,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from kernels import paged_decode_attention
+
+# Longest query of a batch that still goes through the decode kernel on CUDA: verification passes
+# are at most 33 tokens (k <= 32); beyond this a prefill chunk is better served by the dense path.
+MAX_DECODE_KERNEL_QUERY = 64
 
 
 @dataclass
@@ -29,6 +41,12 @@ class AttentionMetadata:
     token_index: torch.Tensor | None  # [num_tokens] int64, row of each token in [batch * max_query]; None if unpadded
     batch: int
     max_query: int
+    query_start: torch.Tensor | None = None  # [batch + 1] int64, first token row of each request; decode kernel only
+    context_lens: torch.Tensor | None = None  # [batch] int64; decode kernel only
+
+    @property
+    def uses_decode_kernel(self) -> bool:
+        return self.query_start is not None
 
     @staticmethod
     def build(
@@ -43,6 +61,20 @@ class AttentionMetadata:
         device = context_slots.device
         uniform = all(q == max_query for q in query_lens)
         ctx = torch.tensor(context_lens, dtype=torch.int64, device=device)  # [batch]
+        if device.type == "cuda" and max_query <= MAX_DECODE_KERNEL_QUERY:
+            starts = [0]
+            for q in query_lens:
+                starts.append(starts[-1] + q)
+            return AttentionMetadata(
+                slot_mapping=slot_mapping,
+                context_slots=context_slots,
+                mask=None,
+                token_index=None,
+                batch=batch,
+                max_query=max_query,
+                query_start=torch.tensor(starts, dtype=torch.int64, device=device),
+                context_lens=ctx,
+            )
         qlen = torch.tensor(query_lens, dtype=torch.int64, device=device)  # [batch]
         kv_pos = torch.arange(max_context, device=device)  # [max_context]
         q_idx = torch.arange(max_query, device=device)  # [max_query]
@@ -82,6 +114,11 @@ def paged_attention(
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
     num_tokens, num_heads, head_dim = q.shape
+    if meta.uses_decode_kernel:
+        out = paged_decode_attention(
+            q, k_cache, v_cache, meta.context_slots, meta.query_start, meta.context_lens, scale, meta.max_query
+        )  # [num_tokens, num_heads, head_dim]
+        return out.view(num_tokens, num_heads * head_dim)
     keys = k_cache[meta.context_slots].transpose(1, 2)  # [batch, num_kv_heads, max_context, head_dim]
     values = v_cache[meta.context_slots].transpose(1, 2)  # [batch, num_kv_heads, max_context, head_dim]
     if meta.token_index is None:

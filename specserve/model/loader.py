@@ -10,7 +10,7 @@ import glob
 import os
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, PretrainedConfig
 
 from specserve.model.llama import LlamaModel, ModelArchitecture
@@ -84,9 +84,13 @@ def _read_checkpoint(path: str) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"no *.safetensors in {path!r}; expected an HF checkpoint directory")
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
-        with safe_open(f, framework="pt") as fh:
-            for name in fh.keys():
-                tensors[name] = fh.get_tensor(name)
+        try:
+            with safe_open(f, framework="pt") as fh:
+                for name in fh.keys():
+                    tensors[name] = fh.get_tensor(name)
+        except SafetensorError as e:
+            raise ValueError(f"{f!r} is not a readable safetensors file ({e}): the checkpoint is truncated or "
+                             "corrupted; re-export or re-copy it") from e
     return tensors
 
 
