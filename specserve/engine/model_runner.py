@@ -102,4 +102,7 @@ class ModelRunner:
         self.last_features = hidden if keep_features else None
         hidden = hidden[torch.tensor(logit_rows, dtype=torch.int64, device=dev)]
         self.last_hidden = hidden
-        return self.model.compute_logits(hidden)
+        logits = self.model.compute_logits(hidden)
+        if dev.type == "cuda":  # callers time this call (adaptive k fits those times): wait for the kernels
+            torch.cuda.synchronize(dev)
+        return logits
