@@ -51,12 +51,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
     from specserve.config import CacheConfig, SchedulerConfig, SpeculativeConfig, default_device
-    from specserve.model.default_models import default_verifier, layer_slice_draft
+    from specserve.model.default_models import default_draft, default_verifier
 
     verifier = args.verifier or default_verifier()
     draft = args.draft
     if draft is None and args.verifier is None and not args.no_speculation:
-        draft = layer_slice_draft(verifier)
+        draft = default_draft(verifier)
     if args.no_speculation:
         draft = None
     return dict(

@@ -8,6 +8,8 @@ template turns it into token ids. Spec-Bench is for evaluation only and is refus
 
 `generate_targets` runs the verifier through our engine (greedy by default) and returns
 (prompt ids, response ids) pairs: sequence-level distillation trains the draft on the teacher's outputs.
+`traffic_examples` reads them from a server's traffic log instead, each with the verifier's logged top-m
+distribution at every response position, so that no teacher forward is needed.
 Knows nothing about students, losses or training.
 """
 
@@ -15,9 +17,14 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    import torch
 
 EVAL_ONLY_SUFFIX = "spec_bench_question.jsonl"
 USER_ROLES = ("human", "user")
@@ -29,6 +36,11 @@ class Example:
 
     prompt_ids: list[int]
     response_ids: list[int]
+    teacher_ids: torch.Tensor | None = field(default=None, compare=False)
+    """[response, m] int32: the verifier's m most likely tokens at the position predicting each response token,
+    sorted most likely first, as the traffic log keeps them; None: the trainer runs the teacher."""
+    teacher_logprobs: torch.Tensor | None = field(default=None, compare=False)
+    """[response, m] their log-probabilities (temperature 1)."""
 
 
 def check_not_eval_only(path: str) -> None:
@@ -203,3 +215,49 @@ def generate_targets(
         bar.update(len(batch))
     bar.close()
     return examples
+
+
+def traffic_examples(url: str, max_records: int | None, max_prompt_tokens: int, max_new_tokens: int) -> list[Example]:
+    """The newest ``max_records`` records (None: all) of the traffic store ``url`` as examples with a logged teacher.
+
+    Row i of a record's top-m arrays is the verifier's distribution where output token i was drawn,
+    which is the loss row predicting response token i. Prompts keep their last ``max_prompt_tokens``
+    tokens, responses (and their rows) their first ``max_new_tokens``; records without output are skipped.
+    """
+    from specserve.online.traffic_store import open_store, sqlite_path
+
+    path = sqlite_path(url)
+    if path is not None and not os.path.isfile(path):
+        raise ValueError(f"no traffic store at {path}: pass the --traffic-store URL a server logs to")
+    newest = deque(maxlen=max_records)
+    with open_store(url) as store:
+        after = 0
+        while page := store.read(after, 1000):
+            newest.extend(r for r in page if r.output_token_ids)
+            after = page[-1].record_id
+        name = store.name
+    if not newest:
+        raise ValueError(f"the traffic store {name} holds no records with generated tokens")
+    return [
+        Example(
+            r.prompt_token_ids[-max_prompt_tokens:],
+            r.output_token_ids[:max_new_tokens],
+            r.topm_ids[:max_new_tokens],
+            r.topm_logprobs[:max_new_tokens],
+        )
+        for r in newest
+    ]
+
+
+def check_vocabulary(examples: list[Example], vocab_size: int, source: str) -> None:
+    """ValueError if any token id of ``examples`` is outside [0, vocab_size): they came from another model."""
+    for i, e in enumerate(examples):
+        ids = e.prompt_ids + e.response_ids
+        lo, hi = min(ids), max(ids)
+        if e.teacher_ids is not None and e.teacher_ids.numel():
+            lo, hi = min(lo, int(e.teacher_ids.min())), max(hi, int(e.teacher_ids.max()))
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(
+                f"{source}: example {i} holds token id {lo if lo < 0 else hi}, outside the verifier's vocabulary of "
+                f"{vocab_size}; was it logged by a server with another verifier?"
+            )

@@ -127,12 +127,14 @@ def distill_loss(
     beta: float = 0.5,
     labels: torch.Tensor | None = None,  # [rows] int64 hard targets (the teacher's sampled tokens)
     hard_label_weight: float = 0.0,
+    weights: torch.Tensor | None = None,  # [rows] >= 0: per-row weights of the mean (None: all 1)
 ) -> torch.Tensor:  # scalar
     """Mean over rows of (1 - w) D(p, q) + w CE(labels, softmax(student_logits)), w = hard_label_weight.
 
     D is one of LOSSES at `temperature`; the cross-entropy is at temperature 1. w = 0 is pure logit
     distillation, w = 1 pure sequence-level distillation (next-token loss on the teacher's outputs).
-    The divergence is not rescaled by T^2.
+    The divergence is not rescaled by T^2. With `weights` the mean is sum_r weights_r x_r / sum_r weights_r
+    (online distillation weights the positions where the draft was rejected more).
     """
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
@@ -140,6 +142,8 @@ def distill_loss(
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
     if not 0.0 <= hard_label_weight <= 1.0:
         raise ValueError(f"hard_label_weight must be in [0, 1], got {hard_label_weight!r}")
+    if weights is not None and weights.shape != student_logits.shape[:1]:
+        raise ValueError(f"weights {tuple(weights.shape)} must have one entry per row of {tuple(student_logits.shape)}")
     total = student_logits.new_zeros(())
     if hard_label_weight < 1.0:
         if loss == "fkl":
@@ -150,9 +154,14 @@ def distill_loss(
             d = jsd(student_logits, teacher, temperature, beta)
         else:
             d = total_variation(student_logits, teacher, temperature)
-        total = total + (1.0 - hard_label_weight) * d.mean()
+        d = d.mean() if weights is None else (weights * d).sum() / weights.sum()
+        total = total + (1.0 - hard_label_weight) * d
     if hard_label_weight > 0.0:
         if labels is None:
             raise ValueError("hard_label_weight > 0 needs labels")
-        total = total + hard_label_weight * F.cross_entropy(student_logits.float(), labels)
+        if weights is None:
+            ce = F.cross_entropy(student_logits.float(), labels)
+        else:
+            ce = (weights * F.cross_entropy(student_logits.float(), labels, reduction="none")).sum() / weights.sum()
+        total = total + hard_label_weight * ce
     return total

@@ -1,31 +1,44 @@
-"""build_app: the FastAPI application: OpenAI routes, /health and /metrics over one AsyncEngine.
+"""build_app: the FastAPI application: OpenAI routes, /health, /metrics and /admin over one AsyncEngine.
 
 Async boundaries: the handlers are ``async def`` but do no model work. They validate, render chat
 templates and tokenize on Starlette's worker threads (``run_in_threadpool``), hand requests to the
 AsyncEngine, and await its outputs; generation runs on the engine thread. The app owns the
 engine's lifetime: leaving its lifespan drains and stops the engine thread.
+
+Access: /v1 routes resolve the bearer key to an ``APIKey`` and leave it on ``request.state.api_key``
+(its ``key_id``, and ``log_traffic``: False when the client opted out of the traffic log). A
+generation request then passes, in order: the body-size limit (413), validation, tokenization, the
+prompt-token and max_tokens limits (400), the key's rate limits (429 with Retry-After), the
+extraction monitor (observes only), and the engine's queue (429 / 503). /health and /metrics stay
+open; /admin needs the admin key.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import hmac
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
-from fastapi import APIRouter, Depends, FastAPI, Header, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.types import Receive, Scope, Send
 from transformers import PreTrainedTokenizerBase
 
 from specserve.engine.outputs import RequestOutput
+from specserve.sampling_params import SamplingParams
 from specserve.server import errors
 from specserve.server.async_engine import AsyncEngine, RequestGroup
+from specserve.server.auth import ANONYMOUS, AccessConfig, APIKey
 from specserve.server.errors import APIError, invalid
-from specserve.server.metrics import ServerMetrics
+from specserve.server.extraction import ExtractionConfig, ExtractionMonitor
+from specserve.server.limits import BodySizeLimit, LimitsConfig, RateLimiter, Reservation
+from specserve.server.metrics import DraftWatchCollector, ServerMetrics, TrafficLogCollector, TrainerCollector
 from specserve.server.protocol import (
     SSE_DONE,
     ChatChoice,
@@ -45,6 +58,11 @@ from specserve.server.protocol import (
     UsageInfo,
     sse,
 )
+
+if TYPE_CHECKING:
+    from specserve.online.draft_watcher import DraftWatcher
+    from specserve.online.trainer_process import TrainerProcess
+    from specserve.server.traffic_log import TrafficLog
 
 MAX_N = 64
 """Most choices one request may ask for (each is an engine request)."""
@@ -77,17 +95,41 @@ def _mask(key: str) -> str:
     return key[:3] + "*" * max(0, len(key) - 7) + key[-4:] if len(key) > 8 else "*" * len(key)
 
 
-def _api_key_check(api_key: str) -> Callable:
-    async def check(authorization: str | None = Header(default=None)) -> None:
-        scheme, _, token = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise APIError(401, "no API key given: send the header 'Authorization: Bearer <key>'",
-                           code="invalid_api_key")
-        token = token.strip()
-        if not hmac.compare_digest(token.encode(), api_key.encode()):
-            raise APIError(401, f"incorrect API key provided: {_mask(token)}", code="invalid_api_key")
+def _bearer(request: Request) -> str:
+    """The request's bearer token; 401 without one. (Read here, not declared as a header parameter, so
+    that the OpenAPI schema does not invite clients to send keys as plain parameters.)"""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise APIError(401, "no API key given: send the header 'Authorization: Bearer <key>'", code="invalid_api_key")
+    return token.strip()
 
-    return check
+
+def _authenticate(access: AccessConfig) -> Callable:
+    async def authenticate(request: Request) -> None:
+        if access.open:
+            request.state.api_key = ANONYMOUS
+            return
+        token = _bearer(request)
+        key = access.authenticate(token)
+        if key is None:
+            raise APIError(401, f"incorrect API key provided: {_mask(token)}", code="invalid_api_key")
+        request.state.api_key = key
+
+    return authenticate
+
+
+def _require_admin(access: AccessConfig, request: Request) -> None:
+    """401 without a key or with an unknown one; 403 for a client key, or when no admin key is configured."""
+    token = _bearer(request)
+    if access.is_admin(token):
+        return
+    if access.admin is None:
+        raise APIError(403, "admin endpoints are disabled: start the server with --admin-key (or "
+                       "$SPECSERVE_ADMIN_KEY)", type="permission_error", code="admin_disabled")
+    if access.authenticate(token) is not None:
+        raise APIError(403, "this API key may not read admin endpoints; use the admin key", type="permission_error",
+                       code="not_admin")
+    raise APIError(401, f"incorrect admin key provided: {_mask(token)}", code="invalid_api_key")
 
 
 async def _wait_for_disconnect(request: Request) -> None:
@@ -95,13 +137,38 @@ async def _wait_for_disconnect(request: Request) -> None:
         pass
 
 
-class _Handlers:
-    """The routes' shared state: the engine, the served name and the metrics."""
+@dataclass
+class _Call:
+    """One admitted generation request: its engine requests, and the tokens reserved for it."""
 
-    def __init__(self, async_engine: AsyncEngine, served_model_name: str, metrics: ServerMetrics) -> None:
+    group: RequestGroup
+    reservation: Reservation
+    prompt_tokens: int
+    """Tokens of its prompts, each counted once whatever n is."""
+    generated: dict[int, int] = field(default_factory=dict)
+    """Member index -> tokens generated so far."""
+    log_as: str | None = None
+    """The key id its finished traces enter the traffic log under; None: not logged (no log, or opted out)."""
+
+    def settle(self) -> None:
+        """The request ended (any way): its key is charged what it used, not what it reserved."""
+        self.reservation.settle(self.prompt_tokens + sum(self.generated.values()))
+
+
+class _Handlers:
+    """The routes' shared state: the engine, the served name, metrics, limits and the extraction monitor."""
+
+    def __init__(self, async_engine: AsyncEngine, served_model_name: str, metrics: ServerMetrics,
+                 limits: LimitsConfig, limiter: RateLimiter, extraction: ExtractionMonitor,
+                 clock: Callable[[], float], traffic: TrafficLog | None = None) -> None:
         self.engine = async_engine
+        self.traffic = traffic
         self.model = served_model_name
         self.metrics = metrics
+        self.limits = limits
+        self.limiter = limiter
+        self.extraction = extraction
+        self.clock = clock
 
     # ---- shared steps -------------------------------------------------------------------------
 
@@ -115,49 +182,69 @@ class _Handlers:
         if not 1 <= body.n <= MAX_N:
             raise invalid(f"n must be an integer in [1, {MAX_N}], got {body.n}", "n")
 
-    async def submit(self, body: SamplingRequest, prompts: list, max_tokens: list[int],
-                     request_id: str) -> RequestGroup:
-        """One engine request per (prompt, choice); choice i * n + j is prompt i's j-th sample."""
-        specs = [
+    async def admit(self, body: SamplingRequest, request: Request, prompts: list[list[int]], max_tokens: list[int],
+                    texts: list[str], request_id: str) -> _Call:
+        """Rate-limit, observe and submit: one engine request per (prompt, choice); choice i * n + j is
+        prompt i's j-th sample. ``texts`` are the prompts as the extraction monitor sees them."""
+        specs: list[tuple[list[int], SamplingParams, str]] = [
             (prompt, body.sampling_params(max_tokens[i], derive_seed(body.seed, j)), f"{request_id}-{i * body.n + j}")
             for i, prompt in enumerate(prompts)
             for j in range(body.n)
         ]
-        return await self.engine.add_requests(specs)
+        key: APIKey = request.state.api_key
+        rpm = self.limits.requests_per_minute if key.requests_per_minute is None else key.requests_per_minute
+        tpm = self.limits.tokens_per_minute if key.tokens_per_minute is None else key.tokens_per_minute
+        prompt_tokens = sum(len(p) for p in prompts)
+        reservation = self.limiter.reserve(key.key_id, rpm, tpm, prompt_tokens + body.n * sum(max_tokens))
+        try:
+            group = await self.engine.add_requests(specs)
+        except BaseException:
+            reservation.cancel()
+            raise
+        self.extraction.observe(key.key_id, texts, self.clock())
+        log_as = key.key_id if self.traffic is not None and key.log_traffic else None
+        return _Call(group, reservation, prompt_tokens, log_as=log_as)
 
-    def observe(self, group: RequestGroup, index: int, out: RequestOutput) -> None:
-        self.metrics.output(group.members[index], out)
+    def observe(self, call: _Call, index: int, out: RequestOutput) -> None:
+        self.metrics.output(call.group.members[index], out)
+        call.generated[index] = len(out.token_ids)
+        if out.trace is not None and call.log_as is not None:  # only a finished output carries the trace
+            self.traffic.record(out.trace, call.log_as)
 
     def fit_context(self, prompt_tokens: int, max_tokens: int | None, field: str = "max_tokens") -> int:
-        """``max_tokens`` if the prompt and that many tokens fit the context; None asks for all the room left.
+        """``max_tokens`` if the prompt and that many tokens fit the context and the server's limits; None
+        asks for all the room left (at most --max-output-tokens).
 
-        Raises a 400 naming both numbers otherwise, as OpenAI and vLLM do, instead of quietly
+        Raises a 400 naming the numbers otherwise, as OpenAI and vLLM do, instead of quietly
         stopping the output at the end of the context.
         """
+        most_prompt, most_output = self.limits.max_prompt_tokens, self.limits.max_output_tokens
+        if most_prompt is not None and prompt_tokens > most_prompt:
+            raise invalid(f"prompt is {prompt_tokens} tokens; this server accepts prompts of at most {most_prompt} "
+                          "tokens (--max-prompt-tokens)", "prompt")
         limit = self.engine.max_model_len
         if prompt_tokens >= limit:
             raise invalid(f"prompt is {prompt_tokens} tokens; the context holds {limit}, so the prompt must be "
                           "shorter to leave room for output", "prompt")
         if max_tokens is None:
-            return limit - prompt_tokens
+            return limit - prompt_tokens if most_output is None else min(limit - prompt_tokens, most_output)
+        if most_output is not None and max_tokens > most_output:
+            raise invalid(f"{field} is {max_tokens}; this server generates at most {most_output} tokens per request "
+                          f"(--max-output-tokens): lower {field} to {most_output} or less", field)
         if prompt_tokens + max_tokens > limit:
             raise invalid(f"this model's context holds {limit} tokens, but you asked for {prompt_tokens + max_tokens}"
                           f" ({prompt_tokens} in the prompt + {max_tokens} in {field}); lower {field} to at most "
                           f"{limit - prompt_tokens} or shorten the prompt", field)
         return max_tokens
 
-    def usage(self, group: RequestGroup, n: int, completion_tokens: dict[int, int]) -> UsageInfo:
-        # each prompt counts once however many choices it has, as OpenAI counts
-        prompt = sum(m.num_prompt_tokens for m in group.members if m.index % n == 0)
-        return UsageInfo.of(prompt, sum(completion_tokens.values()))
-
-    async def collect(self, group: RequestGroup, request: Request) -> dict[int, RequestOutput] | None:
+    async def collect(self, call: _Call, request: Request) -> dict[int, RequestOutput] | None:
         """The finished output of every member; None if the client left first (the group is aborted)."""
         finals: dict[int, RequestOutput] = {}
+        group = call.group
 
         async def consume() -> None:
             async for index, out in group.outputs():
-                self.observe(group, index, out)
+                self.observe(call, index, out)
                 if out.finished:
                     finals[index] = out
 
@@ -180,39 +267,45 @@ class _Handlers:
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         self.check(body)
         # tokenized here, on a worker thread, to check each prompt against the context; the engine gets the ids
-        texts = body.prompts()
-        prompts = await run_in_threadpool(lambda: [self.engine.encode_prompt(p) for p in texts])
+        given = body.prompts()
+
+        def tokenize() -> tuple[list[list[int]], list[str]]:
+            ids = [self.engine.encode_prompt(p) for p in given]
+            return ids, [p if isinstance(p, str) else self.engine.tokenizer.decode(p) for p in given]
+
+        prompts, texts = await run_in_threadpool(tokenize)
         if body.max_tokens is None:
             # OpenAI's default of 16, cut to the room a prompt leaves: only an explicit max_tokens is refused
             max_tokens = [min(DEFAULT_MAX_TOKENS, self.fit_context(len(p), None)) for p in prompts]
         else:
             max_tokens = [self.fit_context(len(p), body.max_tokens) for p in prompts]
         request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        group = await self.submit(body, prompts, max_tokens, request_id)
+        call = await self.admit(body, request, prompts, max_tokens, texts, request_id)
         if body.stream:
-            return _event_stream(self.stream_completion(group, body, request_id, created), group)
-        finals = await self.collect(group, request)
+            return _EventStream(self.stream_completion(call, body, request_id, created), call)
+        try:
+            finals = await self.collect(call, request)
+        finally:
+            call.settle()
         if finals is None:
             return Response(status_code=499)
         choices = [CompletionChoice(index=i, text=finals[i].text, finish_reason=finals[i].finish_reason)
                    for i in sorted(finals)]
-        usage = self.usage(group, body.n, {i: len(o.token_ids) for i, o in finals.items()})
+        usage = UsageInfo.of(call.prompt_tokens, sum(call.generated.values()))
         return JSONResponse(CompletionResponse(id=request_id, created=created, model=self.model, choices=choices,
                                                usage=usage).model_dump())
 
-    async def stream_completion(self, group: RequestGroup, body: CompletionRequest, request_id: str,
+    async def stream_completion(self, call: _Call, body: CompletionRequest, request_id: str,
                                 created: int) -> AsyncIterator[str]:
         include_usage = body.include_usage
-        tokens: dict[int, int] = {}
-        async for index, out in group.outputs():
-            self.observe(group, index, out)
-            tokens[index] = len(out.token_ids)
+        async for index, out in call.group.outputs():
+            self.observe(call, index, out)
             if out.delta_text or out.finished:
                 choice = CompletionChoice(index=index, text=out.delta_text, finish_reason=out.finish_reason)
                 yield sse(CompletionChunk(id=request_id, created=created, model=self.model, choices=[choice]),
                           include_usage)
         if include_usage:
-            usage = self.usage(group, body.n, tokens)
+            usage = UsageInfo.of(call.prompt_tokens, sum(call.generated.values()))
             yield sse(CompletionChunk(id=request_id, created=created, model=self.model, choices=[], usage=usage),
                       True)
 
@@ -228,20 +321,25 @@ class _Handlers:
             max_tokens = self.fit_context(len(prompt_ids), body.max_completion_tokens, "max_completion_tokens")
         else:  # None: all the room the prompt leaves
             max_tokens = self.fit_context(len(prompt_ids), body.max_tokens)
+        # the extraction monitor compares what the user asks, not the system prompt an app puts before it
+        asked = next((m["content"] for m in reversed(messages) if m.get("role") == "user"), messages[-1]["content"])
         request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        group = await self.submit(body, [prompt_ids], [max_tokens], request_id)
+        call = await self.admit(body, request, [prompt_ids], [max_tokens], [asked], request_id)
         if body.stream:
-            return _event_stream(self.stream_chat(group, body, request_id, created), group)
-        finals = await self.collect(group, request)
+            return _EventStream(self.stream_chat(call, body, request_id, created), call)
+        try:
+            finals = await self.collect(call, request)
+        finally:
+            call.settle()
         if finals is None:
             return Response(status_code=499)
         choices = [ChatChoice(index=i, message=ChatMessageOut(content=finals[i].text),
                               finish_reason=finals[i].finish_reason) for i in sorted(finals)]
-        usage = self.usage(group, body.n, {i: len(o.token_ids) for i, o in finals.items()})
+        usage = UsageInfo.of(call.prompt_tokens, sum(call.generated.values()))
         return JSONResponse(ChatCompletionResponse(id=request_id, created=created, model=self.model,
                                                    choices=choices, usage=usage).model_dump())
 
-    async def stream_chat(self, group: RequestGroup, body: ChatCompletionRequest, request_id: str,
+    async def stream_chat(self, call: _Call, body: ChatCompletionRequest, request_id: str,
                           created: int) -> AsyncIterator[str]:
         include_usage = body.include_usage
 
@@ -250,28 +348,33 @@ class _Handlers:
             return sse(ChatCompletionChunk(id=request_id, created=created, model=self.model, choices=[choice]),
                        include_usage)
 
-        for m in group.members:
+        for m in call.group.members:
             yield chunk(m.index, DeltaMessage(role="assistant", content=""))
-        tokens: dict[int, int] = {}
-        async for index, out in group.outputs():
-            self.observe(group, index, out)
-            tokens[index] = len(out.token_ids)
+        async for index, out in call.group.outputs():
+            self.observe(call, index, out)
             if out.delta_text:
                 yield chunk(index, DeltaMessage(content=out.delta_text))
             if out.finished:
                 yield chunk(index, DeltaMessage(), out.finish_reason)
         if include_usage:
-            usage = self.usage(group, body.n, tokens)
+            usage = UsageInfo.of(call.prompt_tokens, sum(call.generated.values()))
             yield sse(ChatCompletionChunk(id=request_id, created=created, model=self.model, choices=[], usage=usage),
                       True)
 
 
-def _event_stream(chunks: AsyncIterator[str], group: RequestGroup) -> StreamingResponse:
+class _EventStream(StreamingResponse):
     """Server-Sent Events ending in ``data: [DONE]``; an error mid-stream becomes an error event
-    (the status line is gone by then). However the stream ends, the group's unfinished requests
-    are aborted, so a client that leaves mid-stream frees its KV blocks."""
+    (the status line is gone by then). However the response ends (even when the client left before
+    the first event, so that the events were never iterated), the call's unfinished requests are
+    aborted, freeing their KV blocks, and its key is charged the tokens used."""
 
-    async def events() -> AsyncIterator[str]:
+    def __init__(self, chunks: AsyncIterator[str], call: _Call) -> None:
+        super().__init__(self._events(chunks, call.group), media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache"})
+        self.call = call
+
+    @staticmethod
+    async def _events(chunks: AsyncIterator[str], group: RequestGroup) -> AsyncIterator[str]:
         try:
             async for event in chunks:
                 yield event
@@ -281,25 +384,68 @@ def _event_stream(chunks: AsyncIterator[str], group: RequestGroup) -> StreamingR
             group.abort()
         yield SSE_DONE
 
-    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.call.group.abort()
+            self.call.settle()
 
 
-def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | None = None) -> FastAPI:
-    """The OpenAI-compatible app over ``async_engine``; with ``api_key`` the /v1 routes need it."""
+def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | None = None, *,
+              access: AccessConfig | None = None, limits: LimitsConfig | None = None,
+              extraction: ExtractionConfig | None = None, clock: Callable[[], float] = time.monotonic,
+              draft_watcher: DraftWatcher | None = None, trainer: TrainerProcess | None = None,
+              traffic: TrafficLog | None = None) -> FastAPI:
+    """The OpenAI-compatible app over ``async_engine``.
+
+    ``access`` says which keys the /v1 routes need (no keys: open) and the admin key; ``api_key``
+    adds one more client key, named 'default'. ``clock`` times rate limits and the extraction monitor.
+    ``draft_watcher`` and ``trainer`` (online distillation) start with the app and stop before the engine drains.
+    ``traffic`` logs every finished request of a key that did not opt out (the engine must record traces:
+    EngineConfig.trace_topm > 0); the app closes it after the engine has drained.
+    """
+    if traffic is not None and not async_engine.engine.config.trace_topm:
+        raise ValueError("a traffic log needs the engine to record traces: set EngineConfig.trace_topm > 0")
+    access = access or AccessConfig()
+    if api_key:
+        access = AccessConfig((*access.keys, APIKey.from_secret("default", api_key)), access.admin)
+    limits = limits or LimitsConfig()
+    limiter = RateLimiter(clock)
+    monitor = ExtractionMonitor(extraction)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if trainer is not None:
+            trainer.start()
+        if draft_watcher is not None:  # adopts the registry's current draft before the first request
+            await asyncio.to_thread(draft_watcher.start)
         yield
+        if draft_watcher is not None:
+            await asyncio.to_thread(draft_watcher.stop)
+        if trainer is not None:
+            await asyncio.to_thread(trainer.stop)
         await async_engine.shutdown()
+        if traffic is not None:  # after the drain: the last requests' records are in its buffer
+            await asyncio.to_thread(traffic.close)
 
-    app = FastAPI(title="specserve", summary="OpenAI-compatible speculative-decoding server", lifespan=lifespan)
+    app = FastAPI(title="specserve", summary="OpenAI-compatible speculative-decoding server. /v1 routes take "
+                  "'Authorization: Bearer <key>' when the server has API keys.", lifespan=lifespan)
+    app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)
     errors.install(app)
-    metrics = ServerMetrics(async_engine)
-    h = _Handlers(async_engine, served_model_name, metrics)
+    metrics = ServerMetrics(async_engine, limiter, monitor, clock)
+    if draft_watcher is not None:
+        metrics.registry.register(DraftWatchCollector(draft_watcher))
+    if trainer is not None:
+        metrics.registry.register(TrainerCollector(trainer))
+    if traffic is not None:
+        metrics.registry.register(TrafficLogCollector(traffic))
+    h = _Handlers(async_engine, served_model_name, metrics, limits, limiter, monitor, clock, traffic)
     app.state.async_engine = async_engine
     app.state.metrics = metrics
+    app.state.extraction = monitor
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_api_key_check(api_key))] if api_key else [])
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_authenticate(access))])
 
     @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -327,5 +473,12 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | 
     @app.get("/metrics")
     def prometheus() -> Response:  # sync: FastAPI runs it on a worker thread
         return Response(metrics.render(), media_type=ServerMetrics.CONTENT_TYPE)
+
+    @app.get("/admin/extraction")
+    def extraction_report(request: Request) -> JSONResponse:  # sync: the report is CPU work, off the loop
+        """Per API key, the signals of distillation-style extraction and whether they flag the key (admin key)."""
+        _require_admin(access, request)
+        keys = [{**s.to_dict(), "name": access.name_of(s.key_id)} for s in monitor.report(clock())]
+        return JSONResponse({"object": "extraction_report", "config": asdict(monitor.config), "keys": keys})
 
     return app

@@ -2,13 +2,13 @@
 
 Threads and what they own:
 - The *engine thread* (started here, named ``specserve-engine``) is the only caller of every
-  LLMEngine method. It drains the inbox of commands (add / abort), calls ``step()`` while any
+  LLMEngine method. It drains the inbox of commands (add / abort / swap the draft), calls ``step()`` while any
   request is unfinished, and sleeps on a condition variable when idle (no polling).
 - *Event-loop threads* (the server's, or any test client's) call ``add_requests``/``generate``
   and iterate the returned ``RequestGroup``. A group belongs to the loop that created it: the
   engine thread hands it outputs with ``loop.call_soon_threadsafe`` only.
 - Thread-safe from anywhere: ``abort``, ``begin_drain``, ``stats``, ``is_alive``, ``encode_prompt``,
-  the properties.
+  ``swap_draft`` (the draft watcher's thread calls it), the properties.
 
 What it does not know: HTTP, OpenAI shapes, chat templates. Errors are its own exception types;
 ``server/errors.py`` maps them to status codes.
@@ -22,11 +22,13 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from specserve.engine.engine import LLMEngine
 from specserve.engine.metrics import EngineMetrics
 from specserve.engine.outputs import RequestOutput
+from specserve.model.llama import LlamaModel
 from specserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -153,6 +155,14 @@ class _Abort:
     """None: every request in the engine."""
 
 
+@dataclass
+class _SwapDraft:
+    model: LlamaModel
+    version: str
+    done: Future
+    """Settled by the engine thread: the replaced (model, version), or the error that refused the swap."""
+
+
 class AsyncEngine:
     """Owns the engine thread; see the module docstring for who may call what."""
 
@@ -163,7 +173,7 @@ class AsyncEngine:
         self.max_queue = max_queue
         self._cv = threading.Condition()
         # guarded by _cv:
-        self._inbox: list[_Add | _Abort] = []
+        self._inbox: list[_Add | _Abort | _SwapDraft] = []
         self._num_pending = 0  # requests in the inbox, not yet seen by the engine
         self._num_waiting = 0  # requests the engine holds but does not run yet
         self._draining = False
@@ -221,6 +231,21 @@ class AsyncEngine:
         with self._cv:
             self._draining = True
             self._cv.notify()
+
+    def swap_draft(self, model: LlamaModel, version: str) -> Future:
+        """Ask the engine thread to serve ``model`` as draft ``version`` from the next step on.
+
+        The returned future resolves to the replaced ``(model, version)``; it fails with the
+        engine's ValueError (vocabulary, KV budget) or ShuttingDownError. Requests in flight go on
+        with the new draft: their outputs cannot change, the verifier decides every token.
+        """
+        done: Future = Future()
+        with self._cv:  # once draining, the engine thread may be past its last look at the inbox
+            if self._draining or not self._thread.is_alive():
+                raise ShuttingDownError("the engine is shutting down; no draft can be swapped in")
+            self._inbox.append(_SwapDraft(model, version, done))
+            self._cv.notify()
+        return done
 
     def _post(self, command: _Add | _Abort) -> None:
         with self._cv:
@@ -305,9 +330,14 @@ class AsyncEngine:
             for command in leftover:
                 if isinstance(command, _Add):
                     _settle(command.ack, ShuttingDownError("the engine stopped before taking the request"))
+                elif isinstance(command, _SwapDraft):
+                    command.done.set_exception(ShuttingDownError("the engine stopped before swapping the draft"))
             self._fail(list(self._live), EngineError("the engine stopped before the request finished"))
 
-    def _apply(self, command: _Add | _Abort) -> None:
+    def _apply(self, command: _Add | _Abort | _SwapDraft) -> None:
+        if isinstance(command, _SwapDraft):
+            self._swap(command)
+            return
         if isinstance(command, _Abort):
             if command.request_id is None:  # shutdown ran out of time: tell every client why
                 self._fail(list(self._live), ShuttingDownError("the server shut down before the request finished"))
@@ -331,6 +361,17 @@ class AsyncEngine:
             self._live[m.request_id] = (command.group, m.index)
         _settle(command.ack, None)
 
+    def _swap(self, command: _SwapDraft) -> None:
+        previous = (self.engine.proposer.runner.model, self.engine.draft_version) if self.engine.proposer else None
+        try:
+            self.engine.swap_draft(command.model, command.version)
+        except Exception as e:
+            command.done.set_exception(e)
+            return
+        if command.version not in self.speculation_keys:  # /metrics shows the new version at zero from now on
+            self.speculation_keys = (*self.speculation_keys, command.version)
+        command.done.set_result(previous)
+
     def _step(self) -> bool:
         """One engine step; outputs go to their groups. Returns whether the step failed."""
         try:
@@ -351,6 +392,8 @@ class AsyncEngine:
             if target is not None:
                 group, index = target
                 group._put(index, out)
+        for rid, error in self.engine.take_failed():  # failed alone; the rest of its batch went on
+            self._fail([rid], EngineError(f"the engine failed on this request: {error!r}"))
         return False
 
     def _fail(self, request_ids: list[str], error: Exception) -> None:

@@ -1,13 +1,14 @@
 """OpenAI-shaped errors: every failure leaves the server as ``{"error": {message, type, param, code}}``.
 
-Maps the AsyncEngine's exceptions, the engine's ValueErrors, FastAPI's validation errors and
-Starlette's HTTP errors to the status OpenAI would give. Knows nothing about the engine's
-internals and never produces a bare 500.
+Maps the AsyncEngine's exceptions, the engine's ValueErrors, rate limits (429 with Retry-After),
+FastAPI's validation errors and Starlette's HTTP errors to the status OpenAI would give. Knows
+nothing about the engine's internals and never produces a bare 500.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from http import HTTPStatus
 
 from fastapi import FastAPI, Request
@@ -16,6 +17,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from specserve.server.async_engine import EngineError, QueueFullError, ShuttingDownError
+from specserve.server.limits import RateLimitExceeded
 
 logger = logging.getLogger(__name__)
 
@@ -27,19 +29,20 @@ class APIError(Exception):
     """An error with its HTTP status and OpenAI error body fields."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None) -> None:
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.type = type
         self.param = param
         self.code = code
+        self.headers = headers or {}
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        headers = {"WWW-Authenticate": "Bearer", **self.headers} if self.status == 401 else self.headers
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
@@ -55,6 +58,9 @@ def from_exception(e: BaseException) -> APIError:
     if isinstance(e, ValueError):
         first = str(e).split(" ", 1)[0]
         return invalid(str(e), param=first if first in _PARAMS else None)
+    if isinstance(e, RateLimitExceeded):
+        return APIError(429, str(e), type="rate_limit_error", code="rate_limit_exceeded",
+                        headers={"Retry-After": str(max(1, math.ceil(e.retry_after)))})
     if isinstance(e, QueueFullError):
         return APIError(429, str(e), type="rate_limit_error", code="queue_full")
     if isinstance(e, ShuttingDownError):
@@ -72,8 +78,8 @@ def _validation_message(err: dict) -> tuple[str, str | None]:
     if not loc and err.get("type") == "missing":
         return "the request body is missing: send a JSON object", None
     where = ".".join(loc) or "body"
-    message = f"{where}: {err.get('msg', 'invalid value')}"
-    if "input" in err and err.get("type") != "missing":
+    message = f"{where}: {err.get('msg', 'invalid value').removeprefix('Value error, ')}"
+    if loc and "input" in err and err.get("type") != "missing":  # a body-level error would repeat the body
         got = repr(err["input"])
         message += f", got {got[:200]}"
     return message, (loc[0] if loc else None)
@@ -106,7 +112,7 @@ def install(app: FastAPI) -> None:
             logger.error("request %s %s failed: %r", request.method, request.url.path, exc)
         return err.response()
 
-    for kind in (APIError, ValueError, QueueFullError, ShuttingDownError, EngineError):
+    for kind in (APIError, ValueError, RateLimitExceeded, QueueFullError, ShuttingDownError, EngineError):
         app.add_exception_handler(kind, on_known)
     # the last resort: Starlette sends this body, then re-raises so that the server logs the bug
     app.add_exception_handler(Exception, on_known)

@@ -11,16 +11,37 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 from specserve.sampling_params import SamplingParams
 
 INT64_MIN, UINT64_MAX = -(2**63), 2**64 - 1
+GREEDY_BELOW = 1e-5
+"""Temperatures below this sample greedily, as vLLM's do: dividing logits by less overflows to inf."""
+
+
+def _surrogate_at(value: Any, where: str) -> str | None:
+    """Where in a JSON value a string holds a lone UTF-16 surrogate (JSON allows "\\ud800"; Unicode does not)."""
+    if isinstance(value, str):
+        return where if any("\ud800" <= ch <= "\udfff" for ch in value) else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        found = _surrogate_at(k, where) if isinstance(k, str) else None
+        found = found or _surrogate_at(v, f"{where}.{k}" if where else str(k))
+        if found:
+            return found
+    return None
 
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
     include_usage: bool = False
+
+
+def _ranged(default: Any = None, **bounds: float) -> Any:
+    """A field whose OpenAPI schema states the values accepted, while the check itself (with the error
+    message naming the value) stays where SamplingParams are built."""
+    return Field(default=default, json_schema_extra=bounds)
 
 
 class SamplingRequest(BaseModel):
@@ -30,10 +51,10 @@ class SamplingRequest(BaseModel):
 
     model: str | None = None
     """The served model name; None or empty means the one this server serves."""
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    n: int = 1
+    temperature: float | None = _ranged(minimum=0)
+    top_p: float | None = _ranged(exclusiveMinimum=0, maximum=1)
+    top_k: int | None = _ranged(minimum=-1)
+    n: int = _ranged(1, minimum=1)
     seed: int | None = Field(default=None, ge=INT64_MIN, le=UINT64_MAX)
     stop: str | list[str] | None = None
     stream: bool = False
@@ -46,15 +67,26 @@ class SamplingRequest(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        # tokenizers and JSON encoders refuse lone surrogates: refuse them here, with a 400 that says where
+        where = _surrogate_at(data, "")
+        if where is not None:
+            raise ValueError(f"{where or 'the body'} holds a lone UTF-16 surrogate (e.g. \\ud800), which is not "
+                             "valid Unicode text")
+        return data
+
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
     def sampling_params(self, max_tokens: int, seed: int | None) -> SamplingParams:
         """Raises the engine's ValueError (which names the value) for anything out of range."""
+        temperature = 1.0 if self.temperature is None else self.temperature
         return SamplingParams(
             max_tokens=max_tokens,
-            temperature=1.0 if self.temperature is None else self.temperature,
+            temperature=0.0 if 0 <= temperature < GREEDY_BELOW else temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=-1 if self.top_k is None else self.top_k,
             seed=seed,
@@ -76,7 +108,7 @@ class SamplingRequest(BaseModel):
 
 class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = None
+    max_tokens: int | None = _ranged(minimum=1)
     """None: 16 (OpenAI's default), or less where a prompt leaves less room in the context. Given, each
     prompt + max_tokens must fit the context."""
     logprobs: int | None = None
@@ -134,9 +166,9 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage]
-    max_tokens: int | None = None
+    max_tokens: int | None = _ranged(minimum=1)
     """None: the room the prompt leaves in the context. Given, prompt + max_tokens must fit the context."""
-    max_completion_tokens: int | None = None
+    max_completion_tokens: int | None = _ranged(minimum=1)
     """OpenAI's newer name for max_tokens; wins when both are given."""
     logprobs: bool | None = None
     top_logprobs: int | None = None
