@@ -94,9 +94,25 @@ def build_systems(names: list[str], verifier: str, draft: str, args, max_seq_len
                 method=method,
             )
         else:
-            hf_draft = draft if name == "hf-assisted" else None
+            hf_draft = hf_assistant(verifier, draft) if name == "hf-assisted" else None
             systems[name] = HFSystem(name, verifier, hf_draft, args.dtype, args.device, eos, pad)
     return systems
+
+
+def hf_assistant(verifier: str, draft: str) -> str:
+    """The draft HF assisted generation runs: ours, unless it is an EAGLE head (HF cannot run one; then
+    the standalone 4-layer stand-in, and the JSON says so)."""
+    from specserve.model.default_models import layer_slice_draft
+    from specserve.model.eagle import is_eagle_checkpoint
+
+    if not is_eagle_checkpoint(draft):
+        return draft
+    try:
+        stand_in = layer_slice_draft(verifier)
+    except ValueError:  # a verifier of <= 4 layers (the tests' tiny one)
+        stand_in = layer_slice_draft(verifier, 1)
+    print(f"hf-assisted: HF cannot run the EAGLE head {draft}; it assists with {stand_in} instead", file=sys.stderr)
+    return stand_in
 
 
 # ---- the draft / verifier cost ratio ------------------------------------------------------------
@@ -111,7 +127,11 @@ def measure_cost_ratio(engine, context_ids: list[int], max_k: int, device: str, 
     costs; Leviathan's formula takes it as free). Medians over `reps` after COST_WARMUP. Forward
     passes only: the engine's sampling around them is not included.
     """
+    import torch
+
+    from specserve.engine.engine import num_params
     from specserve.engine.model_runner import ModelRunner, TokenRun
+    from specserve.model.eagle import EagleHead
 
     block_size = 16
     n = len(context_ids)
@@ -119,8 +139,14 @@ def measure_cost_ratio(engine, context_ids: list[int], max_k: int, device: str, 
     blocks = list(range(kv_blocks_for(n + max_k + 1, block_size)))
     verifier = ModelRunner(engine.runner.model, len(blocks), block_size)
     draft = ModelRunner(engine.proposer.runner.model, len(blocks), block_size)
+    hidden = engine.verifier.arch.hidden_size
+    eagle = isinstance(engine.proposer.runner.model, EagleHead)
+
+    def features(runner, m: int):  # an EAGLE head reads features (zeros cost the same as real ones)
+        return torch.zeros(m, hidden) if eagle and runner is draft else None
+
     for runner in (verifier, draft):
-        runner.forward([TokenRun(list(context_ids), 0, blocks, 1)])
+        runner.forward([TokenRun(list(context_ids), 0, blocks, 1)], features(runner, n))
     probe = (context_ids * (max_k + 2))[: max_k + 1]  # any tokens: the cost does not depend on which
     jobs = [("draft", draft, 1)] + [(f"verifier_{m}", verifier, m) for m in sizes]
     times: dict[str, list[float]] = {name: [] for name, _, _ in jobs}
@@ -129,7 +155,7 @@ def measure_cost_ratio(engine, context_ids: list[int], max_k: int, device: str, 
             run = [TokenRun(probe[:m], n, blocks, m)]
             synchronize(device)
             t0 = time.perf_counter()
-            runner.forward(run)
+            runner.forward(run, features(runner, m))
             synchronize(device)
             if i >= COST_WARMUP:
                 times[name].append(time.perf_counter() - t0)
@@ -141,8 +167,7 @@ def measure_cost_ratio(engine, context_ids: list[int], max_k: int, device: str, 
         "verify_cost": [median[f"verifier_{m}"] / median["verifier_1"] for m in sizes],
         "context_tokens": n,
         "reps": reps,
-        "param_ratio": sum(p.numel() for p in draft.model.parameters())
-        / sum(p.numel() for p in verifier.model.parameters()),
+        "param_ratio": num_params(draft.model) / num_params(verifier.model),
     }
 
 
