@@ -375,6 +375,16 @@ def test_a_candidate_short_of_the_margin_is_not_published(tiny, traffic, tmp_pat
     assert len({round(e["current"], 6) for e in result.evaluations}) == 1
 
 
+def test_the_trainer_trains_a_budget_per_record_then_evaluates_and_idles(tiny, traffic, tmp_path):
+    url = write_store(str(tmp_path / "traffic.db"), traffic)
+    publish = str(tmp_path / "registry")
+    options = dict(epochs_per_record=1.0, eval_every=1000, max_steps=None, max_minutes=0.05, margin=0.0)
+    result = OnlineTrainer(config(tiny, url, publish, **options)).run()
+    budget = len(training_records(read_all(url))) // 4  # one epoch of batches of 4
+    assert result.steps == budget
+    assert [e["step"] for e in result.evaluations] == [budget]  # evaluated once, on going idle
+
+
 def test_restart_resumes_after_the_last_record_id(tiny, traffic, tmp_path):
     half = NUM_RECORDS // 2
     url = write_store(str(tmp_path / "traffic.db"), traffic[:half])
@@ -420,7 +430,7 @@ def test_the_trainer_follows_a_rollback_of_current(tiny, traffic, tmp_path):
     )  # fmt: skip
     trainer = OnlineTrainer(config(tiny, url, publish, max_steps=20, margin=0.9))
     assert trainer.version == v2 and trainer.student.config.num_hidden_layers == 2
-    registry.set_current(publish, v1)  # the server rolls back
+    registry.set_current(publish, v1)  # an operator rolls back
     result = trainer.run()
     assert trainer.version == v1 and trainer.student.config.num_hidden_layers == 1
     records = read_all(url)

@@ -10,16 +10,17 @@
 2. trains the student (the draft as an fp32 HF `LlamaForCausalLM`, AdamW at a constant rate) on records drawn from
    the buffer: at every output position `distill_loss` against the verifier's logged top-m (a `TopM` teacher,
    renormalised over its m tokens), the positions where the draft was rejected weighted `w_rejected` (as OSD does):
-   a step that proposed k draft tokens and accepted a < k was rejected at the a-th position after its start;
-3. every `eval_every` steps measures the expected acceptance of the candidate and of the current draft on the
-   held-out slice, and publishes the candidate (`registry.publish`) when it is better by at least `margin`. If
-   CURRENT was moved by someone else meanwhile (the server rolling back), that version becomes both the current
-   draft and the student first.
+   a step that proposed k draft tokens and accepted a < k was rejected at its (a + 1)-th emitted token;
+3. every `eval_every` steps, and before going idle, measures the expected acceptance of the candidate and of the
+   current draft on the held-out slice, and publishes the candidate (`registry.publish`) when it is better by at
+   least `margin`. If CURRENT was moved by someone else meanwhile (an operator rolling back with
+   `registry.set_current`; the server's own rollbacks leave the registry alone), that version first becomes both
+   the current draft and the student.
 
 Expected acceptance at one position is sum_{x in S} min(p(x), q(x)): S the logged top-m, p the verifier's logged
 probabilities *not* renormalised, q the draft's full softmax (temperature 1). Speculative sampling accepts a draft
-token with probability sum_x min(p(x), q(x)) over the whole vocabulary; restricted to S the sum is a lower bound that
-is short by at most the unlogged mass 1 - p(S), the same slack for both drafts compared. Renormalising p over S would
+token with probability sum_x min(p(x), q(x)) over the whole vocabulary; restricted to S the sum is a lower bound,
+short by at most the unlogged mass 1 - p(S) whichever draft is measured. Renormalising p over S would
 give it mass the verifier does not have, so a draft that matched the renormalised p could be credited with
 acceptance it never gets. The slice's value is the mean over all its positions.
 
@@ -126,7 +127,7 @@ class OnlineTrainerConfig:
     seed: int = 0
     """Seed of the order records are drawn in."""
     progress: bool = True
-    """Show a tqdm bar (loss, records/s, current version)."""
+    """Show a tqdm bar (loss, records/s, current version) when stderr is a terminal."""
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -435,7 +436,7 @@ class OnlineTrainer:
         self.optimizer = torch.optim.AdamW(draft.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay)
 
     def follow_registry(self) -> None:
-        """If CURRENT names a version other than ours (the server rolled back), continue from that version."""
+        """If CURRENT names a version other than ours (someone rolled back), continue from that version."""
         c = self.config
         version = registry.current(c.publish)
         if version is None or version == self.version:
@@ -604,7 +605,7 @@ class OnlineTrainer:
         start = time.monotonic()
         deadline = start + 60.0 * c.max_minutes if c.max_minutes is not None else math.inf
         generator = torch.Generator().manual_seed(c.seed + self.state.steps)
-        bar = tqdm(total=c.max_steps, desc="online distill", unit="step", disable=not c.progress)
+        bar = tqdm(total=c.max_steps, desc="online distill", unit="step", disable=None if c.progress else True)
         last_poll, last_eval = -math.inf, 0
         try:
             while (c.max_steps is None or result.steps < c.max_steps) and time.monotonic() < deadline:
@@ -614,6 +615,10 @@ class OnlineTrainer:
                     if got == c.read_limit:
                         last_poll = -math.inf  # a full page: read on before the next step
                     if (self.budget < 1.0 or not self.buffer) and got == 0:
+                        if result.steps > last_eval:  # going idle: let what was trained since be published now
+                            last_eval = result.steps
+                            self._record(result, self.evaluate_and_publish(result.steps))
+                        bar.set_postfix_str(f"waiting for traffic after record {self.state.last_record_id}")
                         time.sleep(max(0.0, min(c.poll_seconds, deadline - time.monotonic())))
                         continue
                 if self.budget < 1.0 or not self.buffer:
