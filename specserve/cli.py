@@ -248,7 +248,6 @@ def add_online_args(p: argparse.ArgumentParser) -> None:
 
 def online_distillation(args: argparse.Namespace, kwargs: dict):
     """The serve command's (DraftWatchConfig or None, trainer argv or None); flags checked before models load."""
-    from specserve.model.eagle import is_eagle_checkpoint
     from specserve.online.draft_watcher import DraftWatchConfig
     from specserve.online.trainer import trainer_command
     from specserve.server.traffic_log import default_data_dir
@@ -271,8 +270,6 @@ def online_distillation(args: argparse.Namespace, kwargs: dict):
         raise ValueError("--online-distill trains on the traffic log; drop --no-traffic-log")
     if args.trainer_threads < 1:
         raise ValueError(f"--trainer-threads must be >= 1, got {args.trainer_threads}")
-    if is_eagle_checkpoint(spec.draft):
-        raise ValueError(f"--online-distill trains standalone drafts; --draft {spec.draft!r} is an EAGLE head")
     command = trainer_command(traffic_store_url(args), watch.registry, spec.draft, args.trainer_threads,
                               verifier=kwargs["verifier"], eval_every=args.trainer_eval_every,
                               margin=args.trainer_margin)
@@ -414,6 +411,7 @@ def add_distill_args(p: argparse.ArgumentParser) -> None:
                    help="eagle: stop training after this many minutes and keep the best head; --online: stop the "
                    "trainer after this many minutes (default: no limit).")
     add_online_distill_args(p)
+    add_eval_args(p)
 
 
 def add_online_distill_args(p: argparse.ArgumentParser) -> None:
@@ -435,7 +433,7 @@ def add_online_distill_args(p: argparse.ArgumentParser) -> None:
                    help="--online: the publish directory (draft registry); resumes from its current version.")
     g.add_argument("--draft", default=None, metavar="INITIAL",
                    help="--online: the draft to start from while DIR has no version yet (default with the default "
-                   "verifier: its first-4-layers stand-in).")
+                   "verifier: its first-4-layers stand-in). --eval-only: the draft to evaluate.")
     g.add_argument("--threads", type=int, default=d["threads"], metavar="N",
                    help=f"--online: torch CPU threads of the trainer (default {d['threads']}).")
     g.add_argument("--nice", type=int, default=d["nice"], metavar="N",
@@ -483,7 +481,8 @@ def cmd_distill_online(args: argparse.Namespace) -> int:
     if offline:
         raise ValueError(f"{offline[0]} is for offline distillation; --online trains the current draft on --traffic")
     if args.draft_type != "standalone":
-        raise ValueError(f"--online trains standalone drafts, not --draft-type {args.draft_type}")
+        raise ValueError(f"--online trains the current draft's own type (read from its checkpoint: a standalone draft "
+                         f"or an EAGLE head); drop --draft-type {args.draft_type}")
     if not args.traffic or not args.publish:
         raise ValueError("--online needs --traffic URL (the traffic store) and --publish DIR (the draft registry)")
     verifier = args.verifier or default_verifier()
@@ -494,6 +493,7 @@ def cmd_distill_online(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, eval_every=args.eval_every, margin=args.margin, poll_seconds=args.poll_seconds,
         max_steps=args.max_steps, max_minutes=args.max_minutes, threads=args.threads, nice=args.nice,
         gpu_memory_fraction=args.gpu_memory_fraction, device=args.device, seed=args.seed,
+        feature_weight=args.feature_weight, feature_noise=args.feature_noise,
     )
     try:
         result = OnlineTrainer(config).run()
@@ -505,10 +505,42 @@ def cmd_distill_online(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("held-out evaluation (--eval-only --draft DIR; also uses --verifier, --device, --seed)")
+    g.add_argument("--eval-only", action="store_true",
+                   help="Train nothing: measure --draft's acceptance on Spec-Bench (never training data) by category, "
+                   "at a fixed k, greedy and sampled; prints a table, writes JSON and a PNG with --eval-out.")
+    g.add_argument("--eval-k", type=int, default=5, help="Draft tokens per verification step (default 5).")
+    g.add_argument("--eval-per-category", type=int, default=2,
+                   help="Spec-Bench prompts per category (default 2).")
+    g.add_argument("--eval-max-tokens", type=int, default=64, help="Tokens generated per prompt (default 64).")
+    g.add_argument("--eval-temperatures", default="0,0.7",
+                   help="Comma-separated decoding temperatures; 0 is greedy (default 0,0.7).")
+    g.add_argument("--eval-dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
+                   help="dtype of both models while evaluating (default bfloat16, the serving default).")
+    g.add_argument("--eval-out", default=None, metavar="JSON", help="Write the results here (and a PNG beside).")
+
+
+def cmd_distill_eval(args: argparse.Namespace) -> int:
+    from specserve.distill.evaluate import EvalConfig, evaluate_draft, print_results
+
+    if not args.draft:
+        raise ValueError("--eval-only needs --draft DIR (the draft to evaluate)")
+    config = EvalConfig(
+        draft=args.draft, verifier=args.verifier, k=args.eval_k, per_category=args.eval_per_category,
+        max_tokens=args.eval_max_tokens, temperatures=tuple(float(t) for t in args.eval_temperatures.split(",")),
+        dtype=args.eval_dtype, device=args.device or "cpu", out=args.eval_out, seed=args.seed,
+    )
+    print_results(evaluate_draft(config))
+    return 0
+
+
 def cmd_distill(args: argparse.Namespace) -> int:
     from specserve.distill.student import StudentSpec, parse_layers
     from specserve.distill.trainer import DistillConfig, distill
 
+    if args.eval_only:
+        return cmd_distill_eval(args)
     if args.online:
         return cmd_distill_online(args)
     # offline, --traffic replaces --data: the logged requests are the data, their logged top-m the teacher

@@ -116,3 +116,40 @@ def test_two_ranks_train_one_head(bigram_verifier, prompt_file, tmp_path):  # no
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k  # DDP keeps the ranks' weights identical
+
+
+def test_eval_only_reports_held_out_acceptance_by_category(tiny, tmp_path):
+    from test_eagle import build_head
+
+    from specserve.cli import main
+
+    head = build_head(tiny["llama"], str(tmp_path / "head"))
+    out = tmp_path / "eval.json"
+    argv = [
+        "distill",
+        "--eval-only",
+        "--draft",
+        head,
+        "--verifier",
+        tiny["llama"],
+        "--eval-k",
+        "3",
+        "--eval-per-category",
+        "1",
+        "--eval-max-tokens",
+        "8",
+        "--eval-dtype",
+        "float32",
+        "--eval-out",
+        str(out),
+    ]
+    assert main(argv) == 0
+    result = json.load(open(out))
+    assert set(result["temperatures"]) == {"0.0", "0.7"}
+    for r in result["temperatures"].values():
+        assert r["by_category"] and r["overall"]["verification_steps"] > 0
+        for s in [r["overall"], *r["by_category"].values()]:
+            assert 1.0 <= s["mean_acceptance_length"] <= 4.0
+            assert all(0.0 <= x <= 1.0 for x in s["per_position_acceptance"] if x is not None)
+            assert len(s["per_position_acceptance"]) == 3
+    assert (tmp_path / "eval.png").exists()
