@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: install serve generate test test-fast lint bench
+.PHONY: install postgresql serve generate test test-fast lint bench
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -23,8 +23,24 @@ serve: install
 generate: install
 	$(VENV)/bin/specserve generate "What is speculative decoding?"
 
-test: install
-	$(PY) -m pytest -q --durations=15
+# The PostgreSQL tests start a throw-away server of their own (127.0.0.1 only) from Debian's `postgresql`, installed
+# here when its binaries are missing (sudo when not root). Best effort: where that is impossible, never an error:
+# those tests skip and say why.
+postgresql:
+	@if { command -v pg_ctl && command -v initdb; } >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+		:; \
+	elif ! command -v apt-get >/dev/null 2>&1; then \
+		echo "make: no PostgreSQL server and no apt-get to install one: the PostgreSQL tests will skip"; \
+	else \
+		sudo=; [ "$$(id -u)" = 0 ] || sudo="sudo -n"; \
+		echo "make: installing Debian's postgresql for the PostgreSQL tests"; \
+		$$sudo apt-get update -qq; \
+		$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql \
+			|| echo "make: could not install postgresql: the PostgreSQL tests will skip"; \
+	fi
+
+test: install postgresql
+	$(PY) -m pytest -q -rs --durations=15
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"

@@ -11,6 +11,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from postgres_server import PostgresServer, skip_reason  # noqa: E402
 from tiny_models import build_all  # noqa: E402
 
 
@@ -18,6 +19,20 @@ from tiny_models import build_all  # noqa: E402
 def tiny(tmp_path_factory) -> dict[str, str]:
     """Paths of tiny random checkpoints: 'llama' (GQA), 'qwen2' (q/k/v bias, tied), 'draft', 'tokenizer'."""
     return build_all(str(tmp_path_factory.mktemp("tiny_models")))
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """A throw-away PostgreSQL server on 127.0.0.1 (tests/postgres_server.py), one per test module; skips the test
+    with the reason when none can be started here (no server binaries, no psycopg)."""
+    reason = skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    server = PostgresServer()
+    try:
+        yield server
+    finally:
+        server.close()
 
 
 def pytest_configure(config):

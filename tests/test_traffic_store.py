@@ -1,26 +1,21 @@
 """The traffic store: round trips, WAL, the writer thread's batching and dropping, retention, deletion,
 migrations; on SQLite and on a real PostgreSQL server.
 
-The PostgreSQL tests start their own server (initdb + pg_ctl from PATH or /usr/lib/postgresql/*/bin,
-in a temporary directory, on 127.0.0.1 and a free port; as the 'postgres' user when run as root)
-and are skipped when no server binary or no psycopg is found.
+The PostgreSQL tests start their own server (the `postgres` fixture of conftest.py: initdb + pg_ctl
+in a temporary directory, on 127.0.0.1 and a free port; tests/postgres_server.py) and are skipped,
+saying why, when no server binary or no psycopg is found.
 """
 
 from __future__ import annotations
 
-import glob
 import os
-import shutil
-import socket
 import sqlite3
-import subprocess
-import tempfile
 import threading
 import time
-import uuid
 
 import pytest
 import torch
+from postgres_server import free_port
 
 from specserve.online.traffic_record import TrafficRecord, encode
 from specserve.online.traffic_store import (
@@ -69,80 +64,6 @@ def wait_until(predicate, timeout: float = 20.0) -> bool:
             return True
         time.sleep(0.01)
     return predicate()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-# ---- a real PostgreSQL server --------------------------------------------------------------------
-
-
-def _pg_bindir() -> str | None:
-    found = shutil.which("pg_ctl")
-    if found:
-        return os.path.dirname(os.path.realpath(found))
-    dirs = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda d: int(d.split("/")[-2]))
-    return next((d for d in reversed(dirs) if os.path.exists(os.path.join(d, "pg_ctl"))), None)
-
-
-class PostgresServer:
-    """A throw-away PostgreSQL cluster: trust auth, 127.0.0.1 only, no fsync."""
-
-    def __init__(self, root: str) -> None:
-        self.bindir = _pg_bindir()
-        self.root = root
-        self.data = os.path.join(root, "data")
-        self.port = free_port()
-        # postgres refuses to run as root: run it as the 'postgres' system user then
-        self.prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-        if self.prefix:
-            shutil.chown(root, "postgres")
-        self._run("initdb", "-D", self.data, "-A", "trust", "-U", "specserve", "--no-sync", "-E", "UTF8")
-        self.start()
-
-    def _run(self, tool: str, *args: str) -> None:
-        cmd = [*self.prefix, os.path.join(self.bindir, tool), *args]
-        done = subprocess.run(cmd, capture_output=True, text=True, cwd=self.root, timeout=120)
-        if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}): {done.stderr or done.stdout}")
-
-    def start(self) -> None:
-        options = f"-h 127.0.0.1 -p {self.port} -k {self.root} -F"
-        self._run("pg_ctl", "-D", self.data, "-o", options, "-l", os.path.join(self.root, "log"), "-w", "start")
-
-    def stop(self) -> None:
-        self._run("pg_ctl", "-D", self.data, "-m", "immediate", "-w", "stop")
-
-    def url(self, db: str = "postgres") -> str:
-        return f"postgresql://specserve@127.0.0.1:{self.port}/{db}"
-
-    def new_database(self) -> str:
-        import psycopg
-
-        name = f"t_{uuid.uuid4().hex[:12]}"
-        with psycopg.connect(self.url(), autocommit=True) as conn:
-            conn.execute(f"CREATE DATABASE {name}")
-        return self.url(name)
-
-
-@pytest.fixture(scope="module")
-def postgres():
-    pytest.importorskip("psycopg", reason="psycopg is not installed (pip install 'specserve[postgres]')")
-    if _pg_bindir() is None:
-        pytest.skip("no PostgreSQL server binary (pg_ctl) found")
-    if os.geteuid() == 0 and shutil.which("runuser") is None:
-        pytest.skip("running as root without runuser: cannot start postgres as another user")
-    # not under pytest's tmp dir: that is private to this user, and the server may run as 'postgres'
-    root = tempfile.mkdtemp(prefix="specserve-pg-")
-    try:
-        server = PostgresServer(root)
-        yield server
-        server.stop()
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
