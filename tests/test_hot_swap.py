@@ -4,7 +4,7 @@ A real registry directory (``registry.publish``), a real AsyncEngine thread and 
 new versions are swapped in while requests stream, broken ones are refused (the current draft stays),
 a version that accepts worse than the draft it replaced is rolled back. Drafts: the verifier itself
 (every greedy draft token is accepted), a random model of the verifier's shape (almost none is), the
-small random draft of ``tiny``.
+small random draft of ``tiny``, and random EAGLE heads (standalone and EAGLE versions replace each other).
 """
 
 from __future__ import annotations
@@ -22,14 +22,19 @@ import time
 
 import httpx
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import load_file, save_file
+from test_eagle import build_head
 from tiny_models import PROMPTS, build_llama, build_tokenizer, greedy
 from transformers import PreTrainedTokenizerFast
 
 from specserve import LLM
 from specserve.config import CacheConfig, EngineConfig, SpeculativeConfig
+from specserve.engine.eagle_proposer import EagleProposer
 from specserve.engine.engine import LLMEngine
+from specserve.engine.proposer import DraftProposer
+from specserve.model.eagle import EagleHead
 from specserve.online import registry
 from specserve.online.draft_watcher import DraftWatchConfig, DraftWatcher
 from specserve.server import AsyncEngine, build_app
@@ -70,6 +75,26 @@ def drafts(tiny, tmp_path_factory) -> dict[str, str]:
     }
 
 
+@pytest.fixture(scope="module")
+def eagle_heads(tiny, tmp_path_factory) -> dict[str, str]:
+    """EAGLE head checkpoints for tiny["llama"]: 'start' and 'new' (random; 'new' over a third of the vocabulary),
+    'nan' (a NaN weight), 'other_verifier' (a head of tiny["qwen2"]: the same vocabulary, another verifier)."""
+    root = tmp_path_factory.mktemp("eagle_heads")
+    vocab = len(PreTrainedTokenizerFast.from_pretrained(tiny["tokenizer"]))
+    third = torch.randperm(vocab, generator=torch.Generator().manual_seed(0))[: vocab // 3]
+    nan = build_head(tiny["llama"], str(root / "nan"), seed=3)
+    weights = os.path.join(nan, "model.safetensors")
+    state = load_file(weights)
+    state["fc.weight"][0, 0] = float("nan")
+    save_file(state, weights)
+    return {
+        "start": build_head(tiny["llama"], str(root / "start")),
+        "new": build_head(tiny["llama"], str(root / "new"), third, seed=1),
+        "nan": nan,
+        "other_verifier": build_head(tiny["qwen2"], str(root / "other_verifier"), seed=4),
+    }
+
+
 LONG = 120
 """Tokens of the requests a swap happens under: many more steps than loading a tiny draft takes."""
 
@@ -95,7 +120,7 @@ def make_async_engine(tiny, draft: str) -> AsyncEngine:
     return AsyncEngine(LLMEngine(config))
 
 
-def publish(tiny, directory: str, checkpoint: str) -> str:
+def publish(tiny, directory: str, checkpoint: str, draft_type: str = "standalone") -> str:
     return registry.publish(
         directory,
         checkpoint,
@@ -103,6 +128,7 @@ def publish(tiny, directory: str, checkpoint: str) -> str:
         records_seen=1,
         tokens_seen=10,
         verifier=registry.verifier_fingerprint(tiny["llama"]),
+        draft_type=draft_type,
     )
 
 
@@ -115,6 +141,22 @@ async def _collect(
         if started is not None:
             started.set()
     return token_ids
+
+
+def stream_and_publish(async_engine: AsyncEngine, publish_one) -> list[list[int]]:
+    """PROMPTS, LONG greedy tokens each; once every request has streamed output, `publish_one()` runs (a thread)."""
+
+    async def scenario() -> list[list[int]]:
+        started = [asyncio.Event() for _ in PROMPTS]
+        tasks = [
+            asyncio.create_task(_collect(async_engine, p, f"r{i}", LONG, started[i])) for i, p in enumerate(PROMPTS)
+        ]
+        for event in started:  # every request has streamed output before the new version exists
+            await event.wait()
+        await asyncio.to_thread(publish_one)
+        return list(await asyncio.gather(*tasks))
+
+    return asyncio.run(asyncio.wait_for(scenario(), timeout=300))
 
 
 def generate(async_engine: AsyncEngine, prompts: list[str], tokens: int, tag: str) -> list[list[int]]:
@@ -151,18 +193,8 @@ def test_a_published_version_is_swapped_in_while_requests_stream_and_outputs_sta
     watcher.start()  # nothing published yet: keeps the startup draft
     assert engine.draft_version == first
 
-    async def scenario() -> list[list[int]]:
-        started = [asyncio.Event() for _ in PROMPTS]
-        tasks = [
-            asyncio.create_task(_collect(async_engine, p, f"r{i}", LONG, started[i])) for i, p in enumerate(PROMPTS)
-        ]
-        for event in started:  # every request has streamed output before the new version exists
-            await event.wait()
-        await asyncio.to_thread(publish, tiny, directory, tiny["llama"])  # the verifier itself, as a draft
-        return list(await asyncio.gather(*tasks))
-
     try:
-        outputs = asyncio.run(asyncio.wait_for(scenario(), timeout=300))
+        outputs = stream_and_publish(async_engine, lambda: publish(tiny, directory, tiny["llama"]))  # the verifier
         assert wait_until(lambda: watcher.stats().swaps == 1)
         assert async_engine.stats().draft_version == engine.draft_version == "v0001"
         assert outputs == long_reference  # every request finished, token for token the verifier's greedy output
@@ -276,6 +308,88 @@ def test_a_current_naming_a_version_not_visible_yet_is_waited_for_not_refused(ti
         os.rename(hidden, registry.version_dir(directory, version))
         watcher.poll()
         assert async_engine.engine.draft_version == version
+    finally:
+        shutdown(async_engine)
+
+
+# ---- EAGLE versions ---------------------------------------------------------------------------------------
+
+
+def test_an_eagle_version_is_swapped_in_while_requests_stream_and_outputs_stay_exact(
+    tiny, eagle_heads, long_reference, tmp_path
+):
+    directory = str(tmp_path / "registry")
+    async_engine = make_async_engine(tiny, eagle_heads["start"])  # an EAGLE head from startup
+    engine = async_engine.engine
+    first = engine.draft_version
+    assert isinstance(engine.proposer, EagleProposer)
+    watcher = DraftWatcher(async_engine, DraftWatchConfig(directory, poll_seconds=0.02))
+    watcher.start()
+    try:
+        outputs = stream_and_publish(async_engine, lambda: publish(tiny, directory, eagle_heads["new"], "eagle"))
+        assert wait_until(lambda: watcher.stats().swaps == 1)
+        assert async_engine.stats().draft_version == engine.draft_version == "v0001"
+        head = engine.proposer.runner.model
+        assert isinstance(engine.proposer, EagleProposer) and isinstance(head, EagleHead) and head.trimmed
+        assert outputs == long_reference  # every request finished, token for token the verifier's greedy output
+        old, new = engine.metrics.spec(first), engine.metrics.spec("v0001")
+        assert old.drafted_tokens > 0 and new.drafted_tokens > 0  # both heads proposed for these requests
+        assert generate(async_engine, PROMPTS, LONG, "after") == long_reference
+        assert sum(watcher.stats().rejected.values()) == 0
+    finally:
+        watcher.stop()
+        shutdown(async_engine)
+    assert engine.kv.num_free_blocks == engine.num_blocks
+
+
+def test_standalone_and_eagle_versions_replace_each_other(tiny, drafts, eagle_heads, reference, tmp_path):
+    directory = str(tmp_path / "registry")
+    async_engine = make_async_engine(tiny, drafts["twin"])
+    watcher = DraftWatcher(async_engine, DraftWatchConfig(directory, poll_seconds=NEVER))
+    try:
+        for checkpoint, draft_type, proposer in (
+            (eagle_heads["new"], "eagle", EagleProposer),
+            (tiny["llama"], "standalone", DraftProposer),
+        ):
+            version = publish(tiny, directory, checkpoint, draft_type)
+            watcher.poll()
+            engine = async_engine.engine
+            assert engine.draft_version == version and type(engine.proposer) is proposer
+            assert generate(async_engine, PROMPTS, 48, version) == reference
+            assert engine.metrics.spec(version).drafted_tokens > 0
+        assert watcher.stats().swaps == 2 and sum(watcher.stats().rejected.values()) == 0
+    finally:
+        shutdown(async_engine)
+
+
+@pytest.mark.parametrize(
+    "startup, checkpoint, draft_type, reason",
+    [
+        ("twin", "nan", "eagle", "nonfinite"),
+        ("twin", "other_verifier", "eagle", "load"),  # load_eagle refuses a head of another verifier
+        ("twin", "new", "standalone", "load"),  # an EAGLE head its manifest calls standalone
+        ("twin", "llama", "eagle", "load"),  # a standalone draft its manifest calls an EAGLE head
+        ("draft", "new", "eagle", "kv_budget"),  # a verifier-shaped layer: more KV than the tiny draft reserved
+    ],
+    ids=["nan-weights", "other-verifier", "eagle-called-standalone", "standalone-called-eagle", "kv-budget"],
+)
+def test_a_broken_eagle_version_is_refused_and_the_current_draft_stays(
+    tiny, drafts, eagle_heads, reference, tmp_path, caplog, startup, checkpoint, draft_type, reason
+):
+    paths = {"twin": drafts["twin"], "draft": tiny["draft"], "llama": tiny["llama"], **eagle_heads}
+    directory = str(tmp_path / "registry")
+    publish(tiny, directory, paths[checkpoint], draft_type)
+    async_engine = make_async_engine(tiny, paths[startup])
+    first = async_engine.engine.draft_version
+    watcher = DraftWatcher(async_engine, DraftWatchConfig(directory, poll_seconds=NEVER))
+    try:
+        with caplog.at_level(logging.WARNING):
+            watcher.poll()
+        stats = watcher.stats()
+        assert stats.rejected[reason] == 1 and sum(stats.rejected.values()) == 1 and stats.swaps == 0
+        assert any("REJECTED draft v0001" in r.message and f"({reason})" in r.message for r in caplog.records)
+        assert async_engine.engine.draft_version == first
+        assert generate(async_engine, PROMPTS[:2], 16, "after") == [ids[:16] for ids in reference[:2]]
     finally:
         shutdown(async_engine)
 

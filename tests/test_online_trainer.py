@@ -24,21 +24,14 @@ from specserve.config import CacheConfig, EngineConfig, SpeculativeConfig
 from specserve.distill.losses import TopM, distill_loss
 from specserve.engine.engine import LLMEngine
 from specserve.online import registry
+from specserve.online.evaluation import evaluate, expected_acceptance
+from specserve.online.examples import is_heldout, prepare, rejected_positions
+from specserve.online.standalone_student import load_draft
 from specserve.online.traffic_record import TrafficRecord
 from specserve.online.traffic_store import open_store
-from specserve.online.trainer import (
-    STATE_FILE,
-    OnlineTrainer,
-    OnlineTrainerConfig,
-    TrainerState,
-    evaluate,
-    expected_acceptance,
-    is_heldout,
-    load_draft,
-    prepare,
-    rejected_positions,
-    trainer_command,
-)
+from specserve.online.trainer import OnlineTrainer, trainer_command
+from specserve.online.trainer_config import OnlineTrainerConfig
+from specserve.online.trainer_state import STATE_FILE, TrainerState
 
 M = 8
 NUM_RECORDS = 40

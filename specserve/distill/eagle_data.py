@@ -6,12 +6,14 @@ answer generated through our engine. One teacher pass of the verifier (our model
 gives, at every position i, its feature f_i (last layer output, before the final norm: what the
 engine hands an EAGLE head) and its top-m log-probabilities for token i + 1. Both are kept in memory
 compactly (bf16 features, int32 ids, fp16 log-probs), so training epochs never rerun the verifier.
+`verifier_batches` is that pass without the top-m (the online trainer recomputes features with it).
 Knows nothing about the head or the optimiser.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -124,6 +126,39 @@ def template_pairs(
 
 
 @torch.inference_mode()
+def verifier_batches(
+    verifier: LlamaModel,
+    sequences: list[list[int]],
+    max_batch_tokens: int = 2048,
+    logits: bool = True,
+) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor | None]]:
+    """The verifier teacher-forced over every sequence, batched up to max_batch_tokens (a longer one alone).
+
+    Yields per batch (indices of its sequences, their features [tokens, hidden] concatenated in that order, their
+    logits [tokens, vocab] fp32 or None). Each feature f_i is the last layer's output at position i, before the
+    final norm; with logits=False the output layer is not run at all (a caller with its own targets).
+    """
+    block = 16
+    longest = max(map(len, sequences))
+    num_blocks = -(-max(longest, max_batch_tokens) // block) + len(sequences[:64]) + 1
+    runner = ModelRunner(verifier, num_blocks, block)
+    i = 0
+    while i < len(sequences):
+        batch, tokens, next_block = [], 0, 0
+        while i < len(sequences) and (not batch or tokens + len(sequences[i]) <= max_batch_tokens):
+            n = len(sequences[i])
+            nb = -(-n // block)
+            batch.append((i, TokenRun(sequences[i], 0, list(range(next_block, next_block + nb)), n if logits else 0)))
+            next_block += nb
+            tokens += n
+            i += 1
+        if next_block > num_blocks:  # one long batch: grow the pool
+            runner = ModelRunner(verifier, next_block, block)
+        out = runner.forward([run for _, run in batch], keep_features=True)  # [tokens, vocab], or [0, vocab]
+        yield [idx for idx, _ in batch], runner.last_features, out if logits else None
+
+
+@torch.inference_mode()
 def teacher_pass(
     verifier: LlamaModel,
     sequences: list[list[int]],
@@ -133,33 +168,17 @@ def teacher_pass(
     progress: bool = True,
 ) -> list[TeacherSequence]:
     """The verifier over every sequence (batched up to max_batch_tokens): features and top-m per position."""
-    block = 16
-    longest = max(map(len, sequences))
-    num_blocks = -(-max(longest, max_batch_tokens) // block) + len(sequences[:64]) + 1
-    runner = ModelRunner(verifier, num_blocks, block)
     out: list[TeacherSequence] = []
     bar = tqdm(total=sum(map(len, sequences)), desc="teacher pass", unit="tok", disable=not progress)
-    i = 0
-    while i < len(sequences):
-        batch, tokens, next_block = [], 0, 0
-        while i < len(sequences) and (not batch or tokens + len(sequences[i]) <= max_batch_tokens):
-            n = len(sequences[i])
-            nb = -(-n // block)
-            batch.append((i, TokenRun(sequences[i], 0, list(range(next_block, next_block + nb)), n)))
-            next_block += nb
-            tokens += n
-            i += 1
-        if next_block > num_blocks:  # one long batch: grow the pool
-            runner = ModelRunner(verifier, next_block, block)
-        logits = runner.forward([run for _, run in batch], keep_features=True)  # [tokens, vocab]
-        feats = runner.last_features.to(torch.bfloat16).cpu()
+    for indices, features, logits in verifier_batches(verifier, sequences, max_batch_tokens):
+        feats = features.to(torch.bfloat16).cpu()
         top = torch.topk(torch.log_softmax(logits.float(), dim=-1), top_m, dim=-1)
         row = 0
-        for idx, run in batch:
-            n = len(run.token_ids)
+        for idx in indices:
+            n = len(sequences[idx])
             out.append(
                 TeacherSequence(
-                    token_ids=torch.tensor(run.token_ids),
+                    token_ids=torch.tensor(sequences[idx]),
                     features=feats[row : row + n].clone(),
                     topm_ids=top.indices[row : row + n].to(torch.int32).cpu(),
                     topm_logprobs=top.values[row : row + n].to(torch.float16).cpu(),
@@ -167,7 +186,7 @@ def teacher_pass(
                 )
             )
             row += n
-        bar.update(tokens)
+        bar.update(row)
     bar.close()
     return out
 

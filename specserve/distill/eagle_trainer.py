@@ -128,38 +128,57 @@ class HeadBatch:
 
 def make_batch(seqs: list[TeacherSequence], to_draft: torch.Tensor, device) -> HeadBatch:
     """Sequences packed end to end, each attending causally to itself (a prefill of several requests)."""
-    ids, pos, fin, fout, tids, tlp, mask = [], [], [], [], [], [], []
+    masks = []
     for s in seqs:
-        n = s.token_ids.numel()
-        f = s.features.float()
-        ids.append(s.token_ids)
+        m = torch.ones(s.token_ids.numel(), dtype=torch.bool)
+        m[-1] = False
+        masks.append(m)
+    return pack_batch(
+        [s.token_ids for s in seqs],
+        [s.features for s in seqs],
+        [to_draft[s.topm_ids.long()] for s in seqs],
+        [s.topm_logprobs for s in seqs],
+        masks,
+        device,
+    )
+
+
+def pack_batch(
+    token_ids: list[torch.Tensor],  # per sequence [T] int64
+    features: list[torch.Tensor],  # per sequence [T, hidden]: f_i at each of its positions
+    topm_ids: list[torch.Tensor],  # per sequence [T, m] int64, in draft-vocabulary indices (-1: outside it)
+    topm_logprobs: list[torch.Tensor],  # per sequence [T, m]
+    loss_masks: list[torch.Tensor],  # per sequence [T] bool: positions scored
+    device,
+) -> HeadBatch:
+    """Sequences packed end to end, each attending causally to itself; the head reads f_{i-1} (zeros at i = 0)."""
+    ids, pos, fin, fout = [], [], [], []
+    for t, feats in zip(token_ids, features):
+        n = t.numel()
+        f = feats.float()
+        ids.append(t)
         pos.append(torch.arange(n))
         fin.append(torch.cat([torch.zeros(1, f.shape[1]), f[:-1]]))
         fout.append(f)
-        tids.append(to_draft[s.topm_ids.long()])
-        tlp.append(s.topm_logprobs.float())
-        m = torch.ones(n, dtype=torch.bool)
-        m[-1] = False
-        mask.append(m)
-    lens = [s.token_ids.numel() for s in seqs]
+    lens = [t.numel() for t in token_ids]
     total = sum(lens)
     starts = torch.tensor([0] + lens[:-1]).cumsum(0)
     longest = max(lens)
     ctx = torch.arange(longest)
     context_slots = (starts[:, None] + ctx[None, :]).clamp(max=total - 1)  # [batch, longest]
     meta = AttentionMetadata.build(lens, lens, torch.arange(total).to(device), context_slots.to(device))
-    topm_ids = torch.cat(tids)
-    p = torch.cat(tlp).exp() * (topm_ids >= 0)
+    ids_draft = torch.cat(topm_ids)
+    p = torch.cat([lp.float() for lp in topm_logprobs]).exp() * (ids_draft >= 0)
     probs = p / p.sum(-1, keepdim=True).clamp_min(1e-9)
     return HeadBatch(
         torch.cat(ids).to(device),
         torch.cat(pos).to(device),
         torch.cat(fin).to(device),
         torch.cat(fout).to(device),
-        topm_ids.to(device),
+        ids_draft.to(device),
         probs.to(device),
         p.to(device),
-        torch.cat(mask).to(device),
+        torch.cat(loss_masks).to(device),
         meta,
         total,
     )
@@ -180,13 +199,24 @@ def head_forward(model: torch.nn.Module, head: EagleHead, batch: HeadBatch, nois
 
 def losses(head: EagleHead, batch: HeadBatch, predicted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(feature loss, distribution loss) averaged over positions with a next token."""
+    feat, kl = row_losses(head, batch, predicted)
+    return feat.mean(), kl.mean()
+
+
+def row_losses(
+    head: EagleHead,
+    batch: HeadBatch,
+    predicted: torch.Tensor,  # [tokens, hidden]
+) -> tuple[torch.Tensor, torch.Tensor]:  # [rows], [rows]: rows = the positions in batch.loss_mask
+    """Per scored position: smooth-L1 of the normed features (mean over hidden) and the cross-entropy against the
+    verifier's top-m renormalised on the draft vocabulary (its forward KL up to the teacher's entropy)."""
     m = batch.loss_mask
     norm = head.verifier.norm
-    feat = F.smooth_l1_loss(norm(predicted[m]), norm(batch.target_features[m]))
+    feat = F.smooth_l1_loss(norm(predicted[m]), norm(batch.target_features[m]), reduction="none").mean(-1)
     logq = torch.log_softmax(head.draft_logits(predicted[m]), dim=-1)  # [rows, draft_vocab]
     ids = batch.topm_ids[m]
     picked = logq.gather(1, ids.clamp_min(0))
-    kl = -(batch.topm_probs[m] * picked).sum(-1).mean()
+    kl = -(batch.topm_probs[m] * picked).sum(-1)
     return feat, kl
 
 

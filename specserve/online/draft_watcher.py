@@ -4,7 +4,8 @@ One thread per server (``specserve-draft-watcher``). Every ``poll_seconds`` it r
 CURRENT version. A version it has not tried yet is checked and loaded here, off the engine thread, and
 then handed to the engine thread, which swaps it in between two steps (``AsyncEngine.swap_draft``).
 Requests in flight go on with the new draft and their outputs cannot change: the verifier decides
-every token. Only acceptance moves.
+every token. Only acceptance moves. A version is a standalone draft or an EAGLE head (its manifest's
+``draft_type``); either may replace either, within the KV the startup draft reserved.
 
 A version is refused (a warning, and ``reason`` in ``specserve_draft_rejected_total``) and the current
 draft stays when any check fails, in this order:
@@ -12,12 +13,16 @@ draft stays when any check fails, in this order:
 - ``registry``: ``registry.verify`` failed: a file missing or unlisted, a sha256 that differs from the
   manifest's, a malformed manifest;
 - ``verifier``: the manifest names another verifier (its fingerprint differs from ours);
-- ``vocabulary``: the config's vocabulary size, or the tokenizer it ships, differs from the verifier's;
-- ``load``: the weights do not load into our model (missing tensors, wrong shapes, unknown architecture);
+- ``vocabulary``: the config's vocabulary size, or the tokenizer it ships (standalone drafts), differs from
+  the verifier's;
+- ``load``: the weights do not load into our model (missing tensors, wrong shapes, unknown architecture; an
+  EAGLE head: ``load_eagle`` against the engine's verifier refuses it, e.g. a head of another verifier), or
+  the checkpoint is not of the manifest's ``draft_type``;
 - ``nonfinite``: a weight is NaN or infinite;
 - ``kv_budget``: it needs more KV per block than the engine reserved for the draft at startup;
 - ``context``: it is positioned for a shorter context than the engine serves;
-- ``smoke_forward``: a forward over a few tokens raises, or gives logits of the wrong shape or non-finite;
+- ``smoke_forward``: a forward over a few tokens raises, or gives logits of the wrong shape or non-finite
+  (an EAGLE head reads the verifier's true features of those tokens, computed here on a runner of its own);
 - ``engine``: ``LLMEngine.swap_draft`` refused it.
 
 Rollback: after a swap the replaced draft stays in memory. Once the new version has proposed
@@ -250,8 +255,15 @@ class DraftWatcher:
             raise Rejected("load", f"version {version} has no readable config.json: {e!r}") from e
         if draft_vocab != vocab:
             raise Rejected("vocabulary", f"version {version} has vocab_size {draft_vocab}, the verifier {vocab}")
+        eagle = is_eagle_checkpoint(path)
+        if manifest["draft_type"] != ("eagle" if eagle else "standalone"):
+            raise Rejected(
+                "load",
+                f"version {version}'s manifest says draft_type {manifest['draft_type']!r}, its checkpoint is "
+                f"{'an EAGLE head' if eagle else 'a standalone draft'}",
+            )
         try:
-            if is_eagle_checkpoint(path):
+            if eagle:
                 model = load_eagle(path, engine.verifier, engine.config.verifier)
             else:
                 model = load_model(path, resolve_dtype(engine.config.dtype), engine.config.device)
@@ -291,10 +303,16 @@ class DraftWatcher:
         tokens = engine.tokenizer.encode(VOCAB_PROBE)[:SMOKE_TOKENS]
         n, block_size = len(tokens), engine.config.cache.block_size
         num_blocks = -(-n // block_size)
+        runs = [TokenRun(tokens, 0, list(range(num_blocks)), n)]
+        features = None  # [n, hidden]: f_{i-1} at each position i, as the engine hands an EAGLE head
+        if isinstance(model, EagleHead):  # the verifier may run here too: read-only, on a KV pool of its own
+            verifier = ModelRunner(engine.verifier, num_blocks, block_size)
+            verifier.forward([TokenRun(tokens, 0, list(range(num_blocks)), 0)], keep_features=True)
+            f = verifier.last_features  # [n, hidden]: f_i
+            features = torch.cat([f.new_zeros(1, f.shape[1]), f[:-1]])
         runner = ModelRunner(model, num_blocks, block_size)  # its own few blocks: the engine's pool is not touched
-        features = torch.zeros(n, model.arch.hidden_size) if isinstance(model, EagleHead) else None
         try:
-            logits = runner.forward([TokenRun(tokens, 0, list(range(num_blocks)), n)], features)  # [n, vocab]
+            logits = runner.forward(runs, features)  # [n, vocab]
         except Exception as e:
             raise Rejected("smoke_forward", f"version {version}: a forward over {n} tokens failed: {e!r}") from e
         want = (n, engine.verifier.arch.vocab_size)

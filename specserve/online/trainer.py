@@ -1,28 +1,28 @@
 """The online trainer: distils the draft on logged traffic and publishes a new version when it beats the current one.
 
 `OnlineTrainer(config).run()`, one process (`specserve distill --online`, or spawned by `specserve serve
---online-distill` through `trainer_command`):
+--online-distill` through `trainer_command`). It trains whichever type the current draft is (the registry's CURRENT
+version, else `draft`): a standalone draft (`standalone_student`) or an EAGLE head (`eagle_student`).
 
-1. polls the traffic store for records after the last one read. A stable hash of the record id sends about
+1. polls the traffic store for records after the last one read and makes them examples (`examples.prepare`; for an
+   EAGLE head with the verifier's features recomputed, see below). A stable hash of the record id sends about
    `heldout_fraction` of them to the held-out slice (its most recent `heldout_records` such records); the others go
    to a replay buffer of the most recent `buffer_records`, each adding `epochs_per_record / batch_size` steps to the
    step budget (with no budget left the trainer waits for traffic instead of overfitting the buffer);
-2. trains the student (the draft as an fp32 HF `LlamaForCausalLM`, AdamW at a constant rate) on records drawn from
-   the buffer: at every output position `distill_loss` against the verifier's logged top-m (a `TopM` teacher,
-   renormalised over its m tokens), the positions where the draft was rejected weighted `w_rejected` (as OSD does):
-   a step that proposed k draft tokens and accepted a < k was rejected at its (a + 1)-th emitted token;
-3. every `eval_every` steps, and before going idle, measures the expected acceptance of the candidate and of the
-   current draft on the held-out slice, and publishes the candidate (`registry.publish`) when it is better by at
-   least `margin`. If CURRENT was moved by someone else meanwhile (an operator rolling back with
-   `registry.set_current`; the server's own rollbacks leave the registry alone), that version first becomes both
-   the current draft and the student.
+2. trains the student (fp32, AdamW at a constant rate) on records drawn from the buffer, at every output position
+   against the verifier's logged top-m: a standalone draft with `distill_loss` (a `TopM` teacher, renormalised over
+   its m tokens), an EAGLE head with eagle_trainer's feature regression + forward KL on its draft vocabulary. The
+   positions where the draft was rejected weigh `w_rejected` (as OSD does): a step that proposed k draft tokens and
+   accepted a < k was rejected at its (a + 1)-th emitted token;
+3. every `eval_every` steps, and before going idle, measures the expected acceptance (`evaluation`: a lower bound on
+   the logged top-m) of the candidate and of the current draft on the held-out slice, and publishes the candidate
+   (`registry.publish`, with its draft_type) when it is better by at least `margin`. If CURRENT was moved by someone
+   else meanwhile (an operator rolling back with `registry.set_current`; the server's own rollbacks leave the
+   registry alone), that version first becomes both the current draft and the student (of its own type).
 
-Expected acceptance at one position is sum_{x in S} min(p(x), q(x)): S the logged top-m, p the verifier's logged
-probabilities *not* renormalised, q the draft's full softmax (temperature 1). Speculative sampling accepts a draft
-token with probability sum_x min(p(x), q(x)) over the whole vocabulary; restricted to S the sum is a lower bound,
-short by at most the unlogged mass 1 - p(S) whichever draft is measured. Renormalising p over S would
-give it mass the verifier does not have, so a draft that matched the renormalised p could be credited with
-acceptance it never gets. The slice's value is the mean over all its positions.
+Log or recompute: records carry no verifier features (bf16 hidden states would make a record ~9x larger, on every
+request), so for an EAGLE head the trainer recomputes them, one batched teacher-forced verifier forward per page of
+records read; the logged top-m stays the target. The reasoning and the costs are in `eagle_student`.
 
 Crash safety: the server needs nothing from this process. It only reads the store; versions appear atomically
 (registry); after every poll that read records it replaces DIR/trainer_state.json atomically (the last record id
@@ -35,9 +35,7 @@ Knows nothing about serving or hot-swapping.
 
 from __future__ import annotations
 
-import copy
 import fcntl
-import hashlib
 import json
 import math
 import os
@@ -45,194 +43,24 @@ import sys
 import tempfile
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoConfig, LlamaForCausalLM
 
-from specserve.distill.losses import LOSSES, TopM, distill_loss
-from specserve.distill.student import save_student
-from specserve.distill.trainer import RowLogits
+from specserve.model.eagle import is_eagle_checkpoint
 from specserve.online import registry
+from specserve.online.eagle_student import EagleStudent
+from specserve.online.examples import Example, is_heldout
+from specserve.online.standalone_student import StandaloneStudent
+from specserve.online.trainer_config import OnlineTrainerConfig
+from specserve.online.trainer_state import STATE_FILE, TrainerState
 
 if TYPE_CHECKING:
     from specserve.online.traffic_record import TrafficRecord
 
-STATE_FILE = "trainer_state.json"
 LOCK_FILE = "trainer.lock"
-
-
-@dataclass(frozen=True)
-class OnlineTrainerConfig:
-    traffic: str
-    """Traffic store URL (`open_store`): 'sqlite:///abs/path.db', a plain file path, or 'postgresql://...'."""
-    publish: str
-    """Publish directory (the draft registry) versions are written to, and trainer_state.json beside them."""
-    verifier: str
-    """HF checkpoint directory of the verifier whose traffic is logged (its fingerprint and tokenizer files)."""
-    draft: str | None = None
-    """Draft checkpoint to start from while the publish directory has no current version (then it is ignored)."""
-    loss: str = "fkl"
-    """Divergence from the logged top-m: fkl, rkl, jsd, tv (as `specserve distill --loss`)."""
-    jsd_beta: float = 0.5
-    """beta of JSD(beta), in (0, 1)."""
-    temperature: float = 1.0
-    """Temperature of both distributions inside the divergence (the evaluation is always at temperature 1)."""
-    w_rejected: float = 2.0
-    """Loss weight of the positions where the draft was rejected; every other position weighs 1."""
-    lr: float = 5e-4
-    """AdamW learning rate (constant)."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    max_grad_norm: float = 1.0
-    """Gradient-norm clipping threshold."""
-    batch_size: int = 8
-    """Most records per optimizer step."""
-    max_batch_rows: int = 512
-    """Most output positions per step (and per evaluation forward): bounds the [rows, vocab] logits in memory."""
-    max_seq_tokens: int = 512
-    """Longer prompt + output sequences keep their last tokens."""
-    eval_every: int = 100
-    """Optimizer steps between held-out evaluations (and possible publishes)."""
-    margin: float = 0.01
-    """Publish only when the candidate's held-out expected acceptance beats the current draft's by this much."""
-    heldout_fraction: float = 0.1
-    """Share of records (by a hash of record_id: stable across restarts) kept for evaluation, never trained on."""
-    heldout_records: int = 64
-    """The held-out slice: the most recent held-out records, at most this many."""
-    min_heldout_records: int = 4
-    """Evaluate only once the slice holds this many records."""
-    buffer_records: int = 1024
-    """Training draws from the most recent training records, at most this many."""
-    epochs_per_record: float = 4.0
-    """Times each training record is trained on, on average, before the trainer idles waiting for traffic."""
-    read_limit: int = 256
-    """Most records read from the store per poll."""
-    poll_seconds: float = 5.0
-    """Seconds between polls of the store (polls happen sooner while a read returns a full page)."""
-    max_steps: int | None = None
-    """Stop after this many optimizer steps of this run. None: no limit."""
-    max_minutes: float | None = None
-    """Stop after this many minutes of this run. None: no limit (run until killed)."""
-    threads: int = 1
-    """torch CPU threads (torch.set_num_threads): what the trainer may take from serving."""
-    nice: int = 10
-    """Added to the process's niceness (os.nice) at start, so the server's threads win the CPU; 0: unchanged."""
-    gpu_memory_fraction: float = 0.25
-    """On CUDA: the most of the device's memory this process may allocate (set_per_process_memory_fraction)."""
-    device: str | None = None
-    """torch device; None: cuda if available, else cpu."""
-    seed: int = 0
-    """Seed of the order records are drawn in."""
-    progress: bool = True
-    """Show a tqdm bar (loss, records/s, current version) when stderr is a terminal."""
-
-    def __post_init__(self) -> None:
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
-        if not 0.0 < self.jsd_beta < 1.0:
-            raise ValueError(f"jsd_beta must be in (0, 1), got {self.jsd_beta}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if not self.w_rejected > 0:
-            raise ValueError(f"w_rejected must be > 0, got {self.w_rejected}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        for name in ("batch_size", "max_batch_rows", "eval_every", "heldout_records", "min_heldout_records",
-                     "buffer_records", "read_limit", "threads"):  # fmt: skip
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 2 <= self.max_seq_tokens <= self.max_batch_rows + 1:
-            raise ValueError(
-                f"max_seq_tokens must be in [2, max_batch_rows + 1 = {self.max_batch_rows + 1}] so one record fits "
-                f"a step, got {self.max_seq_tokens}"
-            )
-        if self.min_heldout_records > self.heldout_records:
-            raise ValueError(
-                f"min_heldout_records ({self.min_heldout_records}) must not exceed heldout_records "
-                f"({self.heldout_records})"
-            )
-        if not 0.0 <= self.margin <= 1.0:
-            raise ValueError(f"margin must be in [0, 1] (an acceptance-rate difference), got {self.margin}")
-        if not 0.0 < self.heldout_fraction < 1.0:
-            raise ValueError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
-        if not self.epochs_per_record > 0:
-            raise ValueError(f"epochs_per_record must be > 0, got {self.epochs_per_record}")
-        if not self.poll_seconds > 0:
-            raise ValueError(f"poll_seconds must be > 0, got {self.poll_seconds}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1 or None, got {self.max_steps}")
-        if self.max_minutes is not None and not self.max_minutes > 0:
-            raise ValueError(f"max_minutes must be > 0 or None, got {self.max_minutes}")
-        if not 0 <= self.nice <= 19:
-            raise ValueError(f"nice must be in [0, 19], got {self.nice}")
-        if not 0.0 < self.gpu_memory_fraction <= 1.0:
-            raise ValueError(f"gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction}")
-
-
-@dataclass
-class TrainerState:
-    """What a restarted trainer needs besides the registry; DIR/trainer_state.json, replaced atomically."""
-
-    last_record_id: int = 0
-    """The newest record read from the store."""
-    window_after_id: int = 0
-    """Every record in the buffer or the held-out slice has a larger id: a restart re-reads from here."""
-    records_seen: int = 0
-    """Training records read, over every run of this publish directory (held-out records not counted)."""
-    tokens_seen: int = 0
-    """Output tokens of those records."""
-    steps: int = 0
-    """Optimizer steps, over every run."""
-
-    @staticmethod
-    def load(path: str) -> TrainerState | None:
-        try:
-            with open(path) as f:
-                data = json.load(f)
-            return TrainerState(**{k: int(data[k]) for k in asdict(TrainerState())})
-        except FileNotFoundError:
-            return None
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise ValueError(
-                f"{path} is not a trainer state file ({e}); delete it to start from the first record"
-            ) from e
-
-    def save(self, path: str) -> None:
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(asdict(self), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-
-
-@dataclass
-class Example:
-    """One record made ready for the student: its token sequence and the rows where the loss is taken."""
-
-    record_id: int
-    input_ids: torch.Tensor  # [seq] int64: prompt + output without its last token, left-truncated
-    first_row: int  # index in input_ids of the position predicting the first kept output token
-    topm_ids: torch.Tensor  # [rows, m] int64: the verifier's top-m at each kept output position
-    topm_logprobs: torch.Tensor  # [rows, m] float32
-    weights: torch.Tensor  # [rows] float32: w_rejected where the draft was rejected, else 1
-    num_output_tokens: int
-
-    @property
-    def rows(self) -> int:
-        return self.topm_ids.shape[0]
-
-
-@dataclass
-class Batch:
-    input_ids: torch.Tensor  # [batch, seq]
-    attention_mask: torch.Tensor  # [batch, seq]
-    rows: torch.Tensor  # [batch, seq] bool: positions predicting a kept output token
-    teacher: TopM  # [rows, m] fields, rows in the order of `rows` (row-major)
-    weights: torch.Tensor  # [rows]
 
 
 @dataclass
@@ -243,123 +71,6 @@ class OnlineTrainerResult:
     """Versions published by this run, in order."""
     evaluations: list[dict] = field(default_factory=list)
     """One entry per evaluation: step, candidate, current (expected acceptance), positions, published (or None)."""
-
-
-def is_heldout(record_id: int, fraction: float) -> bool:
-    """Whether a record belongs to the held-out share: a hash of its id, so the same on every run."""
-    h = int.from_bytes(hashlib.sha256(f"heldout:{record_id}".encode()).digest()[:8], "big")
-    return h < fraction * 2.0**64
-
-
-def rejected_positions(steps: list[tuple[str, int, int]], num_output_tokens: int) -> list[int]:
-    """Output positions where a draft-model proposal was rejected.
-
-    A step emits its accepted tokens and one more (recovered or bonus); one that proposed k draft tokens and
-    accepted a < k was rejected at its (a + 1)-th emitted token. N-gram proposals are not the draft's: not counted.
-    """
-    out, position = [], 0
-    for source, k, accepted in steps:
-        if source == "draft" and accepted < k and position + accepted < num_output_tokens:
-            out.append(position + accepted)
-        position += accepted + 1
-    return out
-
-
-def prepare(record: TrafficRecord, max_seq_tokens: int, w_rejected: float) -> Example | None:
-    """The record as a training/evaluation example; None when no output position remains to learn from."""
-    prompt, output = record.prompt_token_ids, record.output_token_ids
-    n = len(output)
-    tokens = (prompt + output)[:-1]  # the last output token predicts nothing
-    cut = max(0, len(tokens) - max_seq_tokens)
-    first_row = len(prompt) - 1 - cut  # row j (output token j) sits at first_row + j
-    skip = max(0, -first_row)  # output tokens whose predicting position was cut (or had no prompt before it)
-    if skip >= n:
-        return None
-    weights = torch.ones(n)
-    weights[rejected_positions(record.steps, n)] = w_rejected
-    return Example(
-        record_id=record.record_id,
-        input_ids=torch.tensor(tokens[cut:], dtype=torch.int64),
-        first_row=first_row + skip,
-        topm_ids=record.topm_ids[skip:].long(),
-        topm_logprobs=record.topm_logprobs[skip:].float(),
-        weights=weights[skip:],
-        num_output_tokens=n,
-    )
-
-
-def collate(examples: list[Example], device: torch.device) -> Batch:
-    """Right-padded sequences; every example's top-m cut to the batch's smallest m (they are sorted, best first)."""
-    m = min(e.topm_ids.shape[1] for e in examples)
-    width = max(e.input_ids.numel() for e in examples)
-    input_ids = torch.zeros(len(examples), width, dtype=torch.int64)
-    attention_mask = torch.zeros(len(examples), width, dtype=torch.int64)
-    rows = torch.zeros(len(examples), width, dtype=torch.bool)
-    for i, e in enumerate(examples):
-        input_ids[i, : e.input_ids.numel()] = e.input_ids
-        attention_mask[i, : e.input_ids.numel()] = 1
-        rows[i, e.first_row : e.first_row + e.rows] = True
-    teacher = TopM(
-        torch.cat([e.topm_ids[:, :m] for e in examples]), torch.cat([e.topm_logprobs[:, :m] for e in examples])
-    )
-    return Batch(
-        input_ids.to(device),
-        attention_mask.to(device),
-        rows.to(device),
-        TopM(teacher.ids.to(device), teacher.logprobs.to(device)),
-        torch.cat([e.weights for e in examples]).to(device),
-    )
-
-
-def chunks(examples: list[Example], max_rows: int) -> list[list[Example]]:
-    """Consecutive groups of examples with at most `max_rows` rows each (an example alone may reach it)."""
-    out: list[list[Example]] = []
-    rows = 0
-    for e in examples:
-        if not out or rows + e.rows > max_rows:
-            out.append([])
-            rows = 0
-        out[-1].append(e)
-        rows += e.rows
-    return out
-
-
-def expected_acceptance(
-    draft_logits: torch.Tensor,  # [rows, vocab]
-    teacher: TopM,  # [rows, m]: the verifier's logged top-m
-) -> torch.Tensor:  # [rows]
-    """sum over the logged top-m of min(p, q): p the logged probabilities (not renormalised), q = softmax(logits)."""
-    q = torch.softmax(draft_logits.float(), dim=-1).gather(-1, teacher.ids)  # [rows, m]
-    return torch.minimum(teacher.logprobs.float().exp(), q).sum(-1)
-
-
-@torch.no_grad()
-def evaluate(model: LlamaForCausalLM, examples: list[Example], max_rows: int, device: torch.device) -> dict:
-    """Mean expected acceptance and greedy agreement (argmax q == the verifier's top-1) over all positions."""
-    was_training = model.training
-    model.eval()
-    acceptance = agree = positions = 0.0
-    for group in chunks(examples, max_rows):
-        b = collate(group, device)
-        logits = RowLogits(model)(b.input_ids, b.attention_mask, b.rows)  # [rows, vocab]
-        acceptance += float(expected_acceptance(logits, b.teacher).sum())
-        agree += float((logits.argmax(-1) == b.teacher.ids[:, 0]).sum())
-        positions += logits.shape[0]
-    model.train(was_training)
-    return {
-        "acceptance": acceptance / max(positions, 1),
-        "greedy_agreement": agree / max(positions, 1),
-        "positions": int(positions),
-    }
-
-
-def load_draft(path: str, vocab_size: int, device: torch.device) -> LlamaForCausalLM:
-    config = AutoConfig.from_pretrained(path)
-    if config.model_type != "llama":
-        raise ValueError(f"the online trainer trains Llama-architecture drafts; {path!r} is a {config.model_type!r}")
-    if config.vocab_size != vocab_size:
-        raise ValueError(f"draft {path!r} has vocab_size {config.vocab_size}, the verifier {vocab_size}")
-    return LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).train()
 
 
 def isolate(config: OnlineTrainerConfig, device: torch.device) -> None:
@@ -395,7 +106,7 @@ class OnlineTrainer:
             registry.remove_partial(config.publish)
             self.fingerprint = registry.verifier_fingerprint(config.verifier)
             with open(os.path.join(config.verifier, "config.json")) as f:
-                vocab_size = json.load(f)["vocab_size"]
+                self.vocab_size = json.load(f)["vocab_size"]
             # the current draft's version; None while it is the initial --draft (not in the registry)
             self.version = registry.current(config.publish)
             if self.version is not None:
@@ -410,8 +121,8 @@ class OnlineTrainer:
                 manifest, source = None, config.draft
             else:
                 raise ValueError(f"{config.publish!r} has no current version yet: give an initial draft (--draft)")
-            self.vocab_size = vocab_size
-            self._adopt(load_draft(source, vocab_size, self.device))
+            self.kind: StandaloneStudent | EagleStudent | None = None  # what training means for this draft type
+            self._adopt(source)
             self.state_path = os.path.join(config.publish, STATE_FILE)
             state = TrainerState.load(self.state_path)
             if state is None:
@@ -429,11 +140,23 @@ class OnlineTrainer:
             self.close()
             raise
 
-    def _adopt(self, draft: LlamaForCausalLM) -> None:
-        """Make `draft` both the current draft (frozen) and the student, with a fresh optimizer."""
+    def _adopt(self, source: str) -> bool:
+        """Make the draft at `source` both the current draft (frozen) and the student, with a fresh optimizer.
+
+        Returns whether its draft type differs from the previous student's (examples then need remaking).
+        """
+        draft_type = "eagle" if is_eagle_checkpoint(source) else "standalone"
+        retyped = self.kind is None or self.kind.draft_type != draft_type
+        if retyped:
+            if draft_type == "eagle":
+                self.kind = EagleStudent(self.config, self.device)
+            else:
+                self.kind = StandaloneStudent(self.config, self.vocab_size, self.device)
+        draft = self.kind.load(source)
         self.student = draft.train()
-        self.current = copy.deepcopy(draft).eval().requires_grad_(False)
+        self.current = self.kind.frozen_copy(draft)
         self.optimizer = torch.optim.AdamW(draft.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay)
+        return retyped
 
     def follow_registry(self) -> None:
         """If CURRENT names a version other than ours (someone rolled back), continue from that version."""
@@ -447,7 +170,11 @@ class OnlineTrainer:
             log(f"CURRENT names {version}, which fails verification ({e}); still comparing against {self.version}")
             return
         log(f"CURRENT moved from {self.version} to {version} (a rollback?): training on from {version}")
-        self._adopt(load_draft(registry.version_dir(c.publish, version), self.vocab_size, self.device))
+        if self._adopt(registry.version_dir(c.publish, version)):
+            log(f"{version} is a {self.kind.draft_type} draft: remaking the window's examples for it")
+            self.buffer.clear()
+            self.heldout.clear()
+            self._restore_window()
         self.version = version
 
     def close(self) -> None:
@@ -461,19 +188,20 @@ class OnlineTrainer:
 
     # ---- reading traffic ----------------------------------------------------------------------------
 
-    def _add(self, record: TrafficRecord, new: bool) -> None:
+    def _add(self, records: list[TrafficRecord], new: bool) -> None:
         c = self.config
-        example = prepare(record, c.max_seq_tokens, c.w_rejected)
-        if example is None:
-            return
-        if is_heldout(record.record_id, c.heldout_fraction):
-            self.heldout.append(example)
-            return
-        self.buffer.append(example)
-        self.budget += c.epochs_per_record / c.batch_size
-        if new:
-            self.state.records_seen += 1
-            self.state.tokens_seen += example.num_output_tokens
+        usable = [r for r in records if self._usable(r)]
+        for record, example in zip(usable, self.kind.examples(usable)):
+            if example is None:
+                continue
+            if is_heldout(record.record_id, c.heldout_fraction):
+                self.heldout.append(example)
+                continue
+            self.buffer.append(example)
+            self.budget += c.epochs_per_record / c.batch_size
+            if new:
+                self.state.records_seen += 1
+                self.state.tokens_seen += example.num_output_tokens
 
     def _usable(self, record: TrafficRecord) -> bool:
         if record.topm_ids.numel() and int(record.topm_ids.max()) >= self.vocab_size:
@@ -491,9 +219,7 @@ class OnlineTrainer:
             page = self.store.read(after, self.config.read_limit)
             if not page:
                 break
-            for r in page:
-                if r.record_id <= last and self._usable(r):
-                    self._add(r, new=False)
+            self._add([r for r in page if r.record_id <= last], new=False)
             after = page[-1].record_id
 
     def poll(self) -> int:
@@ -501,9 +227,7 @@ class OnlineTrainer:
         page = self.store.read(self.state.last_record_id, self.config.read_limit)
         if not page:
             return 0
-        for r in page:
-            if self._usable(r):
-                self._add(r, new=True)
+        self._add(page, new=True)
         self.records_read += len(page)
         self.state.last_record_id = page[-1].record_id
         held = [d[0].record_id for d in (self.buffer, self.heldout) if d]
@@ -523,9 +247,7 @@ class OnlineTrainer:
                 break
             picked.append(e)
             rows += e.rows
-        b = collate(picked, self.device)
-        logits = RowLogits(self.student)(b.input_ids, b.attention_mask, b.rows)  # [rows, vocab]
-        loss = distill_loss(logits, b.teacher, c.loss, c.temperature, c.jsd_beta, weights=b.weights)
+        loss = self.kind.loss(self.student, picked)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.student.parameters(), c.max_grad_norm)
@@ -545,8 +267,8 @@ class OnlineTrainer:
             return None
         self.follow_registry()
         heldout = list(self.heldout)
-        cand = evaluate(self.student, heldout, c.max_batch_rows, self.device)
-        cur = evaluate(self.current, heldout, c.max_batch_rows, self.device)
+        cand = self.kind.evaluate(self.student, heldout)
+        cur = self.kind.evaluate(self.current, heldout)
         entry = {
             "step": step,
             "candidate": cand["acceptance"],
@@ -563,7 +285,7 @@ class OnlineTrainer:
             )
             return entry
         with tempfile.TemporaryDirectory(prefix=registry.TMP_PREFIX + "ckpt-", dir=self._versions_root()) as tmp:
-            checkpoint = save_student(self.student, c.verifier, os.path.join(tmp, "draft"))
+            checkpoint = self.kind.save(self.student, os.path.join(tmp, "draft"))
             version = registry.publish(
                 c.publish,
                 checkpoint,
@@ -573,17 +295,17 @@ class OnlineTrainer:
                 records_seen=self.state.records_seen,
                 tokens_seen=self.state.tokens_seen,
                 verifier=self.fingerprint,
-                draft_type="standalone",
+                draft_type=self.kind.draft_type,
                 heldout_greedy_agreement=cand["greedy_agreement"],
                 parent_heldout_greedy_agreement=cur["greedy_agreement"],
                 heldout_positions=cand["positions"],
                 last_record_id=self.state.last_record_id,
                 trainer_steps=self.state.steps,
-                loss=c.loss,
+                **self.kind.manifest_fields(self.student),
             )
         log(
-            f"step {step}: published {version} (parent {self.version or 'initial draft'}): held-out expected "
-            f"acceptance {cur['acceptance']:.4f} -> {cand['acceptance']:.4f}, greedy agreement "
+            f"step {step}: published {self.kind.draft_type} {version} (parent {self.version or 'initial draft'}): "
+            f"held-out expected acceptance {cur['acceptance']:.4f} -> {cand['acceptance']:.4f}, greedy agreement "
             f"{cur['greedy_agreement']:.4f} -> {cand['greedy_agreement']:.4f}, {self.state.records_seen} records seen"
         )
         self.current.load_state_dict(self.student.state_dict())
