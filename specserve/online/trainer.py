@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import math
 import os
 import sys
@@ -56,6 +57,8 @@ from specserve.online.examples import Example, is_heldout
 from specserve.online.standalone_student import StandaloneStudent
 from specserve.online.trainer_config import OnlineTrainerConfig
 from specserve.online.trainer_state import STATE_FILE, TrainerState
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from specserve.online.traffic_record import TrafficRecord
@@ -134,6 +137,7 @@ class OnlineTrainer:
             self.heldout: deque[Example] = deque(maxlen=config.heldout_records)
             self.budget = 0.0  # optimizer steps the records read so far still pay for
             self.records_read = 0  # records read by this run (training and held-out), for records/s
+            self._store_down = False
             self.store = open_store(config.traffic)
             self._restore_window()
         except BaseException:
@@ -224,7 +228,16 @@ class OnlineTrainer:
 
     def poll(self) -> int:
         """Read the next page of records; returns how many came (a full page: there may be more)."""
-        page = self.store.read(self.state.last_record_id, self.config.read_limit)
+        try:
+            page = self.store.read(self.state.last_record_id, self.config.read_limit)
+        except Exception as e:  # the store is unreachable (PostgreSQL restarting): train on, read again later
+            if not self._store_down:
+                logger.warning("traffic store unreadable, retrying on the next poll: %r", e)
+            self._store_down = True
+            return 0
+        if self._store_down:
+            logger.warning("traffic store readable again")
+            self._store_down = False
         if not page:
             return 0
         self._add(page, new=True)
