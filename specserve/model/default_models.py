@@ -17,7 +17,8 @@ import shutil
 
 VERIFIER_NAME = "smollm2-135m-instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SHIPPED_DRAFT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "drafts", "smollm2-135m-eagle")
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHIPPED_DRAFT = os.path.join(PACKAGE_DIR, "drafts", "smollm2-135m-eagle")
 
 
 def cache_dir() -> str:
