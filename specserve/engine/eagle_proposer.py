@@ -15,14 +15,10 @@ whose sampling (the request's own temperature/top-k/top-p and generator) it shar
 
 from __future__ import annotations
 
-import time
-
 import torch
 
-from specserve.engine.model_runner import TokenRun
 from specserve.engine.proposer import DraftProposer
 from specserve.engine.request import Request
-from specserve.engine.sampler import sampling_probs
 
 
 def feature_rows(request: Request, first: int, last: int, hidden: int, device) -> torch.Tensor:
@@ -40,44 +36,13 @@ def feature_rows(request: Request, first: int, last: int, hidden: int, device) -
 class EagleProposer(DraftProposer):
     recompute_accepted = True  # accepted draft positions are re-run with the verifier's true features
 
-    def propose(
-        self, items: list[tuple[Request, int, list[int]]]
-    ) -> tuple[torch.Tensor, torch.Tensor]:  # [batch, max_k] ids (-1 pad), [batch, max_k, vocab] q
-        requests = [r for r, _, _ in items]
-        ks = [k for _, k, _ in items]
-        max_k = max(ks)
-        batch, vocab = len(items), self.runner.vocab_size
-        hidden = self.runner.model.arch.hidden_size
-        dev = self.runner.device
-        draft_ids = torch.full((batch, max_k), -1, dtype=torch.int64)
-        draft_probs = torch.zeros(batch, max_k, vocab)
-        runs, feats = [], []
-        for r, _, blocks in items:
-            h = r.num_draft_computed_tokens
-            runs.append(TokenRun(r.all_token_ids[h:], h, blocks, 1))
-            feats.append(feature_rows(r, h - 1, r.num_tokens - 2, hidden, dev))
-        features = torch.cat(feats)  # [catch-up tokens, hidden]
-        active = list(range(batch))
-        for j in range(max_k):
-            t0 = time.perf_counter()
-            logits = self.runner.forward(runs, features)
-            if all(len(run.token_ids) == 1 for run in runs):
-                self.step_seconds = time.perf_counter() - t0
-            if j == 0:
-                self.catchup = (sum(len(run.token_ids) for run in runs), time.perf_counter() - t0)
-            probs = sampling_probs(logits, [requests[i].params for i in active])
-            tokens = self._sample(probs, [requests[i] for i in active])
-            for row, i in enumerate(active):
-                draft_ids[i, j] = tokens[row]
-                draft_probs[i, j] = probs[row]
-            keep = [row for row, i in enumerate(active) if ks[i] > j + 1]
-            predicted = self.runner.last_hidden  # [len(active), hidden]: the head's predicted features
-            runs = [
-                TokenRun([int(tokens[row])], requests[active[row]].num_tokens + j, items[active[row]][2], 1)
-                for row in keep
-            ]
-            features = predicted[keep]
-            active = [active[row] for row in keep]
-            if not active:
-                break
-        return draft_ids, draft_probs
+    def catchup_features(self, items: list[tuple[Request, int, list[int]]]) -> torch.Tensor:
+        """[catch-up tokens, hidden]: f_{h-1} .. f_{T-2} of every request (h: the head's counter)."""
+        hidden, dev = self.runner.model.arch.hidden_size, self.runner.device
+        return torch.cat(
+            [feature_rows(r, r.num_draft_computed_tokens - 1, r.num_tokens - 2, hidden, dev) for r, _, _ in items]
+        )
+
+    def next_features(self, keep: list[int]) -> torch.Tensor:
+        """The head's own predicted features of the rows still drafting."""
+        return self.runner.last_hidden[keep]  # [len(keep), hidden]

@@ -36,6 +36,14 @@ class DraftProposer:
                 out[i] = (probs[i] / noise.to(probs.device)).argmax()  # drawn on the host: same on any device
         return out
 
+    def catchup_features(self, items: list[tuple[Request, int, list[int]]]) -> torch.Tensor | None:
+        """Extra inputs of the catch-up forward (an EAGLE head's features); a plain draft takes none."""
+        return None
+
+    def next_features(self, keep: list[int]) -> torch.Tensor | None:
+        """Extra inputs of the next single-token forward, for the rows still drafting."""
+        return None
+
     def propose(
         self, items: list[tuple[Request, int, list[int]]]
     ) -> tuple[torch.Tensor, torch.Tensor]:  # [batch, max_k] ids (-1 pad), [batch, max_k, vocab] q
@@ -50,10 +58,11 @@ class DraftProposer:
             TokenRun(r.all_token_ids[r.num_draft_computed_tokens :], r.num_draft_computed_tokens, blocks, 1)
             for r, _, blocks in items
         ]
+        features = self.catchup_features(items)
         active = list(range(batch))
         for j in range(max_k):
             t0 = time.perf_counter()
-            logits = self.runner.forward(runs)
+            logits = self.runner.forward(runs, features)
             if all(len(run.token_ids) == 1 for run in runs):
                 self.step_seconds = time.perf_counter() - t0
             if j == 0:
@@ -68,6 +77,7 @@ class DraftProposer:
                 TokenRun([int(tokens[row])], requests[active[row]].num_tokens + j, items[active[row]][2], 1)
                 for row in keep
             ]
+            features = self.next_features(keep)
             active = [active[row] for row in keep]
             if not active:
                 break
