@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from specserve.online.traffic_record import EncodedRecord
-from specserve.online.traffic_store import COLUMNS, StoreConfig, TrafficStore, describe
+from specserve.online.traffic_store import COLUMNS, StoreConfig, TrafficStore, apply_migrations, describe
 
 logger = logging.getLogger(__name__)
 
@@ -87,23 +87,7 @@ def migrate_postgres(conn, target: int = len(POSTGRES_MIGRATIONS)) -> int:
     """Bring the schema up to version ``target`` (default: the newest), in one transaction; returns the version."""
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATE_LOCK,))
-        conn.execute("CREATE TABLE IF NOT EXISTS traffic_schema_version (version INTEGER NOT NULL)")
-        row = conn.execute("SELECT version FROM traffic_schema_version").fetchone()
-        version = 0 if row is None else row[0]
-        if version > len(POSTGRES_MIGRATIONS):
-            raise ValueError(
-                f"the traffic store has schema version {version}, newer than this specserve knows "
-                f"(up to {len(POSTGRES_MIGRATIONS)}); upgrade specserve"
-            )
-        for v in range(version + 1, target + 1):
-            for statement in POSTGRES_MIGRATIONS[v - 1]:
-                conn.execute(statement)
-        new = max(version, target)
-        if row is None:
-            conn.execute("INSERT INTO traffic_schema_version VALUES (%s)", (new,))
-        else:
-            conn.execute("UPDATE traffic_schema_version SET version = %s", (new,))
-    return new
+        return apply_migrations(conn, POSTGRES_MIGRATIONS, target, "%s")
 
 
 class PostgresTrafficStore(TrafficStore):

@@ -516,28 +516,36 @@ class SQLiteTrafficStore(TrafficStore):
             self._conn.close()
 
 
+def apply_migrations(conn, migrations: list, target: int, placeholder: str) -> int:
+    """The schema steps both backends share, inside the caller's transaction: read the version, refuse a newer
+    schema, run the missing migrations up to `target`, record the version. `placeholder`: '?' or '%s'."""
+    conn.execute("CREATE TABLE IF NOT EXISTS traffic_schema_version (version INTEGER NOT NULL)")
+    row = conn.execute("SELECT version FROM traffic_schema_version").fetchone()
+    version = 0 if row is None else row[0]
+    if version > len(migrations):
+        raise ValueError(
+            f"the traffic store has schema version {version}, newer than this specserve knows "
+            f"(up to {len(migrations)}); upgrade specserve"
+        )
+    for v in range(version + 1, target + 1):
+        for statement in migrations[v - 1]:
+            conn.execute(statement)
+    new = max(version, target)
+    if row is None:
+        conn.execute(f"INSERT INTO traffic_schema_version VALUES ({placeholder})", (new,))
+    else:
+        conn.execute(f"UPDATE traffic_schema_version SET version = {placeholder}", (new,))
+    return new
+
+
 def migrate_sqlite(conn: sqlite3.Connection, target: int = len(SQLITE_MIGRATIONS)) -> int:
     """Bring the schema up to version ``target`` (default: the newest), in one transaction; returns the version."""
     conn.execute("BEGIN IMMEDIATE")
     try:
-        conn.execute("CREATE TABLE IF NOT EXISTS traffic_schema_version (version INTEGER NOT NULL)")
-        row = conn.execute("SELECT version FROM traffic_schema_version").fetchone()
-        version = 0 if row is None else row[0]
-        if version > len(SQLITE_MIGRATIONS):
-            raise ValueError(
-                f"the traffic store has schema version {version}, newer than this specserve knows "
-                f"(up to {len(SQLITE_MIGRATIONS)}); upgrade specserve"
-            )
-        for v in range(version + 1, target + 1):
-            for statement in SQLITE_MIGRATIONS[v - 1]:
-                conn.execute(statement)
-        if row is None:
-            conn.execute("INSERT INTO traffic_schema_version VALUES (?)", (max(version, target),))
-        else:
-            conn.execute("UPDATE traffic_schema_version SET version = ?", (max(version, target),))
+        version = apply_migrations(conn, SQLITE_MIGRATIONS, target, "?")
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
-    return max(version, target)
+    return version
