@@ -19,15 +19,15 @@ REPEATING = [
 
 def test_proposes_what_followed_the_latest_match():
     p = NgramProposer(min_n=2, max_n=3)
-    assert p.propose([1, 2, 3, 4, 5, 9, 2, 3], k=3) == [4, 5, 9]
+    assert p.propose([1, 2, 3, 4, 5, 9, 2, 3], k=3) == ([4, 5, 9], 2)
     # the most recent earlier occurrence wins
-    assert p.propose([1, 2, 7, 1, 2, 8, 1, 2], k=1) == [8]
+    assert p.propose([1, 2, 7, 1, 2, 8, 1, 2], k=1) == ([8], 2)
     # the longest n is tried first: (5, 1, 2) recurs -> 9, though (1, 2) alone most recently -> 8
-    assert p.propose([5, 1, 2, 9, 1, 2, 8, 5, 1, 2], k=1) == [9]
-    assert p.propose([1, 2, 3, 4], k=3) == []
-    assert p.propose([1, 2, 3, 1, 2], k=0) == []
+    assert p.propose([5, 1, 2, 9, 1, 2, 8, 5, 1, 2], k=1) == ([9], 3)
+    assert p.propose([1, 2, 3, 4], k=3) == ([], 0)
+    assert p.propose([1, 2, 3, 1, 2], k=0) == ([], 0)
     # proposals stop at the end of the context
-    assert p.propose([1, 2, 3, 1, 2], k=5) == [3, 1, 2]
+    assert p.propose([1, 2, 3, 1, 2], k=5) == ([3, 1, 2], 2)
 
 
 def test_bad_ngram_sizes_are_refused():
@@ -87,12 +87,12 @@ def test_matches_across_the_prompt_output_boundary_and_repeats():
     p = NgramProposer(min_n=2, max_n=4)
     prompt, output = [10, 11, 12, 13], [14, 10, 11]
     # the tail (10, 11) spans into the output; its earlier occurrence is in the prompt
-    assert p.propose(prompt + output, k=3) == [12, 13, 14]
+    assert p.propose(prompt + output, k=3) == ([12, 13, 14], 2)
     # a run of one repeated token matches itself shifted by one
-    assert p.propose([7, 7, 7, 7], k=2) == [7]
-    assert p.propose([5, 7, 7, 7, 7], k=3) == [7]
+    assert p.propose([7, 7, 7, 7], k=2) == ([7], 3)
+    assert p.propose([5, 7, 7, 7, 7], k=3) == ([7], 3)
     # min_n bounds the shortest match
-    assert NgramProposer(min_n=3, max_n=4).propose([1, 2, 9, 1, 2], k=2) == []
+    assert NgramProposer(min_n=3, max_n=4).propose([1, 2, 9, 1, 2], k=2) == ([], 0)
 
 
 def test_a_cold_draft_pays_its_catch_up_in_the_choice_of_k():
@@ -113,8 +113,8 @@ def test_a_cold_draft_pays_its_catch_up_in_the_choice_of_k():
         num_tokens=100,
         num_draft_computed_tokens=99,
         spec_counts={},
-        steps_since_draft=0,
-        probe_interval=16,
+        steps_since={},
+        probe_interval={},
         all_token_ids=[1] * 100,
     )
     cold = SimpleNamespace(**{**vars(warm), "num_draft_computed_tokens": 0})
@@ -122,3 +122,89 @@ def test_a_cold_draft_pays_its_catch_up_in_the_choice_of_k():
     assert policy.draft_overhead(cold, 1) > 2.0  # ~100 ms of catch-up against a 30 ms step
     assert policy(warm, 1) >= 2
     assert policy(cold, 1) == 0
+
+
+def hybrid_policy(verify_slope: float):
+    """A hybrid policy with measured costs: a 30 ms verifier step, `verify_slope` s per extra token, a 3 ms draft."""
+    from specserve.config import SpeculativeConfig
+    from specserve.engine.speculation_length import SpeculationLengthPolicy
+
+    policy = SpeculationLengthPolicy(
+        SpeculativeConfig(draft="x", method="hybrid", ngram_min=2, ngram_max=4), 0.1, NgramProposer(2, 4)
+    )
+    for n in [1, 2, 3, 4] * 5:
+        policy.observe_verifier_step(n, 0.03 + verify_slope * n)
+    policy.observe_draft_step(0.003)
+    return policy
+
+
+def decoding_request(tokens: list[int]):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        num_tokens=len(tokens),
+        num_draft_computed_tokens=len(tokens) - 1,
+        spec_counts={},
+        steps_since={},
+        probe_interval={},
+        all_token_ids=tokens,
+        spec_source=None,
+        ngram_proposal=[],
+        ngram_match=0,
+    )
+
+
+def test_hybrid_proposes_from_the_source_with_the_higher_expected_speedup():
+    policy = hybrid_policy(verify_slope=0.0003)
+    repeat = [1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2]  # the tail (1, 2) recurs: a 2-gram match
+    r = decoding_request(repeat)
+    policy.acceptance_rate["draft"] = 0.3
+    policy.ngram_rate[2] = 0.8
+    k = policy(r, 1)
+    assert (r.spec_source, r.ngram_match) == ("ngram", 2) and k >= 3
+    assert r.ngram_proposal == [3, 4, 5, 6, 7, 8, 9, 1, 2][:k]
+    # 2-gram matches have been poor lately: the draft, though a match exists
+    policy.ngram_rate[2] = 0.1
+    assert policy(r, 1) >= 1 and r.spec_source == "draft" and r.ngram_proposal == []
+    # a longer match is judged by its own length's rate
+    r3 = decoding_request([1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3])
+    policy.ngram_rate[3] = 0.9
+    assert policy(r3, 1) >= 3 and (r3.spec_source, r3.ngram_match) == ("ngram", 3)
+    # the request's own history outweighs the engine-wide rate
+    r.spec_counts["ngram"] = (40, 38)
+    assert policy(r, 1) >= 3 and r.spec_source == "ngram"
+
+
+def test_acceptance_of_prompt_lookup_is_kept_per_match_length():
+    policy = hybrid_policy(verify_slope=0.0003)
+    r = decoding_request([1, 2, 1, 2])
+    r.ngram_match = 3
+    before = dict(policy.ngram_rate)
+    policy.observe_acceptance(r, "ngram", 4, 0)
+    assert policy.ngram_rate[3] < before[3] and policy.ngram_rate[2] == before[2] == policy.ngram_rate[4]
+    draft = policy.acceptance_rate["draft"]
+    policy.observe_acceptance(r, "draft", 4, 4)
+    assert policy.acceptance_rate["draft"] > draft and policy.ngram_rate[3] < before[3]
+
+
+def test_a_source_below_break_even_probes_and_backs_off():
+    """Verification is expensive (as on a CPU without bf16 matmuls): neither source pays at its estimate,
+    so the request decodes plainly, and a source it has not used for its interval proposes one token."""
+    from specserve.engine.speculation_length import FIRST_PROBE_INTERVAL
+
+    policy = hybrid_policy(verify_slope=0.02)
+    policy.acceptance_rate["draft"] = 0.05
+    policy.ngram_rate[2] = 0.05
+    r = decoding_request([1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2])
+    assert policy(r, 1) == 0 and r.spec_source is None
+    for _ in range(FIRST_PROBE_INTERVAL):
+        policy.observe_request(r, None, 0, 0)
+    assert policy(r, 1) == 1  # both are due: one probes
+    first = r.spec_source
+    policy.observe_request(r, first, 1, 0)  # the probe failed: that source waits twice as long
+    assert r.probe_interval[first] == 2 * FIRST_PROBE_INTERVAL and r.steps_since[first] == 0
+    assert policy(r, 1) == 1 and r.spec_source not in (first, None)  # the other source is still due
+    other = r.spec_source
+    policy.observe_request(r, other, 1, 1)  # accepted: its interval stays at the first
+    assert r.probe_interval[other] == FIRST_PROBE_INTERVAL
+    assert policy(r, 1) == 0

@@ -380,25 +380,20 @@ class LLMEngine:
         num_accepted = len(emitted) - 1
         # one accounting rule: computed += scheduled - rejected
         r.num_computed_tokens += s.num_new_tokens - (k - num_accepted)
-        if k:
-            source = r.spec_source or "draft"
-            if source == "draft":
-                # the draft saw its own tokens up to d_{k-1}; those accepted stay valid (unless the
-                # proposer re-runs them with better inputs: an EAGLE head's true features)
-                keep = 0 if self.proposer.recompute_accepted else min(num_accepted, k - 1)
-                r.num_draft_computed_tokens = old_num_tokens + keep
-                r.steps_since_draft = 0
-            else:
-                r.steps_since_draft += 1
+        source = (r.spec_source or "draft") if k else None
+        if source == "draft":
+            # the draft saw its own tokens up to d_{k-1}; those accepted stay valid (unless the
+            # proposer re-runs them with better inputs: an EAGLE head's true features)
+            keep = 0 if self.proposer.recompute_accepted else min(num_accepted, k - 1)
+            r.num_draft_computed_tokens = old_num_tokens + keep
+        if source is not None:
             drafted, accepted = r.spec_counts.get(source, (0, 0))
             r.spec_counts[source] = (drafted + k, accepted + num_accepted)
             self.metrics.spec(self.draft_version if source == "draft" else "ngram").record(k, num_accepted)
-            if self.spec_policy is not None:
-                self.spec_policy.observe_acceptance(source, k, num_accepted)
-                if source == "draft":
-                    self.spec_policy.observe_request(r, k, num_accepted)
-        else:
-            r.steps_since_draft += 1
+        if self.spec_policy is not None:
+            if source is not None:
+                self.spec_policy.observe_acceptance(r, source, k, num_accepted)
+            self.spec_policy.observe_request(r, source, k, num_accepted)
         new_ids = []
         for token in emitted:
             r.append_token(token)
@@ -408,7 +403,7 @@ class LLMEngine:
         self.metrics.generation_tokens += len(new_ids)
         trace = None
         if r.trace is not None:
-            step = SpecStep(r.spec_source or "draft" if k else "none", k, num_accepted)
+            step = SpecStep(source or "none", k, num_accepted)
             r.trace.add(output.verifier_logits[r.request_id], len(new_ids), step)
             if r.is_finished:
                 trace = r.trace.finish(r, self.draft_version)

@@ -18,10 +18,11 @@ class NgramProposer:
         self.min_n = min_n
         self.max_n = max_n
 
-    def propose(self, token_ids: list[int], k: int) -> list[int]:
-        """Up to k tokens continuing `token_ids`, or [] when no n-gram of the tail recurs."""
+    def propose(self, token_ids: list[int], k: int) -> tuple[list[int], int]:
+        """Up to k tokens continuing `token_ids`, and the length n of the match they follow;
+        ([], 0) when no n-gram of the tail recurs."""
         if k <= 0 or len(token_ids) <= self.min_n:
-            return []
+            return [], 0
         arr = np.asarray(token_ids, dtype=np.int64)
         for n in range(min(self.max_n, len(arr) - 1), self.min_n - 1, -1):
             tail = arr[-n:]
@@ -30,5 +31,5 @@ class NgramProposer:
             hits = np.flatnonzero((windows == tail).all(axis=1))
             if hits.size:
                 start = int(hits[-1]) + n
-                return arr[start : start + k].tolist()
-        return []
+                return arr[start : start + k].tolist(), n
+        return [], 0

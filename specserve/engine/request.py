@@ -61,8 +61,10 @@ class Request:
         self.spec_counts: dict[str, tuple[int, int]] = {}  # source -> (drafted, accepted)
         self.spec_source: str | None = None  # 'draft' or 'ngram': who proposes this step
         self.ngram_proposal: list[int] = []
-        self.steps_since_draft = 0
-        self.probe_interval = 16  # steps at k = 0 before probing with k = 1 (see speculation_length)
+        self.ngram_match = 0  # length of the n-gram match behind this step's prompt-lookup proposal
+        # per source: verification steps since it last proposed, and how many before it probes with k = 1
+        self.steps_since: dict[str, int] = {}
+        self.probe_interval: dict[str, int] = {}
         self.trace: TraceRecorder | None = None  # set by the engine when it records traces
         # an EAGLE head's input: the verifier's features of positions features_start.. (only with an EAGLE draft)
         self.features: torch.Tensor | None = None  # [positions, hidden]

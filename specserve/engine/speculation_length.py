@@ -8,10 +8,12 @@ without native bf16 matmuls, or at large batch, it is not. So the policy fits th
 time against the number of tokens in the step (t(n) = a + b n, online), times the draft's
 single-token steps, and picks the k in [0, k_max] maximising E(k) / (1 + k (c + v) + o) with the
 request's acceptance estimate (its own counts blended with the engine-wide rate). With prompt
-lookup (n-gram) enabled, a request whose context tail recurs proposes from the match instead
-(c = 0), with its own acceptance estimate per source. k = 0 is plain
-decoding; a request held there probes with k = 1 now and then, backing off while probes fail,
-so its estimate can recover. A fixed k (`--num-speculative-tokens`) bypasses all of this.
+lookup (n-gram) enabled, a request whose context tail recurs can also propose from the match
+(c = 0, k at most the match's continuation); each source gets its best k and expected speedup
+from its own acceptance estimate, and the higher speedup proposes. k = 0 is plain decoding; a
+request held there probes with k = 1 now and then, backing off while probes fail, so its
+estimate can recover. A fixed k (`--num-speculative-tokens`) bypasses all of this: the n-gram
+match proposes whenever there is one, else the draft, always k tokens.
 
 o is what the draft must compute before it can propose: a request whose last tokens came from
 prompt lookup or plain steps has a gap of tokens the draft has not seen, and its catch-up forward
@@ -27,6 +29,8 @@ from specserve.engine.ngram_proposer import NgramProposer
 from specserve.engine.request import Request
 
 PRIOR_WEIGHT = 8.0  # pseudo-drafted tokens the engine-wide rate counts for in a request's estimate
+DRAFT_PRIOR = 0.6  # the engine-wide rates before the first verification
+NGRAM_PRIOR = 0.5
 FIRST_PROBE_INTERVAL = 16  # steps at k = 0 before a request first probes with k = 1
 MAX_PROBE_INTERVAL = 256
 EMA = 0.05
@@ -80,8 +84,17 @@ class StepCostModel:
 class SpeculationLengthPolicy:
     """Chooses each decoding request's proposal source ('ngram' or 'draft') and its k.
 
-    The choice is left on the request (`spec_source`, and `ngram_proposal` for prompt lookup) for
-    the engine's execute phase; the scheduler only sees k.
+    Each source that can propose this step is scored by the speedup it is expected to give at its
+    best k (its acceptance estimate, its cost per token, the draft's catch-up), and the better one
+    proposes; if neither beats plain decoding, the request decodes plainly (or probes, below). The
+    choice is left on the request (`spec_source`, and `ngram_proposal` for prompt lookup) for the
+    engine's execute phase; the scheduler only sees k.
+
+    Acceptance estimates: the draft model has one engine-wide rate; prompt lookup one per matched
+    n-gram length (a 4-token match is better evidence than a 2-token one). A request blends its own
+    counts per source with the engine-wide rate. A source a request has not used for its probe
+    interval proposes one token, so an estimate that fell below the break-even can recover; each
+    failed probe doubles that source's interval.
     """
 
     def __init__(self, config: SpeculativeConfig, initial_cost_ratio: float, ngram: NgramProposer | None) -> None:
@@ -89,8 +102,9 @@ class SpeculationLengthPolicy:
         self.method = config.resolved_method
         self.initial_cost_ratio = initial_cost_ratio
         self.ngram = ngram
-        # engine-wide acceptance rate per source, updated from every verification
-        self.acceptance_rate = {"draft": 0.6, "ngram": 0.5}
+        # engine-wide acceptance rate per source, updated from every verification; prompt lookup per match length
+        self.acceptance_rate = {"draft": DRAFT_PRIOR}
+        self.ngram_rate = {n: NGRAM_PRIOR for n in range(ngram.min_n, ngram.max_n + 1)} if ngram else {}
         self.verifier_cost = StepCostModel()
         self.draft_cost = StepCostModel()  # the draft's first forward of a proposal (catch-up) vs its tokens
         self.draft_step_seconds: float | None = None
@@ -98,13 +112,19 @@ class SpeculationLengthPolicy:
     def reset_draft(self, initial_cost_ratio: float) -> None:
         """A new draft model: forget what was measured of the old one."""
         self.initial_cost_ratio = initial_cost_ratio
-        self.acceptance_rate["draft"] = 0.6
+        self.acceptance_rate["draft"] = DRAFT_PRIOR
         self.draft_step_seconds = None
         self.draft_cost = StepCostModel()
 
-    def observe_acceptance(self, source: str, drafted: int, accepted: int) -> None:
-        if drafted:
-            w = 1.0 - (1.0 - EMA) ** drafted
+    def observe_acceptance(self, request: Request, source: str, drafted: int, accepted: int) -> None:
+        """One verification of `drafted` tokens from `source` for `request` (the engine-wide rates)."""
+        if not drafted:
+            return
+        w = 1.0 - (1.0 - EMA) ** drafted
+        if source == "ngram":
+            n = request.ngram_match
+            self.ngram_rate[n] += w * (accepted / drafted - self.ngram_rate[n])
+        else:
             self.acceptance_rate[source] += w * (accepted / drafted - self.acceptance_rate[source])
 
     def observe_verifier_step(self, num_tokens: int, seconds: float) -> None:
@@ -141,9 +161,15 @@ class SpeculationLengthPolicy:
         c = self.draft_step_seconds / plain if source == "draft" else 0.0
         return c + b * batch / plain
 
-    def request_acceptance(self, request: Request, source: str = "draft") -> float:
+    def request_acceptance(self, request: Request, source: str = "draft", ngram_match: int = 0) -> float:
+        """The request's own accepted / drafted for `source`, with the engine-wide rate as a prior
+        (for prompt lookup: the rate of matches of length `ngram_match`)."""
         drafted, accepted = request.spec_counts.get(source, (0, 0))
-        return (accepted + PRIOR_WEIGHT * self.acceptance_rate[source]) / (drafted + PRIOR_WEIGHT)
+        prior = self.ngram_rate[ngram_match] if source == "ngram" else self.acceptance_rate[source]
+        return (accepted + PRIOR_WEIGHT * prior) / (drafted + PRIOR_WEIGHT)
+
+    def _probe_due(self, request: Request, source: str) -> bool:
+        return request.steps_since.get(source, 0) >= request.probe_interval.get(source, FIRST_PROBE_INTERVAL)
 
     def __call__(self, request: Request, num_running: int) -> int:
         fixed = self.config.num_speculative_tokens
@@ -151,32 +177,52 @@ class SpeculationLengthPolicy:
         if fixed is not None:
             cap = fixed
         request.spec_source = None
-        if self.method in ("ngram", "hybrid") and self.ngram is not None and cap > 0:
-            proposal = self.ngram.propose(request.all_token_ids, cap)
-            if proposal:
-                if fixed is not None:
-                    k = len(proposal)
-                else:
-                    alpha = self.request_acceptance(request, "ngram")
-                    k = best_k(alpha, self.cost_per_draft_token(num_running, "ngram"), len(proposal))
-                if k > 0:
-                    request.spec_source = "ngram"
-                    request.ngram_proposal = proposal[:k]
-                    return k
-        if self.method not in ("draft", "hybrid"):
+        if cap <= 0:
             return 0
-        request.spec_source = "draft"
-        if fixed is not None:
-            return fixed
-        overhead = self.draft_overhead(request, num_running)
-        k = best_k(self.request_acceptance(request), self.cost_per_draft_token(num_running), cap, overhead)
-        if k == 0 and cap > 0 and request.steps_since_draft >= request.probe_interval:
-            return 1
+        options = []  # (expected speedup, k, source, ngram proposal)
+        if self.method in ("ngram", "hybrid") and self.ngram is not None:
+            proposal, n = self.ngram.propose(request.all_token_ids, cap)
+            request.ngram_match = n
+            if proposal and fixed is not None:  # a fixed k: the match, whenever there is one
+                return self._choose(request, "ngram", len(proposal), proposal)
+            if proposal:
+                alpha = self.request_acceptance(request, "ngram", n)
+                cost = self.cost_per_draft_token(num_running, "ngram")
+                k = best_k(alpha, cost, len(proposal))
+                if k == 0 and self._probe_due(request, "ngram"):
+                    k = 1
+                options.append((expected_speedup(alpha, k, cost), k, "ngram", proposal[:k]))
+        if self.method in ("draft", "hybrid"):
+            if fixed is not None:
+                return self._choose(request, "draft", fixed)
+            overhead = self.draft_overhead(request, num_running)
+            alpha, cost = self.request_acceptance(request), self.cost_per_draft_token(num_running)
+            k = best_k(alpha, cost, cap, overhead)
+            if k == 0 and self._probe_due(request, "draft"):
+                k = 1
+            options.append((expected_speedup(alpha, k, cost, overhead), k, "draft", []))
+        if not options:
+            return 0
+        # the better expected speedup; a probe (k = 1 at a speedup below 1) wins only against plain decoding
+        _, k, source, proposal = max(options, key=lambda o: (o[1] > 0 and o[0] > 1.0, o[1] > 0, o[0], -o[1]))
+        return self._choose(request, source, k, proposal) if k > 0 else 0
+
+    @staticmethod
+    def _choose(request: Request, source: str, k: int, proposal: list[int] | None = None) -> int:
+        request.spec_source = source
+        request.ngram_proposal = list(proposal[:k]) if source == "ngram" else []
         return k
 
-    def observe_request(self, request: Request, drafted: int, accepted: int) -> None:
-        """After a verification: a probe that failed makes the next one wait longer."""
+    def observe_request(self, request: Request, source: str | None, drafted: int, accepted: int) -> None:
+        """After every verification of a decoding request (source None: it decoded plainly).
+
+        A probe that failed makes that source's next one wait longer; an accepted token resets it."""
+        for s in ("draft", "ngram"):
+            request.steps_since[s] = 0 if s == source else request.steps_since.get(s, 0) + 1
+        if source is None:
+            return
+        interval = request.probe_interval.get(source, FIRST_PROBE_INTERVAL)
         if drafted == 1 and accepted == 0:
-            request.probe_interval = min(2 * request.probe_interval, MAX_PROBE_INTERVAL)
+            request.probe_interval[source] = min(2 * interval, MAX_PROBE_INTERVAL)
         elif accepted:
-            request.probe_interval = FIRST_PROBE_INTERVAL
+            request.probe_interval[source] = FIRST_PROBE_INTERVAL
