@@ -12,6 +12,7 @@ import re
 
 import pytest
 
+from specserve.bench.latency import throughput_of
 from specserve.bench.options import SERVE_PRESETS, resolve_presets
 from specserve.cli import build_parser, main
 
@@ -52,6 +53,8 @@ def test_latency_quick(tiny, tmp_path, capsys):
     assert main(quick_args(tiny, tmp_path, "latency") + ["--k", str(K), "--cost-reps", "2"]) == 0
     printed = capsys.readouterr().out
     assert re.search(r"^\| ours-spec-k2 +\|", printed, re.M)  # a row of the Markdown table
+    assert re.search(r"^\| system .*\| decode tok/s \| decode x ours-plain \|", printed, re.M)
+    assert "\ndecode tokens/s by category\n" in printed and "\ntokens/s by category\n" in printed
     result = json.loads((tmp_path / "latency.json").read_text())
     assert (tmp_path / "latency.png").stat().st_size > 0
     assert (tmp_path / "latency_acceptance.png").stat().st_size > 0
@@ -64,17 +67,31 @@ def test_latency_quick(tiny, tmp_path, capsys):
     assert positive(cost["c"]) and positive(cost["draft_forward_ms"]) and positive(cost["verifier_forward_ms"])
     assert len(cost["verify_cost"]) == K + 1 and all(positive(v) for v in cost["verify_cost"])
 
+    runs = result["runs"]
+    assert len(runs) == 2 * len(names)
+    for r in runs:  # the first token comes after the run starts and before it ends
+        assert 0 < r["ttft_s"] < r["seconds"], r
+
     (summary,) = result["summary"]
     assert summary["temperature"] == 0.0
     for name in names:
         s = summary["systems"][name]
         assert s["runs"] == 2 and s["output_tokens"] > 0
-        for key in ("tokens_per_s", "speedup_vs_ours_plain", "speedup_vs_hf_plain"):
+        mine = [r for r in runs if r["system"] == name]
+        assert s["ttft_s"] == pytest.approx(sum(r["ttft_s"] for r in mine) / 2)
+        decode_tokens = sum(r["output_tokens"] - 1 for r in mine)
+        decode_seconds = sum(r["seconds"] - r["ttft_s"] for r in mine)
+        assert s["decode_tokens_per_s"] == pytest.approx(decode_tokens / decode_seconds)
+        keys = ("tokens_per_s", "speedup_vs_ours_plain", "speedup_vs_hf_plain", "ttft_s", "decode_tokens_per_s")
+        for key in keys + ("decode_speedup_vs_ours_plain", "decode_speedup_vs_hf_plain"):
             assert positive(s[key]), (name, key, s[key])
         for cat in ("qa", "translation"):
-            assert positive(s["by_category"][cat]["speedup_vs_hf_plain"])
-    assert summary["systems"]["ours-plain"]["speedup_vs_ours_plain"] == 1.0
-    assert summary["systems"]["hf-plain"]["speedup_vs_hf_plain"] == 1.0
+            for key in ("speedup_vs_hf_plain", "ttft_s", "decode_tokens_per_s", "decode_speedup_vs_hf_plain"):
+                assert positive(s["by_category"][cat][key]), (name, cat, key)
+    for base in ("ours-plain", "hf-plain"):
+        key = f"speedup_vs_{base.replace('-', '_')}"
+        for block in [summary["systems"][base]] + list(summary["systems"][base]["by_category"].values()):
+            assert block[key] == 1.0 and block[f"decode_{key}"] == 1.0
 
     spec = summary["speculation"][f"ours-spec-k{K}"]
     assert spec["k"] == K and spec["verification_steps"] > 0
@@ -85,6 +102,8 @@ def test_latency_quick(tiny, tmp_path, capsys):
     assert spec["per_position_acceptance"] == [1.0] * K
     for key in ("predicted_speedup", "predicted_speedup_verify_cost", "achieved_speedup", "achieved_over_predicted"):
         assert positive(spec[key]), (key, spec[key])
+    assert spec["achieved_decode_speedup"] == summary["systems"][f"ours-spec-k{K}"]["decode_speedup_vs_ours_plain"]
+    assert positive(spec["achieved_decode_over_predicted"])
     for cat in ("qa", "translation"):
         by_cat = spec["by_category"][cat]
         assert 1.0 < by_cat["mean_acceptance_length"] <= K + 1
@@ -93,6 +112,19 @@ def test_latency_quick(tiny, tmp_path, capsys):
     # float32 greedy speculation reproduces plain greedy decoding token for token
     assert summary["greedy_mismatches"][f"ours-spec-k{K} vs ours-plain"]["differ"] == 0
     assert summary["greedy_mismatches"]["ours-plain vs hf-plain"]["differ"] == 0
+
+
+def test_throughput_of_splits_prefill_from_decoding():
+    records = [
+        {"output_tokens": 5, "seconds": 2.0, "ttft_s": 1.0},  # 4 tokens decoded in 1.0 s
+        {"output_tokens": 3, "seconds": 1.0, "ttft_s": 0.5},  # 2 tokens decoded in 0.5 s
+    ]
+    t = throughput_of(records)
+    assert t["tokens_per_s"] == pytest.approx(8 / 3.0) and t["ttft_s"] == pytest.approx(0.75)
+    assert t["decode_tokens_per_s"] == pytest.approx(6 / 1.5)
+    # one token each: nothing decoded after the first, so no decode rate
+    assert throughput_of([{"output_tokens": 1, "seconds": 1.0, "ttft_s": 0.9}])["decode_tokens_per_s"] is None
+    assert throughput_of([])["decode_tokens_per_s"] is None and throughput_of([])["ttft_s"] is None
 
 
 def test_serve_quick(tiny, tmp_path, capsys):

@@ -4,12 +4,15 @@ Systems: `ours-plain` (our engine, no draft), `ours-spec-k{K}` (fixed k), `ours-
 `hf-plain` (HF `generate`) and `hf-assisted` (HF assisted generation with the same draft). Every
 system loads its models once; for each prompt and temperature all of them run back to back, in an
 order that rotates from prompt to prompt, so drift hits them alike. Per run it records output
-tokens, wall seconds and, for our speculative systems, the (k, accepted) of every engine step.
+tokens, wall seconds, the time to the first output token (TTFT: mostly prefill, the same work with or
+without speculation) and, for our speculative systems, the (k, accepted) of every engine step.
 
-The report: tokens/s per system and category, speedups over ours-plain and hf-plain, acceptance
-(mean acceptance length, per-position rates) by category, the measured draft/verifier cost ratio
-c, the speedup Leviathan et al.'s formula predicts from the measured acceptance rate alpha and c,
-and how often greedy outputs differ between systems. It prints ratios; it asserts nothing about speed.
+The report: tokens/s end to end and decode tokens/s (the tokens after each run's first over the
+time after it: what speculation changes, while prefill stays the same) per system and category, both
+as speedups over ours-plain and hf-plain, acceptance (mean acceptance length, per-position rates) by
+category, the measured draft/verifier cost ratio c, the speedup Leviathan et al.'s formula predicts
+from the measured acceptance rate alpha and c, and how often greedy outputs differ between systems.
+It prints ratios; it asserts nothing about speed.
 """
 
 from __future__ import annotations
@@ -175,14 +178,20 @@ def measure_cost_ratio(engine, context_ids: list[int], max_k: int, device: str, 
 
 
 def throughput_of(records: list[dict]) -> dict:
+    """End to end (prefill included) and decode only: the tokens after each run's first over the time after it."""
     tokens = sum(r["output_tokens"] for r in records)
     seconds = sum(r["seconds"] for r in records)
+    ttft = sum(r["ttft_s"] for r in records)
+    decode_tokens = sum(max(r["output_tokens"] - 1, 0) for r in records)
+    decode_seconds = seconds - ttft
     return {
         "runs": len(records),
         "output_tokens": tokens,
         "seconds": seconds,
         "tokens_per_s": tokens / seconds if seconds else None,
         "mean_latency_s": seconds / len(records) if records else None,
+        "ttft_s": ttft / len(records) if records else None,
+        "decode_tokens_per_s": decode_tokens / decode_seconds if decode_tokens and decode_seconds > 0 else None,
     }
 
 
@@ -228,13 +237,14 @@ def summarize(
             cat: throughput_of([r for r in mine if r["category"] == cat]) for cat in categories
         }
     for name in names:
-        for base, key in (("ours-plain", "speedup_vs_ours_plain"), ("hf-plain", "speedup_vs_hf_plain")):
+        for base, prefix in (("ours-plain", "speedup_vs_ours_plain"), ("hf-plain", "speedup_vs_hf_plain")):
             ref = systems.get(base)
-            systems[name][key] = ratio(systems[name]["tokens_per_s"], ref["tokens_per_s"]) if ref else None
-            for cat in categories:
-                ref_cat = ref["by_category"][cat]["tokens_per_s"] if ref else None
-                block = systems[name]["by_category"][cat]
-                block[key] = ratio(block["tokens_per_s"], ref_cat)
+            for rate, key in (("tokens_per_s", prefix), ("decode_tokens_per_s", f"decode_{prefix}")):
+                systems[name][key] = ratio(systems[name][rate], ref[rate]) if ref else None
+                for cat in categories:
+                    ref_cat = ref["by_category"][cat][rate] if ref else None
+                    block = systems[name]["by_category"][cat]
+                    block[key] = ratio(block[rate], ref_cat)
     speculation = {}
     for name in names:
         if not is_spec(name):
@@ -244,11 +254,15 @@ def summarize(
         s["k"] = fixed_k(name)
         s["achieved_speedup"] = systems[name]["speedup_vs_ours_plain"]
         s["achieved_over_predicted"] = ratio(s["achieved_speedup"], s["predicted_speedup"])
+        s["achieved_decode_speedup"] = systems[name]["decode_speedup_vs_ours_plain"]
+        s["achieved_decode_over_predicted"] = ratio(s["achieved_decode_speedup"], s["predicted_speedup"])
         s["by_category"] = {}
         for cat in categories:
             sc = acceptance_summary([r for r in mine if r["category"] == cat], cost)
             sc["achieved_speedup"] = systems[name]["by_category"][cat]["speedup_vs_ours_plain"]
             sc["achieved_over_predicted"] = ratio(sc["achieved_speedup"], sc["predicted_speedup"])
+            sc["achieved_decode_speedup"] = systems[name]["by_category"][cat]["decode_speedup_vs_ours_plain"]
+            sc["achieved_decode_over_predicted"] = ratio(sc["achieved_decode_speedup"], sc["predicted_speedup"])
             s["by_category"][cat] = sc
         speculation[name] = s
     out = {"temperature": temperature, "systems": systems, "speculation": speculation}
@@ -274,6 +288,8 @@ def print_summary(s: dict, categories: list[str], dtype: str) -> None:
                 v["tokens_per_s"],
                 v["speedup_vs_ours_plain"],
                 v["speedup_vs_hf_plain"],
+                v["decode_tokens_per_s"],
+                v["decode_speedup_vs_ours_plain"],
                 sp.get("mean_k"),
                 sp.get("mean_acceptance_length"),
                 sp.get("alpha"),
@@ -291,6 +307,8 @@ def print_summary(s: dict, categories: list[str], dtype: str) -> None:
                 "tok/s",
                 "x ours-plain",
                 "x hf-plain",
+                "decode tok/s",
+                "decode x ours-plain",
                 "mean k",
                 "MAL",
                 "alpha",
@@ -301,13 +319,17 @@ def print_summary(s: dict, categories: list[str], dtype: str) -> None:
             rows,
         )
     )
-    print("\ntokens/s by category")
-    print(
-        table(
-            ["system"] + categories,
-            [[n] + [v["by_category"][c]["tokens_per_s"] for c in categories] for n, v in s["systems"].items()],
+    for rate, title in (
+        ("tokens_per_s", "tokens/s by category"),
+        ("decode_tokens_per_s", "decode tokens/s by category"),
+    ):
+        print(f"\n{title}")
+        print(
+            table(
+                ["system"] + categories,
+                [[n] + [v["by_category"][c][rate] for c in categories] for n, v in s["systems"].items()],
+            )
         )
-    )
     if s["speculation"]:
         print("\nmean acceptance length (tokens per verification step) by category")
         print(
@@ -407,6 +429,7 @@ def run(args: argparse.Namespace) -> int:
                     "prompt_tokens": len(prompt.token_ids),
                     "output_tokens": len(result.token_ids),
                     "seconds": result.seconds,
+                    "ttft_s": result.ttft,
                 }
                 if is_spec(name):
                     record["spec"] = spec_counts(result.steps)
@@ -448,11 +471,15 @@ def run(args: argparse.Namespace) -> int:
     panels = []
     for s in summary:
         series = {
-            n: {**{c: v["by_category"][c]["tokens_per_s"] for c in args.categories}, "all": v["tokens_per_s"]}
+            n: {
+                **{c: v["by_category"][c]["decode_tokens_per_s"] for c in args.categories},
+                "all": v["decode_tokens_per_s"],
+            }
             for n, v in s["systems"].items()
         }
         panels.append((f"temperature {s['temperature']:g}", series))
-    if plot_grouped_bars(png, panels, list(args.categories) + ["all"], "tokens/s (batch 1)"):
+    ylabel = "decode tokens/s (batch 1, after the first token)"
+    if plot_grouped_bars(png, panels, list(args.categories) + ["all"], ylabel):
         print(f"wrote {png}")
     png = str(Path(args.out).with_name(Path(args.out).stem + "_acceptance.png"))
     if plot_lines(png, acceptance_panels(summary, args.categories), "draft position", "accepted / drafted"):
@@ -464,7 +491,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="specserve bench latency",
         description="Batch-1 latency on Spec-Bench: our engine plain / speculative (fixed k, adaptive) and "
-        "HF transformers plain / assisted, interleaved per prompt. Prints tokens/s, speedups, acceptance and "
+        "HF transformers plain / assisted, interleaved per prompt. Prints tokens/s end to end and after the first "
+        "token (decode), speedups, acceptance and "
         "the speedup Leviathan's formula predicts; writes JSON (and a PNG plot if matplotlib is installed).",
     )
     add_latency_args(parser)

@@ -253,7 +253,9 @@ def add_latency_args(p: argparse.ArgumentParser) -> None:
         + ".",
     )
     _add_output(
-        p, "bench/results/latency.json", plot="two PNG plots (tokens/s by category; acceptance per draft position) go"
+        p,
+        "bench/results/latency.json",
+        plot="two PNG plots (decode tokens/s by category; acceptance per draft position) go",
     )
 
 

@@ -2,7 +2,8 @@
 
 Each system loads its models once, then generates for one prompt at a time with `run()`, which
 times generation only: the prompt arrives as token ids, so tokenizing lies outside the clock,
-and model loading happens in the constructor. Knows nothing about prompt sets or reports.
+and model loading happens in the constructor. It also times the first output token (TTFT), so that a report
+can tell prefill from decoding. Knows nothing about prompt sets or reports.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ class Run:
     token_ids: list[int]
     """Output tokens (an EOS that ended the output included)."""
     seconds: float
+    """Wall seconds of the whole run."""
+    ttft: float
+    """Seconds from the start of the run until the first output token was available (the whole run if none came)."""
     steps: list[tuple[int, int, int]] = field(default_factory=list)
     """Our engine only: (draft tokens k, accepted, tokens emitted) per engine step of this request."""
 
@@ -87,17 +91,21 @@ class OursSystem:
         engine = self.engine
         steps: list[tuple[int, int, int]] = []
         done = None
+        first_token_at = None
         t0 = time.perf_counter()
         rid = engine.add_request(prompt_ids, params)
         try:
             while done is None:
                 drafted0, accepted0 = self._counters()
                 outputs = engine.step()
+                stepped_at = time.perf_counter()
                 drafted1, accepted1 = self._counters()
                 emitted = 0
                 for out in outputs:
                     if out.request_id == rid:
                         emitted = len(out.delta_token_ids)
+                        if emitted and first_token_at is None:
+                            first_token_at = stepped_at
                         if out.finished:
                             done = out
                 steps.append((drafted1 - drafted0, accepted1 - accepted0, emitted))
@@ -105,7 +113,8 @@ class OursSystem:
             if done is None:
                 engine.abort_request(rid)
         seconds = time.perf_counter() - t0
-        return Run(list(done.token_ids), seconds, steps)
+        ttft = seconds if first_token_at is None else first_token_at - t0
+        return Run(list(done.token_ids), seconds, ttft, steps)
 
     def run_batch(self, prompts: list[list[int]], max_tokens: int) -> tuple[list[list[int]], float]:
         """Greedy, fixed length (ignore_eos), all prompts in one continuous batch: (outputs, wall seconds)."""
@@ -114,6 +123,26 @@ class OursSystem:
         outs = self.llm.generate(prompts, params)
         seconds = time.perf_counter() - t0
         return [o.token_ids for o in outs], seconds
+
+
+class FirstTokenClock:
+    """A `generate` streamer that notes when the first new token is on the host.
+
+    HF puts the prompt ids first, then each step's new tokens, already copied to the CPU (under assisted
+    generation several at once: the first of them is what counts).
+    """
+
+    def __init__(self) -> None:
+        self.puts = 0
+        self.first_token_at: float | None = None
+
+    def put(self, value: torch.Tensor) -> None:
+        self.puts += 1
+        if self.puts == 2:  # the first put after the prompt's
+            self.first_token_at = time.perf_counter()
+
+    def end(self) -> None:
+        """Nothing to flush: only the first token's time is kept."""
 
 
 class HFSystem:
@@ -154,11 +183,13 @@ class HFSystem:
             kwargs["min_new_tokens"] = max_tokens
         if self.assistant is not None:
             kwargs["assistant_model"] = self.assistant
+        clock = FirstTokenClock()
         torch.manual_seed(seed)
         synchronize(self.device)
         t0 = time.perf_counter()
         with torch.inference_mode():
-            out = self.model.generate(input_ids, **kwargs)  # [1, prompt + new]
+            out = self.model.generate(input_ids, streamer=clock, **kwargs)  # [1, prompt + new]
         token_ids = out[0, len(prompt_ids) :].tolist()  # .tolist() waits for the device
         seconds = time.perf_counter() - t0
-        return Run(token_ids, seconds)
+        ttft = seconds if clock.first_token_at is None else clock.first_token_at - t0
+        return Run(token_ids, seconds, ttft)
