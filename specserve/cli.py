@@ -37,6 +37,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="On CUDA, capture small decode/verification passes of both models as CUDA graphs at start "
                    "(default on; ignored on the CPU).")
+    g.add_argument("--upcast-matmuls", choices=["auto", "on", "off"], default="auto",
+                   help="Run matmuls over 2+ rows (prefill, verifying k drafts) in fp32 on an fp32 copy of the "
+                   "weights, keeping bf16 for single-row decode steps. auto (default): on for bfloat16/float16 on a "
+                   "CPU without native bf16 (no AVX512-BF16/AMX), where a bf16 matmul costs about one weight pass "
+                   "per row; costs 2x weight memory.")
     g = p.add_argument_group("scheduling and memory")
     g.add_argument("--max-num-seqs", type=int, default=32, help="Most requests running at once (default 32).")
     g.add_argument("--max-num-batched-tokens", type=int, default=512,
@@ -64,6 +69,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         dtype=args.dtype,
         device=args.device or default_device(),
         cuda_graphs=args.cuda_graphs,
+        upcast_matmuls=args.upcast_matmuls,
         cache=CacheConfig(
             block_size=args.block_size,
             kv_cache_memory=int(args.kv_cache_memory * (1 << 30)),

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from specserve.model.loader import DTYPES
+from specserve.model.upcast import UPCAST_MODES
 
 
 def default_device() -> str:
@@ -102,6 +103,10 @@ class EngineConfig:
     cuda_graphs: bool = True
     """On CUDA: capture the verifier's and the draft's small decode/verification passes as CUDA graphs at
     start and replay them, so a decode step launches no kernels from Python. Ignored on the CPU."""
+    upcast_matmuls: str = "auto"
+    """'on': matmuls over 2+ rows (prefill, verification) run in fp32 on an fp32 copy of the weights (2x
+    weight memory); single-row ones keep the bf16 weights. 'auto': on for bf16/fp16 on a CPU without
+    native bf16 (AVX512-BF16/AMX), where a bf16 matmul's time grows with its rows. 'off': never."""
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
@@ -120,5 +125,7 @@ class EngineConfig:
             raise ValueError(f"device {self.device!r} needs a CUDA GPU, and torch sees none")
         if not 0 <= self.trace_topm <= 1000:
             raise ValueError(f"trace_topm must be in [0, 1000], got {self.trace_topm}")
+        if self.upcast_matmuls not in UPCAST_MODES:
+            raise ValueError(f"upcast_matmuls must be one of {UPCAST_MODES}, got {self.upcast_matmuls!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")

@@ -33,6 +33,7 @@ class LLM:
         device: str = "cpu",
         draft_model=None,
         cuda_graphs: bool = True,
+        upcast_matmuls: str = "auto",
     ) -> None:
         if verifier is None:
             from specserve.model.default_models import default_verifier
@@ -44,6 +45,7 @@ class LLM:
             dtype=dtype,
             device=device,
             cuda_graphs=cuda_graphs,
+            upcast_matmuls=upcast_matmuls,
             cache=cache or CacheConfig(),
             scheduler=scheduler or SchedulerConfig(),
             speculative=speculative,

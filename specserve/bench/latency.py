@@ -83,7 +83,9 @@ def build_systems(names: list[str], verifier: str, draft: str, args, max_seq_len
     for name in names:
         print(f"loading {name}", file=sys.stderr, flush=True)
         if name == "ours-plain":
-            systems[name] = OursSystem(name, verifier, None, None, args.dtype, args.device, max_seq_len)
+            systems[name] = OursSystem(
+                name, verifier, None, None, args.dtype, args.device, max_seq_len, upcast_matmuls=args.upcast_matmuls
+            )
         elif is_spec(name):
             method = METHODS.get(name, "draft")
             systems[name] = OursSystem(
@@ -95,6 +97,7 @@ def build_systems(names: list[str], verifier: str, draft: str, args, max_seq_len
                 args.device,
                 max_seq_len,
                 method=method,
+                upcast_matmuls=args.upcast_matmuls,
             )
         else:
             hf_draft = hf_assistant(verifier, draft) if name == "hf-assisted" else None

@@ -157,6 +157,13 @@ def _add_models(p: argparse.ArgumentParser, with_draft: bool) -> None:
         "float32 makes greedy speculation match plain decoding exactly).",
     )
     g.add_argument("--device", default="cpu", help="torch device of every model, ours and HF (default cpu).")
+    g.add_argument(
+        "--upcast-matmuls",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="Our engine's multi-row matmuls (prefill, verification) in fp32 on fp32 weight copies "
+        "(see specserve serve --help; default auto: on for bf16/fp16 on a CPU without native bf16). HF runs as is.",
+    )
 
 
 def _add_prompts(p: argparse.ArgumentParser) -> None:

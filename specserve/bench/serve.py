@@ -38,6 +38,7 @@ MAX_ERROR_MESSAGES = 3
 
 def server_flags(args: argparse.Namespace, mode: str, verifier: str, draft: str | None) -> list[str]:
     flags = ["--verifier", verifier, "--dtype", args.dtype, "--device", args.device]
+    flags += ["--upcast-matmuls", args.upcast_matmuls]
     flags += ["--draft", draft] if mode == "spec" else ["--no-speculation"]
     return flags + shlex.split(args.serve_flags)
 

@@ -56,6 +56,7 @@ class OursSystem:
         max_batch: int = 1,
         block_size: int = 16,
         method: str | None = None,
+        upcast_matmuls: str = "auto",
     ) -> None:
         self.name = name
         self.device = device
@@ -65,6 +66,7 @@ class OursSystem:
             verifier=verifier,
             dtype=dtype,
             device=device,
+            upcast_matmuls=upcast_matmuls,
             cache=CacheConfig(
                 block_size=block_size,
                 num_blocks=kv_blocks_for(max_seq_len, block_size, max_batch),

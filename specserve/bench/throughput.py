@@ -51,7 +51,17 @@ def run(args: argparse.Namespace) -> int:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
 
     print("loading ours-plain", file=sys.stderr, flush=True)
-    ours = OursSystem("ours-plain", verifier, None, None, args.dtype, args.device, max_seq_len, max_batch=args.batch)
+    ours = OursSystem(
+        "ours-plain",
+        verifier,
+        None,
+        None,
+        args.dtype,
+        args.device,
+        max_seq_len,
+        max_batch=args.batch,
+        upcast_matmuls=args.upcast_matmuls,
+    )
     hf = None
     if not args.no_hf:
         print("loading hf-plain", file=sys.stderr, flush=True)

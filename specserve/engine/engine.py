@@ -37,6 +37,7 @@ from specserve.engine.trace import SpecStep, TraceRecorder
 from specserve.model.eagle import EagleHead, is_eagle_checkpoint, load_eagle
 from specserve.model.llama import LlamaModel
 from specserve.model.loader import load_model, resolve_dtype
+from specserve.model.upcast import enable_upcast, upcast_default
 from specserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -112,6 +113,12 @@ class LLMEngine:
         elif draft_model is not None:
             check_same_vocabulary(self.verifier, draft_model, self.tokenizer, None)
             self.draft_version = "in-memory"
+
+        self.upcast = upcast_default(config.upcast_matmuls, dtype, config.device)
+        if self.upcast:  # the fp32 weight copies are made now, before the KV pool is sized
+            enable_upcast(self.verifier)
+            if draft_model is not None:
+                enable_upcast(draft_model)
 
         cache = config.cache
         per_block = kv_bytes_per_block(self.verifier, cache.block_size, dtype)
@@ -219,6 +226,8 @@ class LLMEngine:
                 f"draft {version!r} needs {need} KV bytes per block, more than the {self.draft_block_bytes} "
                 "reserved for the draft at startup; restart the server to serve a larger draft"
             )
+        if self.upcast:
+            enable_upcast(draft_model)
         self.proposer = make_proposer(draft_model, self.num_blocks, bs)
         self.kv.invalidate_draft()
         for r in self.requests.values():

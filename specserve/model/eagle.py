@@ -25,12 +25,12 @@ import os
 from dataclasses import replace
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from specserve.model.attention import AttentionMetadata
 from specserve.model.llama import DecoderLayer, LlamaModel, RotaryEmbedding
+from specserve.model.upcast import Linear, UpcastWeight, linear
 
 DRAFT_TYPE = "eagle"
 
@@ -69,7 +69,7 @@ class EagleHead(nn.Module):
         # the shape the model runner allocates KV for: one layer of the verifier's attention
         self.arch = replace(varch, num_layers=1)
         h = varch.hidden_size
-        self.fc = nn.Linear(2 * h, h, bias=True)
+        self.fc = Linear(2 * h, h, bias=True)
         self.layers = nn.ModuleList([DecoderLayer(self.arch)])
         self.rotary = RotaryEmbedding(verifier.rotary.inv_freq, verifier.rotary.attention_scaling)
         vocab = varch.vocab_size
@@ -81,6 +81,7 @@ class EagleHead(nn.Module):
         # the verifier is used, not owned: a plain attribute keeps it out of state_dict and parameters()
         object.__setattr__(self, "verifier", verifier)
         self._head_weight: torch.Tensor | None = None  # [draft_vocab, hidden], derived, rebuilt on demand
+        self.logits_upcast: UpcastWeight | None = None  # armed by enable_upcast (see upcast.py)
 
     @property
     def draft_vocab_size(self) -> int:
@@ -109,7 +110,7 @@ class EagleHead(nn.Module):
 
     def draft_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[rows, hidden] predicted features -> [rows, draft_vocab] fp32 logits over the draft vocabulary."""
-        return F.linear(self.verifier.norm(hidden), self.head_weight()).float()
+        return linear(self.verifier.norm(hidden), self.head_weight(), None, self.logits_upcast).float()
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[rows, hidden] -> [rows, vocab] fp32 logits; -inf outside the draft vocabulary."""

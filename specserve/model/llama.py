@@ -2,7 +2,8 @@
 
 RMSNorm, rotary position embeddings, grouped-query attention, SwiGLU MLP, tied or untied
 embeddings, optional q/k/v bias. q/k/v and gate/up projections are fused into one matmul
-each (the loader concatenates the checkpoint's weights). The numerics follow HF transformers'
+each (the loader concatenates the checkpoint's weights). Matmuls go through `upcast.linear`, which
+can run multi-row ones in fp32 on a CPU without native bf16. The numerics follow HF transformers'
 Llama (norms in fp32, cos/sin cast to the activation dtype) so that logits match it.
 
 The model knows nothing about requests or blocks: it takes flat token ids, their positions,
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from specserve.model.attention import AttentionMetadata, paged_attention
+from specserve.model.upcast import Linear, UpcastWeight, linear
 
 
 @dataclass(frozen=True)
@@ -81,8 +83,8 @@ class Attention(nn.Module):
         self.head_dim = arch.head_dim
         self.q_size = arch.num_heads * arch.head_dim
         self.kv_size = arch.num_kv_heads * arch.head_dim
-        self.qkv_proj = nn.Linear(arch.hidden_size, self.q_size + 2 * self.kv_size, bias=arch.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, arch.hidden_size, bias=False)
+        self.qkv_proj = Linear(arch.hidden_size, self.q_size + 2 * self.kv_size, bias=arch.qkv_bias)
+        self.o_proj = Linear(self.q_size, arch.hidden_size, bias=False)
         self.scale = arch.head_dim**-0.5
 
     def forward(
@@ -108,8 +110,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, arch: ModelArchitecture) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(arch.hidden_size, 2 * arch.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(arch.intermediate_size, arch.hidden_size, bias=False)
+        self.gate_up_proj = Linear(arch.hidden_size, 2 * arch.intermediate_size, bias=False)
+        self.down_proj = Linear(arch.intermediate_size, arch.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -137,7 +139,8 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(arch) for _ in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.rotary = RotaryEmbedding(inv_freq, attention_scaling)
-        self.lm_head = None if arch.tie_word_embeddings else nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
+        self.lm_head = None if arch.tie_word_embeddings else Linear(arch.hidden_size, arch.vocab_size, bias=False)
+        self.logits_upcast: UpcastWeight | None = None  # armed by enable_upcast (see upcast.py)
 
     def forward(
         self,
@@ -158,4 +161,4 @@ class LlamaModel(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[rows, hidden] features -> final norm -> [rows, vocab] fp32 logits."""
-        return F.linear(self.norm(hidden), self.output_weight).float()
+        return linear(self.norm(hidden), self.output_weight, None, self.logits_upcast).float()

@@ -1,0 +1,102 @@
+"""Upcast matmuls: a bf16 model's multi-row matmuls on fp32 weight copies (specserve/model/upcast.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_models import PROMPTS, greedy
+
+from specserve import LLM
+from specserve.config import CacheConfig, EngineConfig
+from specserve.engine.model_runner import ModelRunner, TokenRun
+from specserve.model import upcast
+from specserve.model.loader import load_model
+from specserve.model.upcast import Linear, UpcastWeight, enable_upcast, linear, upcast_default
+
+
+def test_linear_runs_multi_row_inputs_on_the_fp32_copy():
+    torch.manual_seed(0)
+    w, b = torch.randn(48, 32).bfloat16(), torch.randn(48).bfloat16()
+    holder = UpcastWeight()
+    rows = torch.randn(5, 32).bfloat16()
+    out = linear(rows, w, b, holder)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, F.linear(rows.float(), w.float(), b.float()).bfloat16())
+    assert holder.weight.dtype == torch.float32
+    # one row keeps the bf16 weights: the same call as without an upcast at all
+    one = rows[:1]
+    assert holder.key is not None and torch.equal(linear(one, w, b, holder), F.linear(one, w, b))
+    # a weight changed in place gets a fresh copy
+    with torch.no_grad():
+        w.mul_(2)
+    assert torch.equal(linear(rows, w, b, holder), F.linear(rows.float(), w.float(), b.float()).bfloat16())
+
+
+def test_a_weight_under_training_keeps_its_gradient():
+    layer = Linear(8, 4).bfloat16()
+    enable_upcast(layer)
+    x = torch.randn(3, 8).bfloat16()
+    layer(x).float().sum().backward()
+    assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+    layer.requires_grad_(False)
+    with torch.no_grad():  # frozen: the upcast path
+        assert torch.equal(layer(x), F.linear(x.float(), layer.weight.float(), layer.bias.float()).bfloat16())
+
+
+def test_auto_is_on_for_half_weights_on_a_cpu_without_native_bf16(monkeypatch):
+    monkeypatch.setattr(upcast, "cpu_has_native_bf16", lambda: False)
+    assert upcast_default("auto", torch.bfloat16, "cpu")
+    assert upcast_default("auto", torch.float16, "cpu")
+    assert not upcast_default("auto", torch.float32, "cpu")
+    assert not upcast_default("auto", torch.bfloat16, "cuda")
+    assert not upcast_default("off", torch.bfloat16, "cpu") and upcast_default("on", torch.float32, "cuda")
+    monkeypatch.setattr(upcast, "cpu_has_native_bf16", lambda: True)
+    assert not upcast_default("auto", torch.bfloat16, "cpu")
+    with pytest.raises(ValueError, match="'sometimes'"):
+        upcast_default("sometimes", torch.bfloat16, "cpu")
+    with pytest.raises(ValueError, match="upcast_matmuls"):
+        EngineConfig(verifier="x", upcast_matmuls="yes")
+
+
+def test_a_bf16_model_gives_the_same_logits_within_bf16_rounding(tiny):
+    """Prefill and a 4-token verification pass, with and without upcast: the same model, the same KV."""
+    logits = {}
+    for on in (False, True):
+        model = load_model(tiny["llama"], "bfloat16")
+        if on:
+            enable_upcast(model)
+        runner = ModelRunner(model, 8, 4)
+        blocks = list(range(8))
+        prompt = list(range(3, 20))
+        first = runner.forward([TokenRun(prompt, 0, blocks, 1)])
+        verify = runner.forward([TokenRun([5, 6, 7, 8], len(prompt), blocks, 4)])
+        one = runner.forward([TokenRun([9], len(prompt) + 4, blocks, 1)])
+        logits[on] = (first, verify, one)
+    for off, on in zip(logits[False], logits[True], strict=True):
+        scale = off.abs().max()
+        assert (off - on).abs().max() <= 0.05 * scale  # bf16 rounding of different summation orders
+        assert torch.equal(off.argmax(-1), on.argmax(-1))
+
+
+def test_engine_arms_both_models_and_a_swapped_draft(tiny):
+    llm = LLM(
+        tiny["llama"],
+        draft=tiny["draft"],
+        dtype="bfloat16",
+        cache=CacheConfig(num_blocks=64, block_size=4),
+        upcast_matmuls="on",
+    )
+    engine = llm.engine
+    assert engine.upcast
+    linears = [m for m in engine.verifier.modules() if isinstance(m, Linear)]
+    assert linears and all(m.upcast is not None for m in linears)
+    assert engine.verifier.logits_upcast is not None
+    assert all(m.upcast is not None for m in engine.proposer.runner.model.modules() if isinstance(m, Linear))
+    fresh = load_model(tiny["draft"], "bfloat16")
+    engine.swap_draft(fresh, "v2")
+    assert all(m.upcast is not None for m in fresh.modules() if isinstance(m, Linear))
+    out = llm.generate(PROMPTS[:2], greedy(12))
+    assert all(len(o.token_ids) == 12 for o in out)
+    off = LLM(tiny["llama"], dtype="float32", cache=CacheConfig(num_blocks=64, block_size=4))
+    assert not off.engine.upcast and off.engine.verifier.logits_upcast is None
