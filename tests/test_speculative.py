@@ -12,7 +12,7 @@ from tiny_models import PROMPTS, greedy
 
 from specserve import LLM, SamplingParams
 from specserve.config import CacheConfig, SchedulerConfig, SpeculativeConfig
-from specserve.engine.speculation_length import best_k, expected_speedup
+from specserve.engine.speculation_length import expected_speedup
 
 
 def make(tiny, draft: str | None, k: int | None, **kw) -> LLM:
@@ -102,9 +102,12 @@ def test_adaptive_k_falls_back_to_plain_when_drafts_miss(tiny):
 
 
 def test_speculation_length_policy_maths():
+    from specserve.engine.speculation_length import SpeculationLengthPolicy
+
     assert expected_speedup(0.0, 3, 0.1) < 1.0
-    assert best_k(0.0, 0.1, 8) == 0
-    assert best_k(0.9, 0.05, 8) >= 4
+    policy = SpeculationLengthPolicy(SpeculativeConfig(draft="x"), initial_cost_ratio=0.1, ngram=None)
+    assert policy.best(0.0, 8, 1, "draft") == (1.0, 0)  # untimed: each draft costs c0 = 0.1
+    assert policy.best(0.9, 8, 1, "draft")[1] >= 4
     # Leviathan et al. eq. 1 at alpha = 0.8, k = 4, c = 0.1
     assert math.isclose(expected_speedup(0.8, 4, 0.1), (1 - 0.8**5) / (0.2 * 1.4))
 
@@ -193,10 +196,30 @@ def test_costly_verification_turns_speculation_off():
     for n in [1, 2, 3, 4] * 5:  # each extra verified token costs a whole plain step
         policy.observe_verifier_step(n, 0.03 * n)
     policy.observe_draft_step(0.003)
-    assert policy.cost_per_draft_token(1) > 1.0
-    assert best_k(0.5, policy.cost_per_draft_token(1), 8) == 0
+    assert policy.step_cost(1, 1) > 2.0
+    assert policy.best(0.5, 8, 1, "draft") == (1.0, 0)
     free = SpeculationLengthPolicy(SpeculativeConfig(draft="x"), initial_cost_ratio=0.1, ngram=None)
     for n in [1, 2, 3, 4] * 5:  # verification nearly free: speculate
         free.observe_verifier_step(n, 0.03 + 0.0003 * n)
     free.observe_draft_step(0.003)
-    assert best_k(0.7, free.cost_per_draft_token(1), 8) >= 3
+    assert free.best(0.7, 8, 1, "draft")[1] >= 3
+
+
+def test_verification_cost_is_read_per_step_size_not_only_from_a_line():
+    """A CPU whose upcast matmuls switch kernels: 2-3 tokens cost nearly 2 steps, 4-8 tokens barely more.
+    A line through those points would call 3 tokens cheap and 6 dear; the policy reads each size's own time."""
+    from specserve.engine.speculation_length import SpeculationLengthPolicy, StepCostModel
+
+    curve = {1: 0.030, 2: 0.055, 3: 0.058, 4: 0.060, 5: 0.061, 6: 0.062, 7: 0.063, 8: 0.064}
+    m = StepCostModel()
+    for n in list(curve) * 4:
+        m.observe(n, curve[n])
+    assert all(math.isclose(m.predict(n), t) for n, t in curve.items())
+    assert m.predict(20) > m.predict(8)  # unseen: the line
+    policy = SpeculationLengthPolicy(SpeculativeConfig(draft="x"), initial_cost_ratio=0.1, ngram=None)
+    policy.verifier_cost = m
+    policy.observe_draft_step(0.0015)
+    assert math.isclose(policy.step_cost(2, 1), 0.058 / 0.030 + 2 * 0.05)
+    # at alpha 0.6 one or two drafts do not pay for the jump to ~2 steps, four do (a line fit would say two)
+    assert policy.best(0.6, 2, 1, "draft") == (1.0, 0)
+    assert policy.best(0.6, 8, 1, "draft")[1] == 4

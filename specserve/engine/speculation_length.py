@@ -4,10 +4,11 @@ Leviathan et al. (2023): with per-token acceptance rate alpha, proposing k token
 E(k) = (1 - alpha^(k+1)) / (1 - alpha) tokens per step. A step costs one plain verifier step,
 plus k draft steps (c each, relative to the verifier step), plus the verifier's extra work for k
 more tokens per request (v each). On a GPU at small batch v ~ 0 ("verification is free"); on a CPU
-without native bf16 matmuls, or at large batch, it is not. So the policy fits the verifier's step
-time against the number of tokens in the step (t(n) = a + b n, online), times the draft's
-single-token steps, and picks the k in [0, k_max] maximising E(k) / (1 + k (c + v) + o) with the
-request's acceptance estimate (its own counts blended with the engine-wide rate). With prompt
+without native bf16 matmuls, or at large batch, it is not. So the policy times the verifier's
+steps by the number of tokens in them (each size seen keeps its own running time; sizes not seen
+yet come from a line t(n) = a + b n fitted online), times the draft's single-token steps, and
+picks the k in [0, k_max] maximising E(k) / (t(B (k + 1)) / t(B) + k c + o) for a batch of B, with
+the request's acceptance estimate (its own counts blended with the engine-wide rate). With prompt
 lookup (n-gram) enabled, a request whose context tail recurs can also propose from the match
 (c = 0, k at most the match's continuation); each source gets its best k and expected speedup
 from its own acceptance estimate, and the higher speedup proposes. k = 0 is plain decoding; a
@@ -34,6 +35,13 @@ NGRAM_PRIOR = 0.5
 FIRST_PROBE_INTERVAL = 16  # steps at k = 0 before a request first probes with k = 1
 MAX_PROBE_INTERVAL = 256
 EMA = 0.05
+MIN_SEEN = 3  # observations of a token count before its own running time replaces the line fit
+
+
+def expected_tokens(alpha: float, k: int) -> float:
+    """Tokens one verification step yields with k drafts at per-token acceptance alpha (Leviathan et al.)."""
+    alpha = min(max(alpha, 0.0), 0.999)
+    return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
 
 
 def expected_speedup(alpha: float, k: int, c: float, overhead: float = 0.0) -> float:
@@ -42,20 +50,21 @@ def expected_speedup(alpha: float, k: int, c: float, overhead: float = 0.0) -> f
     overhead: a fixed cost of drafting at all this step (the draft's catch-up), in plain verifier steps."""
     if k == 0:
         return 1.0
-    alpha = min(max(alpha, 0.0), 0.999)
-    return (1.0 - alpha ** (k + 1)) / ((1.0 - alpha) * (1.0 + k * c + overhead))
-
-
-def best_k(alpha: float, c: float, k_max: int, overhead: float = 0.0) -> int:
-    return max(range(k_max + 1), key=lambda k: (expected_speedup(alpha, k, c, overhead), -k))
+    return expected_tokens(alpha, k) / (1.0 + k * c + overhead)
 
 
 class StepCostModel:
-    """Online fit of a forward pass's seconds against the tokens it computes: t(n) = a + b n."""
+    """Online model of a forward pass's seconds against the tokens it computes.
+
+    Every token count seen keeps its own running time: the curve need not be a line (a CPU's
+    upcast matmuls switch kernels at a few rows, say). Counts not seen often enough come from a
+    line fitted to every observation, t(n) = a + b n.
+    """
 
     def __init__(self, decay: float = 0.98) -> None:
         self.decay = decay
         self.s = self.sn = self.snn = self.st = self.snt = 0.0
+        self.seen: dict[int, tuple[int, float]] = {}  # tokens -> (observations, running seconds)
 
     def observe(self, n: int, seconds: float) -> None:
         d = self.decay
@@ -64,6 +73,8 @@ class StepCostModel:
         self.snn = d * self.snn + n * n
         self.st = d * self.st + seconds
         self.snt = d * self.snt + n * seconds
+        count, mean = self.seen.get(n, (0, seconds))
+        self.seen[n] = (count + 1, mean + max(EMA, 1.0 / (count + 1)) * (seconds - mean))
 
     def fit(self) -> tuple[float, float] | None:
         if self.s < 3:
@@ -77,6 +88,9 @@ class StepCostModel:
         return a, b
 
     def predict(self, n: int) -> float | None:
+        count, mean = self.seen.get(n, (0, 0.0))
+        if count >= MIN_SEEN:
+            return mean
         f = self.fit()
         return None if f is None else f[0] + f[1] * n
 
@@ -136,10 +150,10 @@ class SpeculationLengthPolicy:
     def draft_overhead(self, request: Request, batch: int) -> float:
         """o: the draft's catch-up on the tokens it has not seen, beyond one token, in plain verifier steps."""
         gap = request.num_tokens - request.num_draft_computed_tokens
-        draft, verifier = self.draft_cost.fit(), self.verifier_cost.fit()
-        if gap <= 1 or draft is None or verifier is None:
+        draft, plain = self.draft_cost.fit(), self.verifier_cost.predict(batch)
+        if gap <= 1 or draft is None or plain is None:
             return 0.0
-        return draft[1] * (gap - 1) / (verifier[0] + verifier[1] * batch)
+        return draft[1] * (gap - 1) / plain
 
     def observe_draft_step(self, seconds: float) -> None:
         if self.draft_step_seconds is None:
@@ -147,19 +161,29 @@ class SpeculationLengthPolicy:
         else:
             self.draft_step_seconds += EMA * (seconds - self.draft_step_seconds)
 
-    def cost_per_draft_token(self, batch: int, source: str = "draft") -> float:
-        """c + v: what one more proposed token per request costs, in plain verifier steps.
+    def step_cost(self, k: int, batch: int, source: str = "draft", overhead: float = 0.0) -> float:
+        """A step in which each of `batch` requests proposes k tokens, over a plain step's time.
 
-        c is the draft model's single-token step (0 for prompt lookup), v the verifier's extra
-        work for one more token per request.
-        """
-        fit = self.verifier_cost.fit()
-        if fit is None or (source == "draft" and self.draft_step_seconds is None):
-            return self.initial_cost_ratio if source == "draft" else 0.0
-        a, b = fit
-        plain = a + b * batch
-        c = self.draft_step_seconds / plain if source == "draft" else 0.0
-        return c + b * batch / plain
+        The verifier's time for batch (k + 1) tokens over its time for batch tokens, plus k draft
+        steps for the draft model (none for prompt lookup), plus the draft's catch-up `overhead`.
+        Until the verifier has been timed: 1 + k c0, c0 the draft's share of the parameters."""
+        if k == 0:
+            return 1.0
+        plain, verify = self.verifier_cost.predict(batch), self.verifier_cost.predict(batch * (k + 1))
+        if plain is None:
+            return 1.0 + (k * self.initial_cost_ratio if source == "draft" else 0.0) + overhead
+        cost = max(verify, plain) / plain + overhead
+        if source == "draft":
+            draft = self.draft_step_seconds / plain if self.draft_step_seconds is not None else self.initial_cost_ratio
+            cost += k * draft
+        return cost
+
+    def best(self, alpha: float, k_max: int, batch: int, source: str, overhead: float = 0.0) -> tuple[float, int]:
+        """(expected speedup, k) of the k in [0, k_max] with the highest speedup (the smaller k on a tie)."""
+        options = [
+            (expected_tokens(alpha, k) / self.step_cost(k, batch, source, overhead), k) for k in range(k_max + 1)
+        ]
+        return max(options, key=lambda o: (o[0], -o[1]))
 
     def request_acceptance(self, request: Request, source: str = "draft", ngram_match: int = 0) -> float:
         """The request's own accepted / drafted for `source`, with the engine-wide rate as a prior
@@ -187,20 +211,19 @@ class SpeculationLengthPolicy:
                 return self._choose(request, "ngram", len(proposal), proposal)
             if proposal:
                 alpha = self.request_acceptance(request, "ngram", n)
-                cost = self.cost_per_draft_token(num_running, "ngram")
-                k = best_k(alpha, cost, len(proposal))
+                speedup, k = self.best(alpha, len(proposal), num_running, "ngram")
                 if k == 0 and self._probe_due(request, "ngram"):
-                    k = 1
-                options.append((expected_speedup(alpha, k, cost), k, "ngram", proposal[:k]))
+                    speedup, k = expected_tokens(alpha, 1) / self.step_cost(1, num_running, "ngram"), 1
+                options.append((speedup, k, "ngram", proposal[:k]))
         if self.method in ("draft", "hybrid"):
             if fixed is not None:
                 return self._choose(request, "draft", fixed)
             overhead = self.draft_overhead(request, num_running)
-            alpha, cost = self.request_acceptance(request), self.cost_per_draft_token(num_running)
-            k = best_k(alpha, cost, cap, overhead)
+            alpha = self.request_acceptance(request)
+            speedup, k = self.best(alpha, cap, num_running, "draft", overhead)
             if k == 0 and self._probe_due(request, "draft"):
-                k = 1
-            options.append((expected_speedup(alpha, k, cost, overhead), k, "draft", []))
+                speedup, k = expected_tokens(alpha, 1) / self.step_cost(1, num_running, "draft", overhead), 1
+            options.append((speedup, k, "draft", []))
         if not options:
             return 0
         # the better expected speedup; a probe (k = 1 at a speedup below 1) wins only against plain decoding
