@@ -105,7 +105,7 @@ def test_a_cold_draft_pays_its_catch_up_in_the_choice_of_k():
     policy = SpeculationLengthPolicy(SpeculativeConfig(draft="x"), initial_cost_ratio=0.1, ngram=None)
     policy.acceptance_rate["draft"] = 0.5
     for n in [1, 2, 3, 4] * 5:  # verification nearly free
-        policy.observe_verifier_step(n, 0.03 + 0.0003 * n)
+        policy.observe_step(n, 0.03 + 0.0003 * n)
     policy.observe_draft_step(0.003)
     for n in [1, 10, 50, 200] * 3:  # the draft's catch-up: 1 ms per token it has not seen
         policy.observe_draft_catchup(n, 0.002 + 0.001 * n)
@@ -133,7 +133,7 @@ def hybrid_policy(verify_slope: float):
         SpeculativeConfig(draft="x", method="hybrid", ngram_min=2, ngram_max=4), 0.1, NgramProposer(2, 4)
     )
     for n in [1, 2, 3, 4] * 5:
-        policy.observe_verifier_step(n, 0.03 + verify_slope * n)
+        policy.observe_step(n, 0.03 + verify_slope * n)
     policy.observe_draft_step(0.003)
     return policy
 

@@ -194,13 +194,13 @@ def test_costly_verification_turns_speculation_off():
     policy = SpeculationLengthPolicy(SpeculativeConfig(draft="x"), initial_cost_ratio=0.1, ngram=None)
     policy.acceptance_rate["draft"] = 0.5
     for n in [1, 2, 3, 4] * 5:  # each extra verified token costs a whole plain step
-        policy.observe_verifier_step(n, 0.03 * n)
+        policy.observe_step(n, 0.03 * n)
     policy.observe_draft_step(0.003)
     assert policy.step_cost(1, 1) > 2.0
     assert policy.best(0.5, 8, 1, "draft") == (1.0, 0)
     free = SpeculationLengthPolicy(SpeculativeConfig(draft="x"), initial_cost_ratio=0.1, ngram=None)
     for n in [1, 2, 3, 4] * 5:  # verification nearly free: speculate
-        free.observe_verifier_step(n, 0.03 + 0.0003 * n)
+        free.observe_step(n, 0.03 + 0.0003 * n)
     free.observe_draft_step(0.003)
     assert free.best(0.7, 8, 1, "draft")[1] >= 3
 

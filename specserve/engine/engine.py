@@ -54,6 +54,8 @@ class StepOutput:
     """Per sampling request, its [k + 1, vocab] verifier logits; only while traces are recorded."""
     features: dict[str, torch.Tensor] = field(default_factory=dict)
     """Per scheduled request, the verifier's [new tokens, hidden] features; only for an EAGLE draft."""
+    draft_seconds: float = 0.0
+    """Time the draft model spent proposing this step."""
 
 
 def check_same_vocabulary(verifier: LlamaModel, draft: LlamaModel, verifier_tok, draft_tok) -> None:
@@ -245,8 +247,14 @@ class LLMEngine:
         self.metrics.prefix_cache_hit_tokens = self.kv.prefix_hit_blocks * self.kv.block_size
         if plan.empty:
             return []
+        t0 = time.perf_counter()
         output = self.execute(plan)
-        return self.update(plan, output)
+        outputs = self.update(plan, output)
+        if self.spec_policy is not None:
+            # the whole step but the draft's proposals (timed apart): the verifier's forward, and the sampling,
+            # acceptance and bookkeeping that also grow with the tokens verified
+            self.spec_policy.observe_step(plan.num_batched_tokens, time.perf_counter() - t0 - output.draft_seconds)
+        return outputs
 
     def execute(self, plan: SchedulerOutput) -> StepOutput:
         draft_ids: dict[str, list[int]] = {}
@@ -256,11 +264,13 @@ class LLMEngine:
             if s.num_draft_tokens and s.request.spec_source == "ngram":
                 draft_ids[s.request.request_id] = s.request.ngram_proposal[: s.num_draft_tokens]
         spec_items = [s for s in plan.scheduled if s.num_draft_tokens > 0 and s.request.spec_source == "draft"]
+        draft_seconds = 0.0
         if spec_items and self.proposer is not None:
             t0 = time.perf_counter()
             items = [(s.request, s.num_draft_tokens, self.kv.blocks_of(s.request.request_id)) for s in spec_items]
             ids, probs = self.proposer.propose(items)
-            self.metrics.draft_seconds += time.perf_counter() - t0
+            draft_seconds = time.perf_counter() - t0
+            self.metrics.draft_seconds += draft_seconds
             for row, s in enumerate(spec_items):
                 draft_ids[s.request.request_id] = ids[row, : s.num_draft_tokens].tolist()
                 spec_row[s.request.request_id] = row
@@ -290,7 +300,6 @@ class LLMEngine:
         verify_seconds = time.perf_counter() - t0
         self.metrics.verifier_seconds += verify_seconds
         if self.spec_policy is not None:
-            self.spec_policy.observe_verifier_step(plan.num_batched_tokens, verify_seconds)
             if spec_items and self.proposer.step_seconds > 0:
                 self.spec_policy.observe_draft_step(self.proposer.step_seconds)
             if spec_items:
@@ -298,14 +307,14 @@ class LLMEngine:
 
         sampling = [s for s in plan.scheduled if s.samples]
         if not sampling:
-            return StepOutput({}, features=features)
+            return StepOutput({}, features=features, draft_seconds=draft_seconds)
         emitted = self._accept(sampling, logits, draft_ids, draft_probs, spec_row)
         rows = {}
         if self.config.trace_topm:
             rows = dict(
                 zip((s.request.request_id for s in sampling), logits.split([s.num_draft_tokens + 1 for s in sampling]))
             )
-        return StepOutput(emitted, rows, features)
+        return StepOutput(emitted, rows, features, draft_seconds)
 
     def _accept(
         self,

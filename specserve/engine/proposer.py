@@ -24,8 +24,8 @@ class DraftProposer:
 
     def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
-        self.step_seconds = 0.0  # time of the latest single-token draft forward (cost ratio input)
-        self.catchup: tuple[int, float] = (0, 0.0)  # (tokens, seconds) of the latest proposal's first forward
+        self.step_seconds = 0.0  # the latest single-token draft step, forward and sampling (cost ratio input)
+        self.catchup: tuple[int, float] = (0, 0.0)  # (tokens, seconds) of the latest proposal's first step
 
     def _sample(self, probs: torch.Tensor, requests: list[Request]) -> torch.Tensor:  # [batch]
         out = probs.argmax(dim=-1)
@@ -63,15 +63,16 @@ class DraftProposer:
         for j in range(max_k):
             t0 = time.perf_counter()
             logits = self.runner.forward(runs, features)
-            if all(len(run.token_ids) == 1 for run in runs):
-                self.step_seconds = time.perf_counter() - t0
-            if j == 0:
-                self.catchup = (sum(len(run.token_ids) for run in runs), time.perf_counter() - t0)
             probs = sampling_probs(logits, [requests[i].params for i in active])
             tokens = self._sample(probs, [requests[i] for i in active])
             for row, i in enumerate(active):
                 draft_ids[i, j] = tokens[row]
                 draft_probs[i, j] = probs[row]
+            seconds = time.perf_counter() - t0  # the forward and the sampling: what one more draft token costs
+            if all(len(run.token_ids) == 1 for run in runs):
+                self.step_seconds = seconds
+            if j == 0:
+                self.catchup = (sum(len(run.token_ids) for run in runs), seconds)
             keep = [row for row, i in enumerate(active) if ks[i] > j + 1]
             runs = [
                 TokenRun([int(tokens[row])], requests[active[row]].num_tokens + j, items[active[row]][2], 1)

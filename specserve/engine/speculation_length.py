@@ -4,12 +4,13 @@ Leviathan et al. (2023): with per-token acceptance rate alpha, proposing k token
 E(k) = (1 - alpha^(k+1)) / (1 - alpha) tokens per step. A step costs one plain verifier step,
 plus k draft steps (c each, relative to the verifier step), plus the verifier's extra work for k
 more tokens per request (v each). On a GPU at small batch v ~ 0 ("verification is free"); on a CPU
-without native bf16 matmuls, or at large batch, it is not. So the policy times the verifier's
-steps by the number of tokens in them (each size seen keeps its own running time; sizes not seen
-yet come from a line t(n) = a + b n fitted online), times the draft's single-token steps, and
-picks the k in [0, k_max] maximising E(k) / (t(B (k + 1)) / t(B) + k c + o) for a batch of B, with
-the request's acceptance estimate (its own counts blended with the engine-wide rate). With prompt
-lookup (n-gram) enabled, a request whose context tail recurs can also propose from the match
+without native bf16 matmuls, or at large batch, it is not. So the policy times the engine's
+steps (the verifier's forward, sampling and acceptance; the draft apart) by the tokens in them
+(each size seen keeps its own running time; sizes not seen yet come from a line t(n) = a + b n
+fitted online), times the draft's single-token steps, and picks the k in [0, k_max] maximising
+E(k) / (t(B (k + 1)) / t(B) + k c + o) for a batch of B, with the request's acceptance estimate
+(its own counts blended with the engine-wide rate). With prompt lookup (n-gram) enabled, a
+request whose context tail recurs can also propose from the match
 (c = 0, k at most the match's continuation); each source gets its best k and expected speedup
 from its own acceptance estimate, and the higher speedup proposes. k = 0 is plain decoding; a
 request held there probes with k = 1 now and then, backing off while probes fail, so its
@@ -141,7 +142,8 @@ class SpeculationLengthPolicy:
         else:
             self.acceptance_rate[source] += w * (accepted / drafted - self.acceptance_rate[source])
 
-    def observe_verifier_step(self, num_tokens: int, seconds: float) -> None:
+    def observe_step(self, num_tokens: int, seconds: float) -> None:
+        """One engine step over `num_tokens` verifier tokens, timed without the draft's proposals."""
         self.verifier_cost.observe(num_tokens, seconds)
 
     def observe_draft_catchup(self, num_tokens: int, seconds: float) -> None:
