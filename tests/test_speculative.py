@@ -223,3 +223,31 @@ def test_verification_cost_is_read_per_step_size_not_only_from_a_line():
     # at alpha 0.6 one or two drafts do not pay for the jump to ~2 steps, four do (a line fit would say two)
     assert policy.best(0.6, 2, 1, "draft") == (1.0, 0)
     assert policy.best(0.6, 8, 1, "draft")[1] == 4
+
+
+def test_the_plain_step_is_timed_before_any_drafting(tiny):
+    """Every choice of k is priced against a plain step of the batch: until one is timed, requests decode plainly;
+    prompt chunks never enter the step timings."""
+    from types import SimpleNamespace
+
+    from specserve.engine.speculation_length import MIN_SEEN, SpeculationLengthPolicy
+
+    policy = SpeculationLengthPolicy(SpeculativeConfig(draft="x"), initial_cost_ratio=0.01, ngram=None)
+    policy.acceptance_rate["draft"] = 0.95
+    r = SimpleNamespace(
+        num_tokens=10, num_draft_computed_tokens=9, spec_counts={}, steps_since={}, probe_interval={},
+        all_token_ids=[1] * 10, spec_source=None, ngram_proposal=[], ngram_match=0,
+    )  # fmt: skip
+    for _ in range(10):  # steps of 2 tokens (a request drafting 1) say nothing of a 1-token step
+        policy.observe_step(2, 0.031)
+    assert policy(r, 1) == 0
+    for _ in range(MIN_SEEN):
+        policy.observe_step(1, 0.030)
+    assert policy(r, 1) >= 4 and r.spec_source == "draft"
+
+    llm = LLM(tiny["llama"], draft=tiny["draft"], dtype="float32", cache=CacheConfig(num_blocks=128, block_size=4))
+    prompt = list(range(3, 40))
+    llm.generate([prompt], greedy(24))
+    seen = llm.engine.spec_policy.verifier_cost.seen
+    assert seen and max(seen) <= 1 + SpeculativeConfig().max_speculative_tokens  # decode steps only
+    assert seen[1][0] >= MIN_SEEN

@@ -250,9 +250,9 @@ class LLMEngine:
         t0 = time.perf_counter()
         output = self.execute(plan)
         outputs = self.update(plan, output)
-        if self.spec_policy is not None:
-            # the whole step but the draft's proposals (timed apart): the verifier's forward, and the sampling,
-            # acceptance and bookkeeping that also grow with the tokens verified
+        if self.spec_policy is not None and all(s.num_new_tokens == s.num_draft_tokens + 1 for s in plan.scheduled):
+            # a decode step (no prompt chunk in it), timed whole but for the draft's proposals (timed apart): the
+            # verifier's forward, and the sampling, acceptance and bookkeeping that also grow with the tokens verified
             self.spec_policy.observe_step(plan.num_batched_tokens, time.perf_counter() - t0 - output.draft_seconds)
         return outputs
 

@@ -78,7 +78,7 @@ class StepCostModel:
         self.seen[n] = (count + 1, mean + max(EMA, 1.0 / (count + 1)) * (seconds - mean))
 
     def fit(self) -> tuple[float, float] | None:
-        if self.s < 3:
+        if sum(count for count, _ in self.seen.values()) < 3:
             return None
         var = self.snn / self.s - (self.sn / self.s) ** 2
         mean_t = self.st / self.s
@@ -87,6 +87,10 @@ class StepCostModel:
         b = max(0.0, (self.snt / self.s - (self.sn / self.s) * mean_t) / var)
         a = max(1e-6, mean_t - b * self.sn / self.s)
         return a, b
+
+    def count(self, n: int) -> int:
+        """How often a step of n tokens was seen."""
+        return self.seen.get(n, (0, 0.0))[0]
 
     def predict(self, n: int) -> float | None:
         count, mean = self.seen.get(n, (0, 0.0))
@@ -143,7 +147,8 @@ class SpeculationLengthPolicy:
             self.acceptance_rate[source] += w * (accepted / drafted - self.acceptance_rate[source])
 
     def observe_step(self, num_tokens: int, seconds: float) -> None:
-        """One engine step over `num_tokens` verifier tokens, timed without the draft's proposals."""
+        """One decode step over `num_tokens` verifier tokens, timed without the draft's proposals (prefill steps
+        are not observed: their cost is not what a choice of k changes)."""
         self.verifier_cost.observe(num_tokens, seconds)
 
     def observe_draft_catchup(self, num_tokens: int, seconds: float) -> None:
@@ -172,7 +177,7 @@ class SpeculationLengthPolicy:
         if k == 0:
             return 1.0
         plain, verify = self.verifier_cost.predict(batch), self.verifier_cost.predict(batch * (k + 1))
-        if plain is None:
+        if plain is None or verify is None:
             return 1.0 + (k * self.initial_cost_ratio if source == "draft" else 0.0) + overhead
         cost = max(verify, plain) / plain + overhead
         if source == "draft":
@@ -204,6 +209,10 @@ class SpeculationLengthPolicy:
             cap = fixed
         request.spec_source = None
         if cap <= 0:
+            return 0
+        if fixed is None and self.verifier_cost.count(num_running) < MIN_SEEN:
+            # a plain step of this batch is what every choice is measured against: time it first, or a
+            # request that always drafts would never learn what not drafting costs
             return 0
         options = []  # (expected speedup, k, source, ngram proposal)
         if self.method in ("ngram", "hybrid") and self.ngram is not None:
