@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_speculative import chi_square_pvalue, exact_second_token_distribution
+from test_speculative import chi_square_pvalue, exact_second_token_distribution, settled_rate
 
 from specserve import LLM, SamplingParams
 from specserve.config import CacheConfig, SchedulerConfig, SpeculativeConfig
@@ -103,7 +103,7 @@ def test_a_cold_draft_pays_its_catch_up_in_the_choice_of_k():
     from specserve.engine.speculation_length import SpeculationLengthPolicy
 
     policy = SpeculationLengthPolicy(SpeculativeConfig(draft="x"), initial_cost_ratio=0.1, ngram=None)
-    policy.acceptance_rate["draft"] = 0.5
+    policy.draft_rate = settled_rate(0.5)
     for n in [1, 2, 3, 4] * 5:  # verification nearly free
         policy.observe_step(n, 0.03 + 0.0003 * n)
     policy.observe_draft_step(0.003)
@@ -158,17 +158,17 @@ def test_hybrid_proposes_from_the_source_with_the_higher_expected_speedup():
     policy = hybrid_policy(verify_slope=0.0003)
     repeat = [1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2]  # the tail (1, 2) recurs: a 2-gram match
     r = decoding_request(repeat)
-    policy.acceptance_rate["draft"] = 0.3
-    policy.ngram_rate[2] = 0.8
+    policy.draft_rate = settled_rate(0.3)
+    policy.ngram_rate[2] = settled_rate(0.8)
     k = policy(r, 1)
     assert (r.spec_source, r.ngram_match) == ("ngram", 2) and k >= 3
     assert r.ngram_proposal == [3, 4, 5, 6, 7, 8, 9, 1, 2][:k]
     # 2-gram matches have been poor lately: the draft, though a match exists
-    policy.ngram_rate[2] = 0.1
+    policy.ngram_rate[2] = settled_rate(0.1)
     assert policy(r, 1) >= 1 and r.spec_source == "draft" and r.ngram_proposal == []
     # a longer match is judged by its own length's rate
     r3 = decoding_request([1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3])
-    policy.ngram_rate[3] = 0.9
+    policy.ngram_rate[3] = settled_rate(0.9)
     assert policy(r3, 1) >= 3 and (r3.spec_source, r3.ngram_match) == ("ngram", 3)
     # the request's own history outweighs the engine-wide rate
     r.spec_counts["ngram"] = (40, 38)
@@ -179,12 +179,25 @@ def test_acceptance_of_prompt_lookup_is_kept_per_match_length():
     policy = hybrid_policy(verify_slope=0.0003)
     r = decoding_request([1, 2, 1, 2])
     r.ngram_match = 3
-    before = dict(policy.ngram_rate)
+    before = {n: rate.value for n, rate in policy.ngram_rate.items()}
     policy.observe_acceptance(r, "ngram", 4, 0)
-    assert policy.ngram_rate[3] < before[3] and policy.ngram_rate[2] == before[2] == policy.ngram_rate[4]
-    draft = policy.acceptance_rate["draft"]
+    now = {n: rate.value for n, rate in policy.ngram_rate.items()}
+    assert now[3] < before[3] and now[2] == before[2] == now[4]
+    draft = policy.draft_rate.value
     policy.observe_acceptance(r, "draft", 4, 4)
-    assert policy.acceptance_rate["draft"] > draft and policy.ngram_rate[3] < before[3]
+    assert policy.draft_rate.value > draft and policy.ngram_rate[3].value == now[3]
+
+
+def test_an_engine_wide_rate_soon_forgets_its_prior():
+    """A source used only by rare probes must still learn that it does badly: 20 probes, 4 accepted, and the
+    rate is near 0.2, not near its prior."""
+    from specserve.engine.speculation_length import DRAFT_PRIOR, AcceptanceRate
+
+    rate = AcceptanceRate(DRAFT_PRIOR)
+    assert rate.value == DRAFT_PRIOR
+    for i in range(20):
+        rate.observe(1, int(i % 5 == 0))
+    assert 0.2 <= rate.value < 0.3
 
 
 def test_a_source_below_break_even_probes_and_backs_off():
@@ -193,8 +206,8 @@ def test_a_source_below_break_even_probes_and_backs_off():
     from specserve.engine.speculation_length import FIRST_PROBE_INTERVAL
 
     policy = hybrid_policy(verify_slope=0.02)
-    policy.acceptance_rate["draft"] = 0.05
-    policy.ngram_rate[2] = 0.05
+    policy.draft_rate = settled_rate(0.05)
+    policy.ngram_rate[2] = settled_rate(0.05)
     r = decoding_request([1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2])
     assert policy(r, 1) == 0 and r.spec_source is None
     for _ in range(FIRST_PROBE_INTERVAL):

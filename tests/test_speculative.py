@@ -12,12 +12,19 @@ from tiny_models import PROMPTS, greedy
 
 from specserve import LLM, SamplingParams
 from specserve.config import CacheConfig, SchedulerConfig, SpeculativeConfig
-from specserve.engine.speculation_length import expected_speedup
+from specserve.engine.speculation_length import AcceptanceRate, expected_speedup
 
 
 def make(tiny, draft: str | None, k: int | None, **kw) -> LLM:
     cache = kw.pop("cache", CacheConfig(num_blocks=256, block_size=4))
     return LLM(tiny["llama"], draft=draft, dtype="float32", num_speculative_tokens=k, cache=cache, **kw)
+
+
+def settled_rate(value: float):
+    """An engine-wide acceptance rate that has seen many verifications at `value`."""
+    rate = AcceptanceRate(value)
+    rate.drafted, rate.accepted = 1000.0, 1000.0 * value
+    return rate
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +199,7 @@ def test_costly_verification_turns_speculation_off():
     from specserve.engine.speculation_length import SpeculationLengthPolicy
 
     policy = SpeculationLengthPolicy(SpeculativeConfig(draft="x"), initial_cost_ratio=0.1, ngram=None)
-    policy.acceptance_rate["draft"] = 0.5
+    policy.draft_rate = settled_rate(0.5)
     for n in [1, 2, 3, 4] * 5:  # each extra verified token costs a whole plain step
         policy.observe_step(n, 0.03 * n)
     policy.observe_draft_step(0.003)
@@ -233,7 +240,7 @@ def test_the_plain_step_is_timed_before_any_drafting(tiny):
     from specserve.engine.speculation_length import MIN_SEEN, SpeculationLengthPolicy
 
     policy = SpeculationLengthPolicy(SpeculativeConfig(draft="x"), initial_cost_ratio=0.01, ngram=None)
-    policy.acceptance_rate["draft"] = 0.95
+    policy.draft_rate = settled_rate(0.95)
     r = SimpleNamespace(
         num_tokens=10, num_draft_computed_tokens=9, spec_counts={}, steps_since={}, probe_interval={},
         all_token_ids=[1] * 10, spec_source=None, ngram_proposal=[], ngram_match=0,

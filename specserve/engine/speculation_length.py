@@ -33,6 +33,8 @@ from specserve.engine.request import Request
 PRIOR_WEIGHT = 8.0  # pseudo-drafted tokens the engine-wide rate counts for in a request's estimate
 DRAFT_PRIOR = 0.6  # the engine-wide rates before the first verification
 NGRAM_PRIOR = 0.5
+RATE_PRIOR_TOKENS = 4.0  # pseudo-drafted tokens the prior counts for in an engine-wide rate
+RATE_DECAY = 0.998  # per drafted token: an engine-wide rate remembers the last ~500 drafted tokens
 FIRST_PROBE_INTERVAL = 16  # steps at k = 0 before a request first probes with k = 1
 MAX_PROBE_INTERVAL = 256
 EMA = 0.05
@@ -100,6 +102,25 @@ class StepCostModel:
         return None if f is None else f[0] + f[1] * n
 
 
+class AcceptanceRate:
+    """An engine-wide accepted / drafted of one proposal source: decayed counts over a weak prior, so a few
+    verifications outweigh the guess (a source used only by rare probes still learns it does badly) and
+    old traffic fades."""
+
+    def __init__(self, prior: float) -> None:
+        self.drafted = RATE_PRIOR_TOKENS
+        self.accepted = RATE_PRIOR_TOKENS * prior
+
+    @property
+    def value(self) -> float:
+        return self.accepted / self.drafted
+
+    def observe(self, drafted: int, accepted: int) -> None:
+        d = RATE_DECAY**drafted
+        self.drafted = d * self.drafted + drafted
+        self.accepted = d * self.accepted + accepted
+
+
 class SpeculationLengthPolicy:
     """Chooses each decoding request's proposal source ('ngram' or 'draft') and its k.
 
@@ -122,8 +143,8 @@ class SpeculationLengthPolicy:
         self.initial_cost_ratio = initial_cost_ratio
         self.ngram = ngram
         # engine-wide acceptance rate per source, updated from every verification; prompt lookup per match length
-        self.acceptance_rate = {"draft": DRAFT_PRIOR}
-        self.ngram_rate = {n: NGRAM_PRIOR for n in range(ngram.min_n, ngram.max_n + 1)} if ngram else {}
+        self.draft_rate = AcceptanceRate(DRAFT_PRIOR)
+        self.ngram_rate = {n: AcceptanceRate(NGRAM_PRIOR) for n in range(ngram.min_n, ngram.max_n + 1)} if ngram else {}
         self.verifier_cost = StepCostModel()
         self.draft_cost = StepCostModel()  # the draft's first forward of a proposal (catch-up) vs its tokens
         self.draft_step_seconds: float | None = None
@@ -131,20 +152,14 @@ class SpeculationLengthPolicy:
     def reset_draft(self, initial_cost_ratio: float) -> None:
         """A new draft model: forget what was measured of the old one."""
         self.initial_cost_ratio = initial_cost_ratio
-        self.acceptance_rate["draft"] = DRAFT_PRIOR
+        self.draft_rate = AcceptanceRate(DRAFT_PRIOR)
         self.draft_step_seconds = None
         self.draft_cost = StepCostModel()
 
     def observe_acceptance(self, request: Request, source: str, drafted: int, accepted: int) -> None:
         """One verification of `drafted` tokens from `source` for `request` (the engine-wide rates)."""
-        if not drafted:
-            return
-        w = 1.0 - (1.0 - EMA) ** drafted
-        if source == "ngram":
-            n = request.ngram_match
-            self.ngram_rate[n] += w * (accepted / drafted - self.ngram_rate[n])
-        else:
-            self.acceptance_rate[source] += w * (accepted / drafted - self.acceptance_rate[source])
+        if drafted:
+            (self.ngram_rate[request.ngram_match] if source == "ngram" else self.draft_rate).observe(drafted, accepted)
 
     def observe_step(self, num_tokens: int, seconds: float) -> None:
         """One decode step over `num_tokens` verifier tokens, timed without the draft's proposals (prefill steps
@@ -196,7 +211,7 @@ class SpeculationLengthPolicy:
         """The request's own accepted / drafted for `source`, with the engine-wide rate as a prior
         (for prompt lookup: the rate of matches of length `ngram_match`)."""
         drafted, accepted = request.spec_counts.get(source, (0, 0))
-        prior = self.ngram_rate[ngram_match] if source == "ngram" else self.acceptance_rate[source]
+        prior = (self.ngram_rate[ngram_match] if source == "ngram" else self.draft_rate).value
         return (accepted + PRIOR_WEIGHT * prior) / (drafted + PRIOR_WEIGHT)
 
     def _probe_due(self, request: Request, source: str) -> bool:
