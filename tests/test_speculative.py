@@ -222,7 +222,16 @@ def test_verification_cost_is_read_per_step_size_not_only_from_a_line():
     for n in list(curve) * 4:
         m.observe(n, curve[n])
     assert all(math.isclose(m.predict(n), t) for n, t in curve.items())
-    assert m.predict(20) > m.predict(8)  # unseen: the line
+    assert m.predict(20) == m.predict(8)  # unseen: priced like the largest size seen below it, to be tried
+    m.observe(20, 0.2)
+    assert m.predict(20) == m.predict(8)  # seen once: not yet trusted
+    m.observe(20, 0.2)
+    m.observe(20, 0.2)
+    assert math.isclose(m.predict(20), 0.2) and math.isclose(m.predict(24), 0.2)
+    low = StepCostModel()
+    for n in [4, 5, 6] * 3:
+        low.observe(n, 0.05 + 0.01 * n)
+    assert math.isclose(low.predict(2), 0.07)  # nothing seen below: the line
     policy = SpeculationLengthPolicy(SpeculativeConfig(draft="x"), initial_cost_ratio=0.1, ngram=None)
     policy.verifier_cost = m
     policy.observe_draft_step(0.0015)
