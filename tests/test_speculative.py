@@ -246,7 +246,7 @@ def test_the_plain_step_is_timed_before_any_drafting(tiny):
     prompt chunks never enter the step timings."""
     from types import SimpleNamespace
 
-    from specserve.engine.speculation_length import MIN_SEEN, SpeculationLengthPolicy
+    from specserve.engine.speculation_length import MIN_SEEN, REFRESH_STEPS, SpeculationLengthPolicy
 
     policy = SpeculationLengthPolicy(SpeculativeConfig(draft="x"), initial_cost_ratio=0.01, ngram=None)
     policy.draft_rate = settled_rate(0.95)
@@ -260,6 +260,11 @@ def test_the_plain_step_is_timed_before_any_drafting(tiny):
     for _ in range(MIN_SEEN):
         policy.observe_step(1, 0.030)
     assert policy(r, 1) >= 4 and r.spec_source == "draft"
+    for _ in range(REFRESH_STEPS + 1):  # drafting for long: the plain step's time is taken again
+        policy.observe_step(5, 0.032)
+    assert policy(r, 1) == 0
+    policy.observe_step(1, 0.030)
+    assert policy(r, 1) >= 4
 
     llm = LLM(tiny["llama"], draft=tiny["draft"], dtype="float32", cache=CacheConfig(num_blocks=128, block_size=4))
     prompt = list(range(3, 40))

@@ -10,12 +10,13 @@ steps (the verifier's forward, sampling and acceptance; the draft apart) by the 
 fitted online), times the draft's single-token steps, and picks the k in [0, k_max] maximising
 E(k) / (t(B (k + 1)) / t(B) + k c + o) for a batch of B, with the request's acceptance estimate
 (its own counts blended with the engine-wide rate). With prompt lookup (n-gram) enabled, a
-request whose context tail recurs can also propose from the match
-(c = 0, k at most the match's continuation); each source gets its best k and expected speedup
-from its own acceptance estimate, and the higher speedup proposes. k = 0 is plain decoding; a
-request held there probes with k = 1 now and then, backing off while probes fail, so its
-estimate can recover. A fixed k (`--num-speculative-tokens`) bypasses all of this: the n-gram
-match proposes whenever there is one, else the draft, always k tokens.
+request whose context tail recurs can also propose from the match (c = 0, k at most the match's
+continuation); each source gets its best k and expected speedup from its own acceptance
+estimate, and the higher speedup proposes. k = 0 is plain decoding; a request held there probes
+with k = 1 now and then, backing off while probes fail, so its estimate can recover. The plain
+step every choice is priced against is timed before anyone drafts, and again whenever
+REFRESH_STEPS steps pass without one. A fixed k (`--num-speculative-tokens`) bypasses all of
+this: the n-gram match proposes whenever there is one, else the draft, always k tokens.
 
 o is what the draft must compute before it can propose: a request whose last tokens came from
 prompt lookup or plain steps has a gap of tokens the draft has not seen, and its catch-up forward
@@ -39,6 +40,7 @@ FIRST_PROBE_INTERVAL = 16  # steps at k = 0 before a request first probes with k
 MAX_PROBE_INTERVAL = 256
 EMA = 0.05
 MIN_SEEN = 3  # observations of a token count before its own running time replaces the line fit
+REFRESH_STEPS = 64  # a batch's plain step is timed again when this many steps have passed without one
 
 
 def expected_tokens(alpha: float, k: int) -> float:
@@ -71,6 +73,8 @@ class StepCostModel:
         self.decay = decay
         self.s = self.sn = self.snn = self.st = self.snt = 0.0
         self.seen: dict[int, tuple[int, float]] = {}  # tokens -> (observations, running seconds)
+        self.steps = 0
+        self.last_seen: dict[int, int] = {}  # tokens -> the step that last had that many
 
     def observe(self, n: int, seconds: float) -> None:
         d = self.decay
@@ -81,6 +85,8 @@ class StepCostModel:
         self.snt = d * self.snt + n * seconds
         count, mean = self.seen.get(n, (0, seconds))
         self.seen[n] = (count + 1, mean + max(EMA, 1.0 / (count + 1)) * (seconds - mean))
+        self.steps += 1
+        self.last_seen[n] = self.steps
 
     def fit(self) -> tuple[float, float] | None:
         if sum(count for count, _ in self.seen.values()) < 3:
@@ -96,6 +102,11 @@ class StepCostModel:
     def count(self, n: int) -> int:
         """How often a step of n tokens was seen."""
         return self.seen.get(n, (0, 0.0))[0]
+
+    def stale(self, n: int) -> bool:
+        """Whether steps of n tokens are timed too rarely to trust, or not lately: the time of a size the policy
+        stopped choosing (the plain step, while every request drafts) would otherwise never be corrected."""
+        return self.count(n) < MIN_SEEN or self.steps - self.last_seen[n] > REFRESH_STEPS
 
     def predict(self, n: int) -> float | None:
         count, mean = self.seen.get(n, (0, 0.0))
@@ -231,9 +242,9 @@ class SpeculationLengthPolicy:
         request.spec_source = None
         if cap <= 0:
             return 0
-        if fixed is None and self.verifier_cost.count(num_running) < MIN_SEEN:
-            # a plain step of this batch is what every choice is measured against: time it first, or a
-            # request that always drafts would never learn what not drafting costs
+        if fixed is None and self.verifier_cost.stale(num_running):
+            # a plain step of this batch is what every choice is measured against: time it (again), or a
+            # request that always drafts would never learn (or notice a change in) what not drafting costs
             return 0
         options = []  # (expected speedup, k, source, ngram proposal)
         if self.method in ("ngram", "hybrid") and self.ngram is not None:
