@@ -114,7 +114,6 @@ def test_a_cold_draft_pays_its_catch_up_in_the_choice_of_k():
         num_draft_computed_tokens=99,
         spec_counts={},
         steps_since={},
-        probe_interval={},
         all_token_ids=[1] * 100,
     )
     cold = SimpleNamespace(**{**vars(warm), "num_draft_computed_tokens": 0})
@@ -146,7 +145,6 @@ def decoding_request(tokens: list[int]):
         num_draft_computed_tokens=len(tokens) - 1,
         spec_counts={},
         steps_since={},
-        probe_interval={},
         all_token_ids=tokens,
         spec_source=None,
         ngram_proposal=[],
@@ -215,9 +213,18 @@ def test_a_source_below_break_even_probes_and_backs_off():
     assert policy(r, 1) == 1  # both are due: one probes
     first = r.spec_source
     policy.observe_request(r, first, 1, 0)  # the probe failed: that source waits twice as long
-    assert r.probe_interval[first] == 2 * FIRST_PROBE_INTERVAL and r.steps_since[first] == 0
+    assert policy.probe_interval[first] == 2 * FIRST_PROBE_INTERVAL and r.steps_since[first] == 0
     assert policy(r, 1) == 1 and r.spec_source not in (first, None)  # the other source is still due
     other = r.spec_source
     policy.observe_request(r, other, 1, 1)  # accepted: its interval stays at the first
-    assert r.probe_interval[other] == FIRST_PROBE_INTERVAL
+    assert policy.probe_interval[other] == FIRST_PROBE_INTERVAL
     assert policy(r, 1) == 0
+    # the back-off is engine-wide: a new request waits as long before probing the failing source
+    fresh = decoding_request([1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2])
+    for _ in range(FIRST_PROBE_INTERVAL):
+        policy.observe_request(fresh, None, 0, 0)
+    assert policy(fresh, 1) == 1 and fresh.spec_source == other  # `first` waits 32 steps, for every request
+    policy.observe_request(fresh, other, 1, 0)  # now `other` fails too
+    for _ in range(FIRST_PROBE_INTERVAL):
+        policy.observe_request(fresh, None, 0, 0)
+    assert policy(fresh, 1) == 1 and fresh.spec_source == first

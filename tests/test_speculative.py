@@ -251,7 +251,7 @@ def test_the_plain_step_is_timed_before_any_drafting(tiny):
     policy = SpeculationLengthPolicy(SpeculativeConfig(draft="x"), initial_cost_ratio=0.01, ngram=None)
     policy.draft_rate = settled_rate(0.95)
     r = SimpleNamespace(
-        num_tokens=10, num_draft_computed_tokens=9, spec_counts={}, steps_since={}, probe_interval={},
+        num_tokens=10, num_draft_computed_tokens=9, spec_counts={}, steps_since={},
         all_token_ids=[1] * 10, spec_source=None, ngram_proposal=[], ngram_match=0,
     )  # fmt: skip
     for _ in range(10):  # steps of 2 tokens (a request drafting 1) say nothing of a 1-token step

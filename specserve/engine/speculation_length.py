@@ -13,7 +13,8 @@ E(k) / (t(B (k + 1)) / t(B) + k c + o) for a batch of B, with the request's acce
 request whose context tail recurs can also propose from the match (c = 0, k at most the match's
 continuation); each source gets its best k and expected speedup from its own acceptance
 estimate, and the higher speedup proposes. k = 0 is plain decoding; a request held there probes
-with k = 1 now and then, backing off while probes fail, so its estimate can recover. The plain
+with k = 1 now and then (engine-wide, a source's probes grow rarer while they fail), so its
+estimate can recover. The plain
 step every choice is priced against is timed before anyone drafts, and again whenever
 REFRESH_STEPS steps pass without one. A fixed k (`--num-speculative-tokens`) bypasses all of
 this: the n-gram match proposes whenever there is one, else the draft, always k tokens.
@@ -36,7 +37,7 @@ DRAFT_PRIOR = 0.6  # the engine-wide rates before the first verification
 NGRAM_PRIOR = 0.5
 RATE_PRIOR_TOKENS = 4.0  # pseudo-drafted tokens the prior counts for in an engine-wide rate
 RATE_DECAY = 0.998  # per drafted token: an engine-wide rate remembers the last ~500 drafted tokens
-FIRST_PROBE_INTERVAL = 16  # steps at k = 0 before a request first probes with k = 1
+FIRST_PROBE_INTERVAL = 16  # steps without a source before a request probes it with k = 1 (engine-wide, adapts)
 MAX_PROBE_INTERVAL = 256
 EMA = 0.05
 MIN_SEEN = 3  # observations of a token count before its own running time replaces the line fit
@@ -161,6 +162,7 @@ class SpeculationLengthPolicy:
         self.ngram = ngram
         # engine-wide acceptance rate per source, updated from every verification; prompt lookup per match length
         self.draft_rate = AcceptanceRate(DRAFT_PRIOR)
+        self.probe_interval = {"draft": FIRST_PROBE_INTERVAL, "ngram": FIRST_PROBE_INTERVAL}
         self.ngram_rate = {n: AcceptanceRate(NGRAM_PRIOR) for n in range(ngram.min_n, ngram.max_n + 1)} if ngram else {}
         self.verifier_cost = StepCostModel()
         self.draft_cost = StepCostModel()  # the draft's first forward of a proposal (catch-up) vs its tokens
@@ -170,6 +172,7 @@ class SpeculationLengthPolicy:
         """A new draft model: forget what was measured of the old one."""
         self.initial_cost_ratio = initial_cost_ratio
         self.draft_rate = AcceptanceRate(DRAFT_PRIOR)
+        self.probe_interval["draft"] = FIRST_PROBE_INTERVAL
         self.draft_step_seconds = None
         self.draft_cost = StepCostModel()
 
@@ -232,7 +235,7 @@ class SpeculationLengthPolicy:
         return (accepted + PRIOR_WEIGHT * prior) / (drafted + PRIOR_WEIGHT)
 
     def _probe_due(self, request: Request, source: str) -> bool:
-        return request.steps_since.get(source, 0) >= request.probe_interval.get(source, FIRST_PROBE_INTERVAL)
+        return request.steps_since.get(source, 0) >= self.probe_interval[source]
 
     def __call__(self, request: Request, num_running: int) -> int:
         fixed = self.config.num_speculative_tokens
@@ -282,13 +285,15 @@ class SpeculationLengthPolicy:
     def observe_request(self, request: Request, source: str | None, drafted: int, accepted: int) -> None:
         """After every verification of a decoding request (source None: it decoded plainly).
 
-        A probe that failed makes that source's next one wait longer; an accepted token resets it."""
+        The probe interval is engine-wide, per source: a failed probe doubles it, an accepted token halves
+        it, so a source that does not pay on this traffic (a weak draft) is probed ever more rarely, and
+        every new request does not pay for the same failed probes again."""
         for s in ("draft", "ngram"):
             request.steps_since[s] = 0 if s == source else request.steps_since.get(s, 0) + 1
         if source is None:
             return
-        interval = request.probe_interval.get(source, FIRST_PROBE_INTERVAL)
+        interval = self.probe_interval[source]
         if drafted == 1 and accepted == 0:
-            request.probe_interval[source] = min(2 * interval, MAX_PROBE_INTERVAL)
+            self.probe_interval[source] = min(2 * interval, MAX_PROBE_INTERVAL)
         elif accepted:
-            request.probe_interval[source] = FIRST_PROBE_INTERVAL
+            self.probe_interval[source] = max(interval // 2, FIRST_PROBE_INTERVAL)
