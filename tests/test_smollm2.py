@@ -74,13 +74,35 @@ def test_logits_match_hf(verifier, prompts, dtype):
 
 @pytest.mark.parametrize("dtype", ["bfloat16"])
 def test_greedy_matches_hf_generate(verifier, prompts, dtype):
-    llm = LLM(verifier, dtype=dtype, cache=CacheConfig(num_blocks=256))
+    # the same kernels as HF: bf16 matmuls throughout (upcast matmuls round prefill and verification differently)
+    llm = LLM(verifier, dtype=dtype, cache=CacheConfig(num_blocks=256), upcast_matmuls="off")
     hf = hf_model(verifier, getattr(torch, dtype))
     params = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
     for ids in prompts:
         ours = llm.generate([ids], params)[0].token_ids
         ref = hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=64, pad_token_id=0)[0, len(ids) :]
         assert ours == ref.tolist()
+
+
+def test_upcast_prefill_stays_within_bf16_rounding(verifier, prompts):
+    """Upcast matmuls (fp32 on bf16 weights) against plain bf16, both against fp32: no larger error than bf16's
+    own, and the greedy first token is bf16's or fp32's (they differ only at a near-tie)."""
+    from specserve.engine.model_runner import ModelRunner, TokenRun
+    from specserve.model.loader import load_model
+    from specserve.model.upcast import enable_upcast
+
+    logits = {}
+    for name, dtype, upcast in (("bf16", "bfloat16", False), ("upcast", "bfloat16", True), ("fp32", "float32", False)):
+        model = load_model(verifier, dtype)
+        if upcast:
+            enable_upcast(model)
+        runner = ModelRunner(model, 64, 16)
+        logits[name] = torch.stack([runner.forward([TokenRun(ids, 0, list(range(64)), 1)])[0] for ids in prompts])
+    bf16_err = (logits["bf16"] - logits["fp32"]).abs().amax(dim=-1)
+    upcast_err = (logits["upcast"] - logits["fp32"]).abs().amax(dim=-1)
+    assert (upcast_err <= 2 * bf16_err).all(), (upcast_err, bf16_err)
+    first = logits["upcast"].argmax(-1)
+    assert ((first == logits["bf16"].argmax(-1)) | (first == logits["fp32"].argmax(-1))).all()
 
 
 @pytest.mark.parametrize("method", ["draft", "hybrid", "ngram"])
