@@ -38,7 +38,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="On CUDA, capture small decode/verification passes of both models as CUDA graphs at start "
                    "(default on; ignored on the CPU).")
     g.add_argument("--upcast-matmuls", choices=["auto", "on", "off"], default="auto",
-                   help="Run matmuls over 2+ rows (prefill, verifying k drafts) in fp32 on an fp32 copy of the "
+                   help="Run matmuls over 3+ rows (prefill, verifying k drafts) in fp32 on an fp32 copy of the "
                    "weights, keeping bf16 for single-row decode steps. auto (default): on for bfloat16/float16 on a "
                    "CPU without native bf16 (no AVX512-BF16/AMX), where a bf16 matmul costs about one weight pass "
                    "per row; costs 2x weight memory.")

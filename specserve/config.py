@@ -104,7 +104,7 @@ class EngineConfig:
     """On CUDA: capture the verifier's and the draft's small decode/verification passes as CUDA graphs at
     start and replay them, so a decode step launches no kernels from Python. Ignored on the CPU."""
     upcast_matmuls: str = "auto"
-    """'on': matmuls over 2+ rows (prefill, verification) run in fp32 on an fp32 copy of the weights (2x
+    """'on': matmuls over 3+ rows (prefill, verification) run in fp32 on an fp32 copy of the weights (2x
     weight memory); single-row ones keep the bf16 weights. 'auto': on for bf16/fp16 on a CPU without
     native bf16 (AVX512-BF16/AMX), where a bf16 matmul's time grows with its rows. 'off': never."""
     cache: CacheConfig = field(default_factory=CacheConfig)
