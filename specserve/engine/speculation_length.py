@@ -5,23 +5,23 @@ E(k) = (1 - alpha^(k+1)) / (1 - alpha) tokens per step. A step costs one plain v
 plus k draft steps (c each, relative to the verifier step), plus the verifier's extra work for k
 more tokens per request (v each). On a GPU at small batch v ~ 0 ("verification is free"); on a CPU
 without native bf16 matmuls, or at large batch, it is not. So the policy times the engine's
-steps (the verifier's forward, sampling and acceptance; the draft apart) by the tokens in them
-(each size seen keeps its own running time; sizes not seen yet come from a line t(n) = a + b n
-fitted online), times the draft's single-token steps, and picks the k in [0, k_max] maximising
+decode steps (the verifier's forward, sampling and acceptance; the draft apart) by the tokens in
+them (each size keeps its own running time; see StepCostModel for sizes not seen yet), times the
+draft's single-token steps, and picks the k in [0, k_max] maximising
 E(k) / (t(B (k + 1)) / t(B) + k c + o) for a batch of B, with the request's acceptance estimate
 (its own counts blended with the engine-wide rate). With prompt lookup (n-gram) enabled, a
 request whose context tail recurs can also propose from the match (c = 0, k at most the match's
 continuation); each source gets its best k and expected speedup from its own acceptance
 estimate, and the higher speedup proposes. k = 0 is plain decoding; a request held there probes
 with k = 1 now and then (engine-wide, a source's probes grow rarer while they fail), so its
-estimate can recover. The plain
-step every choice is priced against is timed before anyone drafts, and again whenever
-REFRESH_STEPS steps pass without one. A fixed k (`--num-speculative-tokens`) bypasses all of
-this: the n-gram match proposes whenever there is one, else the draft, always k tokens.
+estimate can recover. The plain step every choice is priced against is timed before anyone
+drafts, and again whenever REFRESH_STEPS steps pass without one. A fixed k
+(`--num-speculative-tokens`) bypasses all of this: the n-gram match proposes whenever there is
+one, else the draft, always k tokens.
 
 o is what the draft must compute before it can propose: a request whose last tokens came from
 prompt lookup or plain steps has a gap of tokens the draft has not seen, and its catch-up forward
-(fitted online like the verifier's: t_d(n) = a_d + b_d n) costs (t_d(gap) - t_d(1)) / plain step.
+(a line fitted online: t_d(n) = a_d + b_d n) costs (t_d(gap) - t_d(1)) / plain step.
 Without it, a hybrid would switch to a cold draft whenever the n-gram match ran out and pay a
 prefill of the whole gap for a few probable rejections.
 """
