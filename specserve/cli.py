@@ -39,9 +39,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    "(default on; ignored on the CPU).")
     g.add_argument("--upcast-matmuls", choices=["auto", "on", "off"], default="auto",
                    help="Run matmuls over 3+ rows (prefill, verifying k drafts) in fp32 on an fp32 copy of the "
-                   "weights, keeping bf16 for single-row decode steps. auto (default): on for bfloat16/float16 on a "
-                   "CPU without native bf16 (no AVX512-BF16/AMX), where a bf16 matmul costs about one weight pass "
-                   "per row; costs 2x weight memory.")
+                   "weights, keeping bf16 for single-row decode steps; few-row matmuls as weight @ input.T, which "
+                   "MKL runs faster. auto (default): on for bfloat16/float16 on a CPU without native bf16 (no "
+                   "AVX512-BF16/AMX), where a bf16 matmul costs about one weight pass per row (2x weight memory), "
+                   "and for float32 on any CPU (the weight @ input.T form alone, from one row; no copy).")
     g = p.add_argument_group("scheduling and memory")
     g.add_argument("--max-num-seqs", type=int, default=32, help="Most requests running at once (default 32).")
     g.add_argument("--max-num-batched-tokens", type=int, default=512,

@@ -106,7 +106,8 @@ class EngineConfig:
     upcast_matmuls: str = "auto"
     """'on': matmuls over 3+ rows (prefill, verification) run in fp32 on an fp32 copy of the weights (2x
     weight memory); single-row ones keep the bf16 weights. 'auto': on for bf16/fp16 on a CPU without
-    native bf16 (AVX512-BF16/AMX), where a bf16 matmul's time grows with its rows. 'off': never."""
+    native bf16 (AVX512-BF16/AMX), where a bf16 matmul's time grows with its rows, and for fp32 on any CPU
+    (few-row matmuls as weight @ input.T, no copy). 'off': never."""
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)

@@ -55,7 +55,7 @@ def test_auto_is_on_for_half_weights_on_a_cpu_without_native_bf16(monkeypatch):
     monkeypatch.setattr(upcast, "cpu_has_native_bf16", lambda: False)
     assert upcast_default("auto", torch.bfloat16, "cpu")
     assert upcast_default("auto", torch.float16, "cpu")
-    assert not upcast_default("auto", torch.float32, "cpu")
+    assert upcast_default("auto", torch.float32, "cpu")  # the skinny form only, on the weights as they are
     assert not upcast_default("auto", torch.bfloat16, "cuda")
     assert not upcast_default("off", torch.bfloat16, "cpu") and upcast_default("on", torch.float32, "cuda")
     monkeypatch.setattr(upcast, "cpu_has_native_bf16", lambda: True)
@@ -105,5 +105,26 @@ def test_engine_arms_both_models_and_a_swapped_draft(tiny):
     assert all(m.upcast is not None for m in fresh.modules() if isinstance(m, Linear))
     out = llm.generate(PROMPTS[:2], greedy(12))
     assert all(len(o.token_ids) == 12 for o in out)
-    off = LLM(tiny["llama"], dtype="float32", cache=CacheConfig(num_blocks=64, block_size=4))
+    off = LLM(tiny["llama"], dtype="float32", cache=CacheConfig(num_blocks=64, block_size=4), upcast_matmuls="off")
     assert not off.engine.upcast and off.engine.verifier.logits_upcast is None
+
+
+def test_fp32_weights_take_the_skinny_form_without_a_copy():
+    torch.manual_seed(0)
+    w, b = torch.randn(48, 32), torch.randn(48)
+    holder = UpcastWeight()
+    for rows in (1, 2, 3, 16, 40):
+        x = torch.randn(rows, 32)
+        y = linear(x, w, b, holder)
+        assert y.shape == (rows, 48) and y.is_contiguous()
+        torch.testing.assert_close(y, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    assert holder.weight is None  # the weight itself, no copy
+
+
+def test_a_weight_made_under_inference_mode_can_be_upcast():
+    """A trimmed EAGLE head's output rows are derived under inference mode: no version counter to read."""
+    with torch.inference_mode():
+        w = torch.randn(48, 32).bfloat16()[:40].clone()
+        x = torch.randn(5, 32).bfloat16()
+        y = linear(x, w, None, UpcastWeight())
+    torch.testing.assert_close(y.float(), F.linear(x.float(), w.float()), rtol=1e-2, atol=1e-2)
