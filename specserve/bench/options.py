@@ -159,10 +159,11 @@ def _add_models(p: argparse.ArgumentParser, with_draft: bool) -> None:
     g.add_argument("--device", default="cpu", help="torch device of every model, ours and HF (default cpu).")
     g.add_argument(
         "--upcast-matmuls",
-        choices=["auto", "on", "off"],
+        choices=["auto", "on", "off"],  # upcast.UPCAST_MODES (this module stays free of torch)
         default="auto",
-        help="Our engine's multi-row matmuls (prefill, verification) in fp32 on fp32 weight copies "
-        "(see specserve serve --help; default auto: on for bf16/fp16 on a CPU without native bf16). HF runs as is.",
+        help="Our engine's multi-row matmuls (prefill, verification) in fp32 on fp32 weight copies, few-row ones "
+        "as weight @ input.T (see specserve serve --help; default auto: on for bf16/fp16 on a CPU without native "
+        "bf16, and for fp32 on any CPU). HF runs as is.",
     )
 
 

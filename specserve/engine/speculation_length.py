@@ -222,10 +222,21 @@ class SpeculationLengthPolicy:
 
     def best(self, alpha: float, k_max: int, batch: int, source: str, overhead: float = 0.0) -> tuple[float, int]:
         """(expected speedup, k) of the k in [0, k_max] with the highest speedup (the smaller k on a tie)."""
-        options = [
-            (expected_tokens(alpha, k) / self.step_cost(k, batch, source, overhead), k) for k in range(k_max + 1)
-        ]
+        options = [(self.speedup(alpha, k, batch, source, overhead), k) for k in range(k_max + 1)]
         return max(options, key=lambda o: (o[0], -o[1]))
+
+    def speedup(self, alpha: float, k: int, batch: int, source: str, overhead: float = 0.0) -> float:
+        """Expected tokens of a step proposing k over that step's cost, in plain steps."""
+        return expected_tokens(alpha, k) / self.step_cost(k, batch, source, overhead)
+
+    def _plan(
+        self, request: Request, alpha: float, k_max: int, batch: int, source: str, overhead: float = 0.0
+    ) -> tuple[float, int]:
+        """(expected speedup, k) for one source: its best k, or a probe (k = 1) when that is 0 and one is due."""
+        speedup, k = self.best(alpha, k_max, batch, source, overhead)
+        if k == 0 and self._probe_due(request, source):
+            return self.speedup(alpha, 1, batch, source, overhead), 1
+        return speedup, k
 
     def request_acceptance(self, request: Request, source: str = "draft", ngram_match: int = 0) -> float:
         """The request's own accepted / drafted for `source`, with the engine-wide rate as a prior
@@ -257,18 +268,13 @@ class SpeculationLengthPolicy:
                 return self._choose(request, "ngram", len(proposal), proposal)
             if proposal:
                 alpha = self.request_acceptance(request, "ngram", n)
-                speedup, k = self.best(alpha, len(proposal), num_running, "ngram")
-                if k == 0 and self._probe_due(request, "ngram"):
-                    speedup, k = expected_tokens(alpha, 1) / self.step_cost(1, num_running, "ngram"), 1
+                speedup, k = self._plan(request, alpha, len(proposal), num_running, "ngram")
                 options.append((speedup, k, "ngram", proposal[:k]))
         if self.method in ("draft", "hybrid"):
             if fixed is not None:
                 return self._choose(request, "draft", fixed)
             overhead = self.draft_overhead(request, num_running)
-            alpha = self.request_acceptance(request)
-            speedup, k = self.best(alpha, cap, num_running, "draft", overhead)
-            if k == 0 and self._probe_due(request, "draft"):
-                speedup, k = expected_tokens(alpha, 1) / self.step_cost(1, num_running, "draft", overhead), 1
+            speedup, k = self._plan(request, self.request_acceptance(request), cap, num_running, "draft", overhead)
             options.append((speedup, k, "draft", []))
         if not options:
             return 0
