@@ -41,10 +41,14 @@ sys.path.insert(0, str(ROOT))  # run as a plain script from anywhere
 
 from specserve.bench.local_server import LocalServer, wait_healthy  # noqa: E402
 from specserve.bench.report import table, write_json  # noqa: E402
+from specserve.data import TINY_SHAKESPEARE  # noqa: E402
 from specserve.online import registry  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data"
-DOMAINS = {"shakespeare": DATA / "tinyshakespeare.txt", "gsm8k": DATA / "gsm8k_train.jsonl"}
+DOMAINS = {
+    "shakespeare": TINY_SHAKESPEARE,  # shipped in the package
+    # GSM8K's training split is not shipped (4.2 MB): it is read from ../shared/data beside the repository
+    "gsm8k": ROOT.parent / "shared" / "data" / "gsm8k_train.jsonl",
+}
 FOLLOWED = {
     "specserve_draft_swaps_total": "swaps",
     "specserve_draft_rollbacks_total": "rollbacks",
@@ -80,6 +84,8 @@ def request_bodies(args: argparse.Namespace) -> list[tuple[str, dict]]:
         "ignore_eos": True,
         "stream_options": {"include_usage": True},
     }
+    if not path.exists():
+        raise SystemExit(f"--domain {domain}: its traffic file {path} is missing")
     bodies = []
     if domain == "shakespeare":
         speeches = [s.strip() for s in path.read_text().split("\n\n") if s.strip()]
@@ -469,8 +475,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--dtype",
         default=None,
-        choices=["bfloat16", "float32", "float16"],
-        help="Default: bfloat16, float32 with --tiny.",
+        choices=["auto", "bfloat16", "float32", "float16"],
+        help="Default: auto (float32 on a CPU without native bf16, bfloat16 on CUDA), float32 with --tiny.",
     )
     p.add_argument("--domain", default="shakespeare", choices=sorted(DOMAINS), help="Traffic (default shakespeare).")
     p.add_argument("--minutes", type=float, default=30.0, help="Minutes of phase 1 traffic (default 30).")
@@ -529,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("need --minutes > 0, --concurrency >= 1, --sample-seconds > 0, --k >= 1")
     if args.tiny and (args.verifier or args.draft):
         p.error("--tiny builds its own models: leave out --verifier and --draft")
-    args.dtype = args.dtype or ("float32" if args.tiny else "bfloat16")
+    args.dtype = args.dtype or ("float32" if args.tiny else "auto")
     args.passage_chars = args.passage_chars or (250 if args.tiny else 800)
     with tempfile.TemporaryDirectory(prefix="online_distill_") as tmp:
         work = Path(args.workdir or tmp)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specserve.model.loader import DTYPES
+from specserve.model.loader import DTYPE_CHOICES
 from specserve.model.upcast import UPCAST_MODES
 
 
@@ -96,8 +96,10 @@ class SpeculativeConfig:
 class EngineConfig:
     verifier: str
     """HF checkpoint directory of the verifier (the model whose output distribution is served)."""
-    dtype: str = "bfloat16"
-    """Weights and activations: bfloat16 (default), float32, float16."""
+    dtype: str = "auto"
+    """Weights and activations: 'auto' (default: float32 on a CPU without native bf16, where it is as fast
+    and greedy speculation is exact; bfloat16 on CUDA and on CPUs with AVX512-BF16/AMX), bfloat16,
+    float32, float16."""
     device: str = "cpu"
     """torch device of both models: 'cpu', 'cuda' or 'cuda:N' (the CLI defaults to cuda when one is visible)."""
     cuda_graphs: bool = True
@@ -128,5 +130,5 @@ class EngineConfig:
             raise ValueError(f"trace_topm must be in [0, 1000], got {self.trace_topm}")
         if self.upcast_matmuls not in UPCAST_MODES:
             raise ValueError(f"upcast_matmuls must be one of {UPCAST_MODES}, got {self.upcast_matmuls!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"dtype must be one of {list(DTYPE_CHOICES)}, got {self.dtype!r}")

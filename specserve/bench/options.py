@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 from specserve.bench.prompts import CATEGORIES, DEFAULT_PROMPTS_FILE
 
-DTYPES = ["bfloat16", "float32", "float16"]
+DTYPES = ["auto", "bfloat16", "float32", "float16"]
 STAND_IN_DRAFT_LAYERS = 4
 QUICK_CATEGORIES = ("mt_bench", "translation", "qa", "math_reasoning")
 """--quick leaves out summarization and rag: their prompts (~700 tokens) take seconds to prefill on a CPU."""
@@ -151,10 +151,11 @@ def _add_models(p: argparse.ArgumentParser, with_draft: bool) -> None:
         )
     g.add_argument(
         "--dtype",
-        default="bfloat16",
+        default="auto",
         choices=DTYPES,
-        help="Weights and activations dtype of every system, ours and HF (default bfloat16; "
-        "float32 makes greedy speculation match plain decoding exactly).",
+        help="Weights and activations dtype of every system, ours and HF (default auto, as `specserve serve`: "
+        "float32 on a CPU without native bf16, where greedy speculation matches plain decoding exactly; "
+        "bfloat16 on CUDA).",
     )
     g.add_argument("--device", default="cpu", help="torch device of every model, ours and HF (default cpu).")
     g.add_argument(
@@ -172,7 +173,7 @@ def _add_prompts(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--prompts-file",
         default=DEFAULT_PROMPTS_FILE,
-        help="Spec-Bench question.jsonl (default: ../shared/data/spec_bench_question.jsonl beside the repository).",
+        help="Spec-Bench question.jsonl (default: the copy shipped in the package, specserve/data/).",
     )
     g.add_argument(
         "--prompts-per-category",

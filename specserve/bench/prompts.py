@@ -10,7 +10,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_PROMPTS_FILE = str(Path(__file__).resolve().parents[3] / "shared" / "data" / "spec_bench_question.jsonl")
+from specserve.data import SPEC_BENCH_QUESTIONS
+
+DEFAULT_PROMPTS_FILE = str(SPEC_BENCH_QUESTIONS)  # shipped in the package (specserve/data)
 MT_BENCH_SUBCATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
 CATEGORIES = ("mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag")
 

@@ -157,7 +157,7 @@ class HFSystem:
 
         self.name = name
         self.device = device
-        torch_dtype = resolve_dtype(dtype)
+        torch_dtype = resolve_dtype(dtype, device)
         self.model = AutoModelForCausalLM.from_pretrained(verifier, dtype=torch_dtype).to(device).eval()
         self.assistant = None
         if draft is not None:

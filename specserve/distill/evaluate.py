@@ -37,8 +37,8 @@ class EvalConfig:
     """Tokens generated per prompt."""
     temperatures: tuple[float, ...] = (0.0, 0.7)
     """Decoding temperatures; 0 is greedy."""
-    dtype: str = "bfloat16"
-    """dtype of both models."""
+    dtype: str = "auto"
+    """dtype of both models ('auto': the serving default, see EngineConfig.dtype)."""
     device: str = "cpu"
     """torch device."""
     out: str | None = None

@@ -96,7 +96,7 @@ def eos_token_ids(path: str, tokenizer) -> set[int]:
 class LLMEngine:
     def __init__(self, config: EngineConfig, draft_model: LlamaModel | None = None) -> None:
         self.config = config
-        dtype = resolve_dtype(config.dtype)
+        dtype = self.dtype = resolve_dtype(config.dtype, config.device)
         self.tokenizer = AutoTokenizer.from_pretrained(config.verifier)
         self.verifier = load_model(config.verifier, dtype, config.device)
         spec = config.speculative

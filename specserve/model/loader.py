@@ -14,18 +14,36 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, PretrainedConfig
 
 from specserve.model.llama import LlamaModel, ModelArchitecture
+from specserve.model.upcast import cpu_has_native_bf16
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+DTYPE_CHOICES = ("auto", *DTYPES)
+"""What a dtype option accepts: 'auto' (see `auto_dtype`) or one of DTYPES."""
 
 
-def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
+def auto_dtype(device: str | torch.device = "cpu") -> torch.dtype:
+    """bf16 where the hardware computes it natively (CUDA; a CPU with AVX512-BF16 or AMX), fp32 elsewhere.
+
+    A CPU without native bf16 emulates it: fp32 decodes about as fast there, and only fp32 makes greedy
+    speculative output token-for-token the verifier's plain greedy output (bf16 rounds a 1-row and a
+    (k + 1)-row forward differently, so near-ties flip).
+    """
+    if torch.device(device).type == "cpu" and not cpu_has_native_bf16():
+        return torch.float32
+    return torch.bfloat16
+
+
+def resolve_dtype(name: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
+    """A dtype option ('auto', a name in DTYPES or a torch.dtype) as the torch.dtype it means on `device`."""
     if isinstance(name, torch.dtype):
         return name
+    if name == "auto":
+        return auto_dtype(device)
     if name not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
+        raise ValueError(f"dtype must be one of {list(DTYPE_CHOICES)}, got {name!r}")
     return DTYPES[name]
 
 
@@ -128,12 +146,12 @@ def load_config(path: str) -> PretrainedConfig:
     return AutoConfig.from_pretrained(path)
 
 
-def load_model(path: str, dtype: str | torch.dtype = "bfloat16", device: str = "cpu") -> LlamaModel:
-    """Build our LlamaModel from an HF checkpoint directory; weights cast to `dtype`."""
+def load_model(path: str, dtype: str | torch.dtype = "auto", device: str = "cpu") -> LlamaModel:
+    """Build our LlamaModel from an HF checkpoint directory; weights cast to `dtype` (see `resolve_dtype`)."""
     config = load_config(path)
     arch = read_architecture(config)
     inv_freq, scaling = rope_frequencies(config, arch.head_dim)
-    torch_dtype = resolve_dtype(dtype)
+    torch_dtype = resolve_dtype(dtype, device)
     with torch.device("meta"):
         model = LlamaModel(arch, inv_freq, scaling)
     state = {k: v.to(torch_dtype) for k, v in _to_our_names(_read_checkpoint(path), arch).items()}

@@ -55,7 +55,7 @@ from specserve.engine.engine import VOCAB_PROBE, check_same_vocabulary
 from specserve.engine.model_runner import ModelRunner, TokenRun, kv_bytes_per_block
 from specserve.model.eagle import EagleHead, is_eagle_checkpoint, load_eagle
 from specserve.model.llama import LlamaModel
-from specserve.model.loader import load_model, resolve_dtype
+from specserve.model.loader import load_model
 from specserve.online import registry
 from specserve.server.async_engine import AsyncEngine, ShuttingDownError
 
@@ -266,7 +266,7 @@ class DraftWatcher:
             if eagle:
                 model = load_eagle(path, engine.verifier, engine.config.verifier)
             else:
-                model = load_model(path, resolve_dtype(engine.config.dtype), engine.config.device)
+                model = load_model(path, engine.dtype, engine.config.device)
         except Exception as e:  # safetensors, shape and architecture errors alike: the weights do not fit
             raise Rejected("load", f"version {version} does not load: {e}") from e
         if not isinstance(model, EagleHead):
