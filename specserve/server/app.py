@@ -124,11 +124,19 @@ def _require_admin(access: AccessConfig, request: Request) -> None:
     if access.is_admin(token):
         return
     if access.admin is None:
-        raise APIError(403, "admin endpoints are disabled: start the server with --admin-key (or "
-                       "$SPECSERVE_ADMIN_KEY)", type="permission_error", code="admin_disabled")
+        raise APIError(
+            403,
+            "admin endpoints are disabled: start the server with --admin-key (or $SPECSERVE_ADMIN_KEY)",
+            type="permission_error",
+            code="admin_disabled",
+        )
     if access.authenticate(token) is not None:
-        raise APIError(403, "this API key may not read admin endpoints; use the admin key", type="permission_error",
-                       code="not_admin")
+        raise APIError(
+            403,
+            "this API key may not read admin endpoints; use the admin key",
+            type="permission_error",
+            code="not_admin",
+        )
     raise APIError(401, f"incorrect admin key provided: {_mask(token)}", code="invalid_api_key")
 
 
@@ -158,9 +166,17 @@ class _Call:
 class _Handlers:
     """The routes' shared state: the engine, the served name, metrics, limits and the extraction monitor."""
 
-    def __init__(self, async_engine: AsyncEngine, served_model_name: str, metrics: ServerMetrics,
-                 limits: LimitsConfig, limiter: RateLimiter, extraction: ExtractionMonitor,
-                 clock: Callable[[], float], traffic: TrafficLog | None = None) -> None:
+    def __init__(
+        self,
+        async_engine: AsyncEngine,
+        served_model_name: str,
+        metrics: ServerMetrics,
+        limits: LimitsConfig,
+        limiter: RateLimiter,
+        extraction: ExtractionMonitor,
+        clock: Callable[[], float],
+        traffic: TrafficLog | None = None,
+    ) -> None:
         self.engine = async_engine
         self.traffic = traffic
         self.model = served_model_name
@@ -174,16 +190,27 @@ class _Handlers:
 
     def check(self, body: SamplingRequest) -> None:
         if body.model and body.model != self.model:
-            raise APIError(404, f"the model {body.model!r} does not exist; this server serves {self.model!r}",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"the model {body.model!r} does not exist; this server serves {self.model!r}",
+                param="model",
+                code="model_not_found",
+            )
         refused = body.unsupported()
         if refused:
             raise invalid(refused[1], refused[0])
         if not 1 <= body.n <= MAX_N:
             raise invalid(f"n must be an integer in [1, {MAX_N}], got {body.n}", "n")
 
-    async def admit(self, body: SamplingRequest, request: Request, prompts: list[list[int]], max_tokens: list[int],
-                    texts: list[str], request_id: str) -> _Call:
+    async def admit(
+        self,
+        body: SamplingRequest,
+        request: Request,
+        prompts: list[list[int]],
+        max_tokens: list[int],
+        texts: list[str],
+        request_id: str,
+    ) -> _Call:
         """Rate-limit, observe and submit: one engine request per (prompt, choice); choice i * n + j is
         prompt i's j-th sample. ``texts`` are the prompts as the extraction monitor sees them."""
         specs: list[tuple[list[int], SamplingParams, str]] = [
@@ -220,21 +247,33 @@ class _Handlers:
         """
         most_prompt, most_output = self.limits.max_prompt_tokens, self.limits.max_output_tokens
         if most_prompt is not None and prompt_tokens > most_prompt:
-            raise invalid(f"prompt is {prompt_tokens} tokens; this server accepts prompts of at most {most_prompt} "
-                          "tokens (--max-prompt-tokens)", "prompt")
+            raise invalid(
+                f"prompt is {prompt_tokens} tokens; this server accepts prompts of at most {most_prompt} "
+                "tokens (--max-prompt-tokens)",
+                "prompt",
+            )
         limit = self.engine.max_model_len
         if prompt_tokens >= limit:
-            raise invalid(f"prompt is {prompt_tokens} tokens; the context holds {limit}, so the prompt must be "
-                          "shorter to leave room for output", "prompt")
+            raise invalid(
+                f"prompt is {prompt_tokens} tokens; the context holds {limit}, so the prompt must be "
+                "shorter to leave room for output",
+                "prompt",
+            )
         if max_tokens is None:
             return limit - prompt_tokens if most_output is None else min(limit - prompt_tokens, most_output)
         if most_output is not None and max_tokens > most_output:
-            raise invalid(f"{field} is {max_tokens}; this server generates at most {most_output} tokens per request "
-                          f"(--max-output-tokens): lower {field} to {most_output} or less", field)
+            raise invalid(
+                f"{field} is {max_tokens}; this server generates at most {most_output} tokens per request "
+                f"(--max-output-tokens): lower {field} to {most_output} or less",
+                field,
+            )
         if prompt_tokens + max_tokens > limit:
-            raise invalid(f"this model's context holds {limit} tokens, but you asked for {prompt_tokens + max_tokens}"
-                          f" ({prompt_tokens} in the prompt + {max_tokens} in {field}); lower {field} to at most "
-                          f"{limit - prompt_tokens} or shorten the prompt", field)
+            raise invalid(
+                f"this model's context holds {limit} tokens, but you asked for {prompt_tokens + max_tokens}"
+                f" ({prompt_tokens} in the prompt + {max_tokens} in {field}); lower {field} to at most "
+                f"{limit - prompt_tokens} or shorten the prompt",
+                field,
+            )
         return max_tokens
 
     async def collect(self, call: _Call, request: Request) -> dict[int, RequestOutput] | None:
@@ -289,25 +328,31 @@ class _Handlers:
             call.settle()
         if finals is None:
             return Response(status_code=499)
-        choices = [CompletionChoice(index=i, text=finals[i].text, finish_reason=finals[i].finish_reason)
-                   for i in sorted(finals)]
+        choices = [
+            CompletionChoice(index=i, text=finals[i].text, finish_reason=finals[i].finish_reason)
+            for i in sorted(finals)
+        ]
         usage = UsageInfo.of(call.prompt_tokens, sum(call.generated.values()))
-        return JSONResponse(CompletionResponse(id=request_id, created=created, model=self.model, choices=choices,
-                                               usage=usage).model_dump())
+        return JSONResponse(
+            CompletionResponse(
+                id=request_id, created=created, model=self.model, choices=choices, usage=usage
+            ).model_dump()
+        )
 
-    async def stream_completion(self, call: _Call, body: CompletionRequest, request_id: str,
-                                created: int) -> AsyncIterator[str]:
+    async def stream_completion(
+        self, call: _Call, body: CompletionRequest, request_id: str, created: int
+    ) -> AsyncIterator[str]:
         include_usage = body.include_usage
         async for index, out in call.group.outputs():
             self.observe(call, index, out)
             if out.delta_text or out.finished:
                 choice = CompletionChoice(index=index, text=out.delta_text, finish_reason=out.finish_reason)
-                yield sse(CompletionChunk(id=request_id, created=created, model=self.model, choices=[choice]),
-                          include_usage)
+                yield sse(
+                    CompletionChunk(id=request_id, created=created, model=self.model, choices=[choice]), include_usage
+                )
         if include_usage:
             usage = UsageInfo.of(call.prompt_tokens, sum(call.generated.values()))
-            yield sse(CompletionChunk(id=request_id, created=created, model=self.model, choices=[], usage=usage),
-                      True)
+            yield sse(CompletionChunk(id=request_id, created=created, model=self.model, choices=[], usage=usage), True)
 
     # ---- /v1/chat/completions -----------------------------------------------------------------
 
@@ -333,20 +378,27 @@ class _Handlers:
             call.settle()
         if finals is None:
             return Response(status_code=499)
-        choices = [ChatChoice(index=i, message=ChatMessageOut(content=finals[i].text),
-                              finish_reason=finals[i].finish_reason) for i in sorted(finals)]
+        choices = [
+            ChatChoice(index=i, message=ChatMessageOut(content=finals[i].text), finish_reason=finals[i].finish_reason)
+            for i in sorted(finals)
+        ]
         usage = UsageInfo.of(call.prompt_tokens, sum(call.generated.values()))
-        return JSONResponse(ChatCompletionResponse(id=request_id, created=created, model=self.model,
-                                                   choices=choices, usage=usage).model_dump())
+        return JSONResponse(
+            ChatCompletionResponse(
+                id=request_id, created=created, model=self.model, choices=choices, usage=usage
+            ).model_dump()
+        )
 
-    async def stream_chat(self, call: _Call, body: ChatCompletionRequest, request_id: str,
-                          created: int) -> AsyncIterator[str]:
+    async def stream_chat(
+        self, call: _Call, body: ChatCompletionRequest, request_id: str, created: int
+    ) -> AsyncIterator[str]:
         include_usage = body.include_usage
 
         def chunk(index: int, delta: DeltaMessage, finish_reason: str | None = None) -> str:
             choice = ChatChunkChoice(index=index, delta=delta, finish_reason=finish_reason)
-            return sse(ChatCompletionChunk(id=request_id, created=created, model=self.model, choices=[choice]),
-                       include_usage)
+            return sse(
+                ChatCompletionChunk(id=request_id, created=created, model=self.model, choices=[choice]), include_usage
+            )
 
         for m in call.group.members:
             yield chunk(m.index, DeltaMessage(role="assistant", content=""))
@@ -358,8 +410,9 @@ class _Handlers:
                 yield chunk(index, DeltaMessage(), out.finish_reason)
         if include_usage:
             usage = UsageInfo.of(call.prompt_tokens, sum(call.generated.values()))
-            yield sse(ChatCompletionChunk(id=request_id, created=created, model=self.model, choices=[], usage=usage),
-                      True)
+            yield sse(
+                ChatCompletionChunk(id=request_id, created=created, model=self.model, choices=[], usage=usage), True
+            )
 
 
 class _EventStream(StreamingResponse):
@@ -369,8 +422,9 @@ class _EventStream(StreamingResponse):
     aborted, freeing their KV blocks, and its key is charged the tokens used."""
 
     def __init__(self, chunks: AsyncIterator[str], call: _Call) -> None:
-        super().__init__(self._events(chunks, call.group), media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache"})
+        super().__init__(
+            self._events(chunks, call.group), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
         self.call = call
 
     @staticmethod
@@ -392,11 +446,19 @@ class _EventStream(StreamingResponse):
             self.call.settle()
 
 
-def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | None = None, *,
-              access: AccessConfig | None = None, limits: LimitsConfig | None = None,
-              extraction: ExtractionConfig | None = None, clock: Callable[[], float] = time.monotonic,
-              draft_watcher: DraftWatcher | None = None, trainer: TrainerProcess | None = None,
-              traffic: TrafficLog | None = None) -> FastAPI:
+def build_app(
+    async_engine: AsyncEngine,
+    served_model_name: str,
+    api_key: str | None = None,
+    *,
+    access: AccessConfig | None = None,
+    limits: LimitsConfig | None = None,
+    extraction: ExtractionConfig | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    draft_watcher: DraftWatcher | None = None,
+    trainer: TrainerProcess | None = None,
+    traffic: TrafficLog | None = None,
+) -> FastAPI:
     """The OpenAI-compatible app over ``async_engine``.
 
     ``access`` says which keys the /v1 routes need (no keys: open) and the admin key; ``api_key``
@@ -429,8 +491,12 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | 
         if traffic is not None:  # after the drain: the last requests' records are in its buffer
             await asyncio.to_thread(traffic.close)
 
-    app = FastAPI(title="specserve", summary="OpenAI-compatible speculative-decoding server. /v1 routes take "
-                  "'Authorization: Bearer <key>' when the server has API keys.", lifespan=lifespan)
+    app = FastAPI(
+        title="specserve",
+        summary="OpenAI-compatible speculative-decoding server. /v1 routes take "
+        "'Authorization: Bearer <key>' when the server has API keys.",
+        lifespan=lifespan,
+    )
     app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)
     errors.install(app)
     metrics = ServerMetrics(async_engine, limiter, monitor, clock)
@@ -457,8 +523,9 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | 
 
     @v1.get("/models")
     async def models() -> ModelList:
-        card = ModelCard(id=served_model_name, root=async_engine.engine.config.verifier,
-                         max_model_len=async_engine.max_model_len)
+        card = ModelCard(
+            id=served_model_name, root=async_engine.engine.config.verifier, max_model_len=async_engine.max_model_len
+        )
         return ModelList(data=[card])
 
     app.include_router(v1)
@@ -466,8 +533,9 @@ def build_app(async_engine: AsyncEngine, served_model_name: str, api_key: str | 
     @app.get("/health")
     async def health() -> Response:
         if not async_engine.is_alive():
-            return APIError(503, "the engine thread is not running", type="service_unavailable",
-                            code="engine_dead").response()
+            return APIError(
+                503, "the engine thread is not running", type="service_unavailable", code="engine_dead"
+            ).response()
         return JSONResponse({"status": "draining" if async_engine.draining else "ok"})
 
     @app.get("/metrics")

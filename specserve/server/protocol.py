@@ -73,8 +73,9 @@ class SamplingRequest(BaseModel):
         # tokenizers and JSON encoders refuse lone surrogates: refuse them here, with a 400 that says where
         where = _surrogate_at(data, "")
         if where is not None:
-            raise ValueError(f"{where or 'the body'} holds a lone UTF-16 surrogate (e.g. \\ud800), which is not "
-                             "valid Unicode text")
+            raise ValueError(
+                f"{where or 'the body'} holds a lone UTF-16 surrogate (e.g. \\ud800), which is not valid Unicode text"
+            )
         return data
 
     @property
@@ -181,8 +182,10 @@ class ChatCompletionRequest(SamplingRequest):
         if self.tools:
             return "tools", "tools (function calling) are not supported by this server"
         if self.response_format and self.response_format.get("type", "text") != "text":
-            return "response_format", f"response_format {self.response_format.get('type')!r} is not supported; " \
-                "only 'text'"
+            return (
+                "response_format",
+                f"response_format {self.response_format.get('type')!r} is not supported; only 'text'",
+            )
         return super().unsupported()
 
 
@@ -196,8 +199,11 @@ class UsageInfo(BaseModel):
 
     @classmethod
     def of(cls, prompt_tokens: int, completion_tokens: int) -> UsageInfo:
-        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                   total_tokens=prompt_tokens + completion_tokens)
+        return cls(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        )
 
 
 def _now() -> int:
