@@ -180,6 +180,7 @@ if triton is not None:
         BLOCK_D: tl.constexpr,  # head_dim rounded up to a power of two
         DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 (no TF32 rounding), "tf32" otherwise (ignored for 16-bit)
         UPCAST_DOT: tl.constexpr,  # run the dots in fp32 on 16-bit values (the interpreter cannot multiply bf16)
+        EXPLICIT_DOT: tl.constexpr,  # multiply and sum instead of tl.dot (the interpreter's dot rounds by row place)
     ):
         tile = tl.program_id(0)
         req = tl.program_id(1)
@@ -225,7 +226,10 @@ if triton is not None:
                 )  # [BLOCK_D, BLOCK_N]
                 if UPCAST_DOT:
                     k = k.to(tl.float32)
-                s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N] fp32
+                if EXPLICIT_DOT:
+                    s = tl.sum(q.to(tl.float32)[:, :, None] * k.to(tl.float32)[None, :, :], axis=1) * scale_log2
+                else:
+                    s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N] fp32
                 visible = (pos[None, :] <= q_pos[:, None]) & pos_ok[None, :]
                 s = tl.where(visible, s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -241,7 +245,11 @@ if triton is not None:
                 if UPCAST_DOT:
                     p_in = p_in.to(tl.float32)
                     v = v.to(tl.float32)
-                acc = acc * alpha[:, None] + tl.dot(p_in, v, input_precision=DOT_PRECISION)
+                if EXPLICIT_DOT:
+                    pv = tl.sum(p_in.to(tl.float32)[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+                else:
+                    pv = tl.dot(p_in, v, input_precision=DOT_PRECISION)
+                acc = acc * alpha[:, None] + pv
                 m_i = m_new
             out = acc / l_i[:, None]
             tl.store(
@@ -255,12 +263,21 @@ if triton is not None:
 
 
 def kernel_config(
-    dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int, max_query: int, block_n: int | None = None
+    dtype: torch.dtype,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    max_query: int,
+    block_n: int | None = None,
+    fixed_tile: bool = False,
 ) -> dict:
     """The kernel's compile-time parameters and warp count for one launch (the AOT compile test builds these).
 
     ``block_n`` defaults to 32 context positions per loop trip, 16 in fp32: with 8 warps ptxas then
-    keeps the sm_90 tiles up to head_dim 128 in registers.
+    keeps the sm_90 tiles up to head_dim 128 in registers. ``fixed_tile`` (batch-invariant mode): the
+    largest query tile whatever ``max_query``, so a row is computed by the same tile shape in a decode
+    step, a verification pass and a prefill (see kernels/batch_invariant.py); under the interpreter the
+    dots are then explicit products and sums, whose rounding does not depend on a row's place in the tile.
     """
     if block_n is None:
         block_n = 16 if dtype == torch.float32 else 32
@@ -269,6 +286,8 @@ def kernel_config(
     group = num_heads // num_kv_heads
     group_pad = triton.next_power_of_2(group)
     queries = max(1, min(triton.next_power_of_2(max_query), _MAX_BLOCK_M // group_pad))
+    if fixed_tile:
+        queries = max(1, _MAX_BLOCK_M // group_pad)
     block_m = max(_MIN_BLOCK_M, group_pad * queries)
     return dict(
         GROUP=group,
@@ -281,6 +300,7 @@ def kernel_config(
         # triton 3's interpreter multiplies bf16 bit patterns as integers; products of 16-bit values
         # are exact in fp32, so upcasting changes only the summation order
         UPCAST_DOT=_KERNEL_INTERPRETED and dtype.itemsize == 2,
+        EXPLICIT_DOT=_KERNEL_INTERPRETED and fixed_tile,
         num_warps=8,
     )
 
@@ -296,6 +316,7 @@ def paged_decode_attention_triton(
     max_query: int,
     *,
     block_n: int | None = None,
+    fixed_tile: bool = False,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim], q's dtype; rows past query_start[batch] unwritten
     """Triton paged attention, same contract as :func:`paged_decode_attention_reference`.
 
@@ -324,7 +345,7 @@ def paged_decode_attention_triton(
         raise ValueError(f"k_cache strides {k_cache.stride()} differ from v_cache strides {v_cache.stride()}")
     if context_slots.stride(1) != 1 or not query_start.is_contiguous() or not context_lens.is_contiguous():
         raise ValueError("context_slots rows, query_start and context_lens must be contiguous")
-    config = kernel_config(q.dtype, num_heads, num_kv_heads, q.shape[2], max_query, block_n)
+    config = kernel_config(q.dtype, num_heads, num_kv_heads, q.shape[2], max_query, block_n, fixed_tile)
     out = torch.empty_like(q)
     if batch == 0 or q.shape[0] == 0:
         return out
@@ -360,9 +381,15 @@ def paged_decode_attention(
     context_lens: torch.Tensor,  # [batch] int64
     scale: float,
     max_query: int,
+    fixed_tile: bool = False,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
-    """Paged decode/verification attention with Triton for CUDA tensors, the PyTorch reference otherwise."""
+    """Paged decode/verification attention with Triton for CUDA tensors, the PyTorch reference otherwise.
+
+    ``fixed_tile`` (batch-invariant mode) always takes Triton with one query tile shape (CUDA, or the
+    CPU under ``TRITON_INTERPRET=1``)."""
     args = (q, k_cache, v_cache, context_slots, query_start, context_lens, scale, max_query)
+    if fixed_tile:
+        return paged_decode_attention_triton(*args, fixed_tile=True)
     if q.is_cuda and triton is not None:
         return paged_decode_attention_triton(*args)
     return paged_decode_attention_reference(*args)

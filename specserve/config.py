@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -110,6 +111,11 @@ class EngineConfig:
     weight memory); single-row ones keep the bf16 weights. 'auto': on for bf16/fp16 on a CPU without
     native bf16 (AVX512-BF16/AMX), where a bf16 matmul's time grows with its rows, and for fp32 on any CPU
     (few-row matmuls as weight @ input.T, no copy). 'off': never."""
+    batch_invariant: bool = False
+    """Batch-invariant numerics (CUDA): every matmul, RMSNorm and attention call computes a row the same way
+    whatever its batch (fixed-tile Triton kernels, kernels/batch_invariant.py), so a request's tokens do
+    not depend on k or on the other requests it was batched with, in bf16 too. Slower than cuBLAS; replaces
+    upcast matmuls. On the CPU only under TRITON_INTERPRET=1 (tests): use float32 there instead."""
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
@@ -132,3 +138,9 @@ class EngineConfig:
             raise ValueError(f"upcast_matmuls must be one of {UPCAST_MODES}, got {self.upcast_matmuls!r}")
         if self.dtype not in DTYPE_CHOICES:
             raise ValueError(f"dtype must be one of {list(DTYPE_CHOICES)}, got {self.dtype!r}")
+        if self.batch_invariant and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                "batch_invariant needs CUDA (its Triton kernels run on the CPU only under TRITON_INTERPRET=1, "
+                "far too slowly to serve); on the CPU, dtype float32 (the 'auto' default there) keeps greedy "
+                "speculation equal to plain decoding"
+            )

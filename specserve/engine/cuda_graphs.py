@@ -140,6 +140,7 @@ class CudaGraphs:
             max_query=query_len,
             query_start=query_start,
             context_lens=context_lens,
+            batch_invariant=getattr(self.model, "batch_invariant", False),
         )
         return self.model(ids, positions, self.kv_cache, meta)
 

@@ -96,7 +96,10 @@ class ModelRunner:
         else:
             ctx_pos = torch.arange(max(context_lens))  # [max_context]
             context_slots = table[:, ctx_pos // bs] * bs + ctx_pos % bs  # [batch, max_context]
-            meta = AttentionMetadata.build(query_lens, context_lens, slot_mapping.to(dev), context_slots.to(dev))
+            meta = AttentionMetadata.build(
+                query_lens, context_lens, slot_mapping.to(dev), context_slots.to(dev),
+                batch_invariant=getattr(self.model, "batch_invariant", False),
+            )  # fmt: skip
             args = () if features is None else (features.to(dev),)
             hidden = self.model(torch.tensor(ids, device=dev), pos.to(dev), self.kv_cache, meta, *args)
         self.last_features = hidden if keep_features else None

@@ -43,6 +43,7 @@ class AttentionMetadata:
     max_query: int
     query_start: torch.Tensor | None = None  # [batch + 1] int64, first token row of each request; decode kernel only
     context_lens: torch.Tensor | None = None  # [batch] int64; decode kernel only
+    batch_invariant: bool = False  # every call through the decode kernel with one fixed tile (any query length)
 
     @property
     def uses_decode_kernel(self) -> bool:
@@ -54,14 +55,17 @@ class AttentionMetadata:
         context_lens: list[int],
         slot_mapping: torch.Tensor,  # [num_tokens]
         context_slots: torch.Tensor,  # [batch, max_context]
+        batch_invariant: bool = False,
     ) -> AttentionMetadata:
+        """batch_invariant: the decode kernel for every batch, prefills included, on any device (the CPU
+        needs TRITON_INTERPRET=1), so no row's numerics depend on the path its batch took."""
         batch = len(query_lens)
         max_query = max(query_lens)
         max_context = context_slots.shape[1]
         device = context_slots.device
         uniform = all(q == max_query for q in query_lens)
         ctx = torch.tensor(context_lens, dtype=torch.int64, device=device)  # [batch]
-        if device.type == "cuda" and max_query <= MAX_DECODE_KERNEL_QUERY:
+        if batch_invariant or (device.type == "cuda" and max_query <= MAX_DECODE_KERNEL_QUERY):
             starts = [0]
             for q in query_lens:
                 starts.append(starts[-1] + q)
@@ -74,6 +78,7 @@ class AttentionMetadata:
                 max_query=max_query,
                 query_start=torch.tensor(starts, dtype=torch.int64, device=device),
                 context_lens=ctx,
+                batch_invariant=batch_invariant,
             )
         qlen = torch.tensor(query_lens, dtype=torch.int64, device=device)  # [batch]
         kv_pos = torch.arange(max_context, device=device)  # [max_context]
@@ -116,7 +121,8 @@ def paged_attention(
     num_tokens, num_heads, head_dim = q.shape
     if meta.uses_decode_kernel:
         out = paged_decode_attention(
-            q, k_cache, v_cache, meta.context_slots, meta.query_start, meta.context_lens, scale, meta.max_query
+            q, k_cache, v_cache, meta.context_slots, meta.query_start, meta.context_lens, scale, meta.max_query,
+            fixed_tile=meta.batch_invariant,
         )  # [num_tokens, num_heads, head_dim]
         return out.view(num_tokens, num_heads * head_dim)
     keys = k_cache[meta.context_slots].transpose(1, 2)  # [batch, num_kv_heads, max_context, head_dim]
