@@ -8,6 +8,7 @@ from tqdm.auto import tqdm
 
 from specserve.config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
 from specserve.engine.engine import LLMEngine
+from specserve.engine.logprobs import TokenLogprobs
 from specserve.sampling_params import SamplingParams
 
 
@@ -18,6 +19,10 @@ class Completion:
     token_ids: list[int]
     finish_reason: str
     num_prompt_tokens: int
+    logprobs: list[TokenLogprobs] | None = None
+    """One per generated token, with SamplingParams.logprobs: the verifier's raw logprobs (engine/logprobs.py)."""
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    """One per prompt token (None for the first), with SamplingParams.prompt_logprobs."""
 
 
 class LLM:
@@ -95,7 +100,13 @@ class LLM:
                     self.engine.abort_request(rid)
         return [
             Completion(
-                p, finished[r].text, finished[r].token_ids, finished[r].finish_reason, finished[r].num_prompt_tokens
+                p,
+                (out := finished[r]).text,
+                out.token_ids,
+                out.finish_reason,
+                out.num_prompt_tokens,
+                out.logprobs,
+                out.prompt_logprobs,
             )
             for p, r in zip(prompts, ids)
         ]

@@ -27,6 +27,13 @@ class SamplingParams:
     """Token ids that end generation, in addition to the tokenizer's EOS."""
     ignore_eos: bool = False
     """Keep generating past EOS (benchmarks use it to fix the output length)."""
+    logprobs: int | None = None
+    """Report each generated token's logprob and the n = logprobs most likely alternatives (0: the token's
+    own only); None reports none and costs nothing. Raw logprobs: the verifier's log_softmax at temperature 1,
+    before temperature / top-k / top-p (vLLM's default), the same under speculation as in plain decoding."""
+    prompt_logprobs: int | None = None
+    """The same for every prompt token but the first (which has no context to be scored in); None: none.
+    Such a request computes logits over its whole prompt and skips the prefix cache until it has them."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -45,6 +52,10 @@ class SamplingParams:
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            n = getattr(self, name)
+            if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 0):
+                raise ValueError(f"{name} must be None or an integer >= 0, got {n!r}")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
 

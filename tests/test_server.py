@@ -207,7 +207,7 @@ ERROR_CASES = [
     ("/v1/completions", {"prompt": PROMPT, "temperature": -1}, 400, "temperature must be >= 0, got -1"),
     ("/v1/completions", {"prompt": PROMPT, "top_p": 2}, 400, "top_p must be in (0, 1], got 2"),
     ("/v1/completions", {"prompt": PROMPT, "n": 0}, 400, "got 0"),
-    ("/v1/completions", {"prompt": PROMPT, "logprobs": 2}, 400, "logprobs is not supported"),
+    ("/v1/completions", {"prompt": PROMPT, "logprobs": 6}, 400, "logprobs must be an integer in [0, 5], got 6"),
     ("/v1/completions", {"prompt": PROMPT, "model": "gpt-9"}, 404, "'gpt-9' does not exist"),
     ("/v1/completions", {"max_tokens": 3}, 400, "prompt"),
     ("/v1/chat/completions", {"messages": "hello"}, 400, "'hello'"),

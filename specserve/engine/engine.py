@@ -24,6 +24,7 @@ from specserve.engine.cuda_graphs import graph_shapes
 from specserve.engine.detokenizer import IncrementalDetokenizer
 from specserve.engine.eagle_proposer import EagleProposer
 from specserve.engine.kv_cache_manager import KVCacheManager
+from specserve.engine.logprobs import TokenLogprobs, prompt_rows, token_logprobs
 from specserve.engine.metrics import EngineMetrics
 from specserve.engine.model_runner import ModelRunner, TokenRun, kv_bytes_per_block
 from specserve.engine.ngram_proposer import NgramProposer
@@ -56,6 +57,10 @@ class StepOutput:
     """Per scheduled request, the verifier's [new tokens, hidden] features; only for an EAGLE draft."""
     draft_seconds: float = 0.0
     """Time the draft model spent proposing this step."""
+    logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
+    """Per sampling request that asks for logprobs, those of its emitted tokens."""
+    prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
+    """Per request still scoring its prompt, the prompt logprobs this step computed (the next ones it lacks)."""
 
 
 def check_same_vocabulary(verifier: LlamaModel, draft: LlamaModel, verifier_tok, draft_tok) -> None:
@@ -182,6 +187,10 @@ class LLMEngine:
     ) -> str:
         params = params or SamplingParams()
         ids = self.encode_prompt(prompt)
+        vocab = self.verifier.arch.vocab_size
+        for name, n in (("logprobs", params.logprobs), ("prompt_logprobs", params.prompt_logprobs)):
+            if n is not None and n > vocab:
+                raise ValueError(f"{name} must be at most the vocabulary size ({vocab}), got {n}")
         if len(ids) >= self.max_model_len:
             raise ValueError(
                 f"prompt is {len(ids)} tokens; the context holds {self.max_model_len}, "
@@ -277,22 +286,29 @@ class LLMEngine:
             draft_probs = probs
 
         runs = []
+        num_prompt_rows = []  # per run: rows at the head of its logits that score prompt tokens (prompt logprobs)
         for s in plan.scheduled:
             r = s.request
             num_known = s.num_new_tokens - s.num_draft_tokens
             tokens = r.all_token_ids[r.num_computed_tokens : r.num_computed_tokens + num_known]
             tokens += draft_ids.get(r.request_id, [])
-            runs.append(
-                TokenRun(
-                    tokens,
-                    r.num_computed_tokens,
-                    self.kv.blocks_of(r.request_id),
-                    s.num_draft_tokens + 1 if s.samples else 0,
-                )
-            )
+            num_logits = s.num_draft_tokens + 1 if s.samples else 0
+            m = prompt_rows(r, r.num_computed_tokens, len(tokens))
+            if m:  # the run's logits start at its first unscored prompt token's row
+                num_logits = r.num_computed_tokens + len(tokens) - (len(r.prompt_logprobs) - 1)
+            num_prompt_rows.append(m)
+            runs.append(TokenRun(tokens, r.num_computed_tokens, self.kv.blocks_of(r.request_id), num_logits))
         t0 = time.perf_counter()
         eagle = isinstance(self.proposer, EagleProposer)
-        logits = self.runner.forward(runs, keep_features=eagle)  # [sum of (k + 1) over sampling requests, vocab]
+        logits = self.runner.forward(runs, keep_features=eagle)  # [sum of num_logits, vocab]
+        prompt_logits = {}  # per request scoring its prompt: [rows, vocab]
+        if any(num_prompt_rows):  # keep the sampling rows (the last k + 1 of each sampling run) in `logits`
+            per_run = logits.split([run.num_logits for run in runs])
+            for s, m, rows in zip(plan.scheduled, num_prompt_rows, per_run):
+                if m:
+                    prompt_logits[s.request.request_id] = rows[:m]
+            sample_rows = [rows[-(s.num_draft_tokens + 1) :] for s, rows in zip(plan.scheduled, per_run) if s.samples]
+            logits = torch.cat(sample_rows) if sample_rows else logits[:0]
         features = {}
         if eagle:  # [num_tokens, hidden] -> per request
             split = self.runner.last_features.split([len(run.token_ids) for run in runs])
@@ -306,15 +322,51 @@ class LLMEngine:
                 self.spec_policy.observe_draft_catchup(*self.proposer.catchup)
 
         sampling = [s for s in plan.scheduled if s.samples]
-        if not sampling:
-            return StepOutput({}, features=features, draft_seconds=draft_seconds)
-        emitted = self._accept(sampling, logits, draft_ids, draft_probs, spec_row)
+        emitted = self._accept(sampling, logits, draft_ids, draft_probs, spec_row) if sampling else {}
         rows = {}
-        if self.config.trace_topm:
+        if self.config.trace_topm and sampling:
             rows = dict(
                 zip((s.request.request_id for s in sampling), logits.split([s.num_draft_tokens + 1 for s in sampling]))
             )
-        return StepOutput(emitted, rows, features, draft_seconds)
+        logprobs, prompt_logprobs = self._logprobs(sampling, logits, emitted, prompt_logits)
+        return StepOutput(emitted, rows, features, draft_seconds, logprobs, prompt_logprobs)
+
+    def _logprobs(
+        self,
+        sampling: list[ScheduledRequest],
+        logits: torch.Tensor,  # [sum(k + 1), vocab]: the sampling rows
+        emitted: dict[str, list[int]],
+        prompt_logits: dict[str, torch.Tensor],  # per request: [rows, vocab] over prompt positions
+    ) -> tuple[dict[str, list[TokenLogprobs]], dict[str, list[TokenLogprobs]]]:
+        """The logprobs requests ask for, of emitted tokens and of prompt tokens, in one batched pass.
+        Emitted token j was drawn from its request's sampling row j; nothing runs when nobody asks."""
+        parts, ids, num_top, owners = [], [], [], []  # owners: (request id, is prompt, rows)
+        row = 0
+        for s in sampling:
+            r = s.request
+            if r.params.logprobs is not None:
+                tokens = emitted[r.request_id]
+                parts.append(logits[row : row + len(tokens)])
+                ids += tokens
+                num_top += [r.params.logprobs] * len(tokens)
+                owners.append((r.request_id, False, len(tokens)))
+            row += s.num_draft_tokens + 1
+        for rid, rows in prompt_logits.items():
+            r = self.requests[rid]
+            t = len(r.prompt_logprobs)  # row i scores prompt token t + i
+            parts.append(rows)
+            ids += r.prompt_token_ids[t : t + rows.shape[0]]
+            num_top += [r.params.prompt_logprobs] * rows.shape[0]
+            owners.append((rid, True, rows.shape[0]))
+        if not parts:
+            return {}, {}
+        values = token_logprobs(torch.cat(parts), ids, num_top)
+        of_emitted, of_prompt = {}, {}
+        start = 0
+        for rid, is_prompt, n in owners:
+            (of_prompt if is_prompt else of_emitted)[rid] = values[start : start + n]
+            start += n
+        return of_emitted, of_prompt
 
     def _accept(
         self,
@@ -388,6 +440,8 @@ class LLMEngine:
         k = s.num_draft_tokens
         old_num_tokens = r.num_tokens
         emitted = output.emitted.get(r.request_id)
+        if r.request_id in output.prompt_logprobs:
+            r.prompt_logprobs.extend(output.prompt_logprobs[r.request_id])
         if r.request_id in output.features:
             num_valid = s.num_new_tokens - (k - (len(emitted) - 1) if emitted is not None else 0)
             self._keep_features(r, output.features[r.request_id][:num_valid])
@@ -419,6 +473,8 @@ class LLMEngine:
             if self._check_stop(r, token):
                 break
         self.metrics.generation_tokens += len(new_ids)
+        if r.logprobs is not None:
+            r.logprobs.extend(output.logprobs[r.request_id][: len(new_ids)])
         trace = None
         if r.trace is not None:
             step = SpecStep(source or "none", k, num_accepted)
@@ -442,6 +498,8 @@ class LLMEngine:
             num_prompt_tokens=r.num_prompt_tokens,
             stop_reason=r.stop_reason,
             trace=trace,
+            logprobs=None if r.logprobs is None else list(r.logprobs),
+            prompt_logprobs=r.prompt_logprobs,
         )
 
     @staticmethod

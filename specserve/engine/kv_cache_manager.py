@@ -42,9 +42,10 @@ class KVCacheManager:
         """Longest run of cached full blocks at the head of the request's tokens.
 
         Returns (block ids, tokens they cover, tokens whose draft KV they also hold). The last
-        token is always left to compute so that the step yields logits.
+        token is always left to compute so that the step yields logits. A request still scoring its prompt
+        (prompt logprobs) gets no hit: it needs the verifier's logits at every prompt position.
         """
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or request.scores_prompt:
             return [], 0, 0
         tokens = request.all_token_ids
         num_full = (len(tokens) - 1) // self.block_size

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from specserve.engine.logprobs import TokenLogprobs
 from specserve.engine.trace import RequestTrace
 
 
@@ -25,3 +26,9 @@ class RequestOutput:
     """The stop string or stop token id that ended the request, if any."""
     trace: RequestTrace | None = None
     """Set once, on the finishing output, when the engine records traces (EngineConfig.trace_topm > 0)."""
+    logprobs: list[TokenLogprobs] | None = None
+    """One per generated token so far (the last len(delta_token_ids) are this step's), when the request's
+    SamplingParams.logprobs is set: the verifier's raw logprobs (see engine/logprobs.py)."""
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    """One per prompt token (None for the first), when SamplingParams.prompt_logprobs is set; complete from
+    the first output on (outputs come once the prompt is computed), and no longer changing."""

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import enum
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
 from specserve.engine.detokenizer import IncrementalDetokenizer
 from specserve.engine.trace import TraceRecorder
 from specserve.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from specserve.engine.logprobs import TokenLogprobs
 
 
 class RequestStatus(enum.Enum):
@@ -67,6 +71,11 @@ class Request:
         # an EAGLE head's input: the verifier's features of positions features_start.. (only with an EAGLE draft)
         self.features: torch.Tensor | None = None  # [positions, hidden]
         self.features_start = 0
+        # logprobs, only when asked: one per output token; one per prompt token (the first has none: None)
+        self.logprobs: list[TokenLogprobs] | None = [] if params.logprobs is not None else None
+        self.prompt_logprobs: list[TokenLogprobs | None] | None = None
+        if params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None]
 
     @property
     def num_tokens(self) -> int:
@@ -79,6 +88,12 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Whether prompt logprobs are asked for and not all recorded: the prompt's rows must be computed
+        (a prefix-cache hit would skip them)."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
 
     @property
     def is_finished(self) -> bool:

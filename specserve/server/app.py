@@ -38,6 +38,7 @@ from specserve.server.auth import ANONYMOUS, AccessConfig, APIKey
 from specserve.server.errors import APIError, invalid
 from specserve.server.extraction import ExtractionConfig, ExtractionMonitor
 from specserve.server.limits import BodySizeLimit, LimitsConfig, RateLimiter, Reservation
+from specserve.server.logprobs import CompletionLogprobsWriter, TokenText, chat_logprobs, joined
 from specserve.server.metrics import DraftWatchCollector, ServerMetrics, TrafficLogCollector, TrainerCollector
 from specserve.server.protocol import (
     SSE_DONE,
@@ -46,9 +47,11 @@ from specserve.server.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatLogprobs,
     ChatMessageOut,
     CompletionChoice,
     CompletionChunk,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
@@ -157,6 +160,8 @@ class _Call:
     """Member index -> tokens generated so far."""
     log_as: str | None = None
     """The key id its finished traces enter the traffic log under; None: not logged (no log, or opted out)."""
+    prompt_only: bool = False
+    """echo with max_tokens 0: the one token each engine request samples is dropped, and not counted."""
 
     def settle(self) -> None:
         """The request ended (any way): its key is charged what it used, not what it reserved."""
@@ -185,6 +190,7 @@ class _Handlers:
         self.limiter = limiter
         self.extraction = extraction
         self.clock = clock
+        self.token_text = TokenText(async_engine.tokenizer)
 
     # ---- shared steps -------------------------------------------------------------------------
 
@@ -234,7 +240,7 @@ class _Handlers:
 
     def observe(self, call: _Call, index: int, out: RequestOutput) -> None:
         self.metrics.output(call.group.members[index], out)
-        call.generated[index] = len(out.token_ids)
+        call.generated[index] = 0 if call.prompt_only else len(out.token_ids)
         if out.trace is not None and call.log_as is not None:  # only a finished output carries the trace
             self.traffic.record(out.trace, call.log_as)
 
@@ -318,20 +324,27 @@ class _Handlers:
             max_tokens = [min(DEFAULT_MAX_TOKENS, self.fit_context(len(p), None)) for p in prompts]
         else:
             max_tokens = [self.fit_context(len(p), body.max_tokens) for p in prompts]
+        if body.prompt_only:  # the engine samples at least one token: the prefill's, dropped here
+            max_tokens = [1] * len(prompts)
         request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         call = await self.admit(body, request, prompts, max_tokens, texts, request_id)
+        call.prompt_only = body.prompt_only
+        echoed = list(zip(prompts, texts))  # per prompt: what echo prepends
         if body.stream:
-            return _EventStream(self.stream_completion(call, body, request_id, created), call)
+            return _EventStream(self.stream_completion(call, body, echoed, request_id, created), call)
         try:
             finals = await self.collect(call, request)
         finally:
             call.settle()
         if finals is None:
             return Response(status_code=499)
-        choices = [
-            CompletionChoice(index=i, text=finals[i].text, finish_reason=finals[i].finish_reason)
-            for i in sorted(finals)
-        ]
+        choices = []
+        for i in sorted(finals):
+            out, writer = finals[i], CompletionLogprobsWriter(self.token_text)
+            piece = self.completion_piece(body, echoed[i // body.n], out, out.text, len(out.token_ids), writer, True)
+            text, logprobs = piece
+            finish = "length" if body.prompt_only else out.finish_reason
+            choices.append(CompletionChoice(index=i, text=text, logprobs=logprobs, finish_reason=finish))
         usage = UsageInfo.of(call.prompt_tokens, sum(call.generated.values()))
         return JSONResponse(
             CompletionResponse(
@@ -339,14 +352,50 @@ class _Handlers:
             ).model_dump()
         )
 
+    def completion_piece(
+        self,
+        body: CompletionRequest,
+        echoed: tuple[list[int], str],
+        out: RequestOutput,
+        text: str,
+        num_new: int,
+        writer: CompletionLogprobsWriter,
+        first: bool,
+    ) -> tuple[str, CompletionLogprobs | None]:
+        """What a choice adds to its text and logprobs: on its ``first`` piece the echoed prompt (ids, text),
+        then ``text`` and the logprobs of its ``num_new`` latest tokens (none of either when only scoring)."""
+        parts = []
+        prefix = ""
+        if body.echo and first:
+            prefix = echoed[1]
+            if body.logprobs is not None:
+                parts.append(writer.prompt(echoed[0], out.prompt_logprobs, echoed[1]))
+        if body.prompt_only:
+            text, num_new = "", 0
+        if body.logprobs is not None and num_new:
+            parts.append(writer.generated(out.logprobs[len(out.logprobs) - num_new :]))
+        return prefix + text, joined(parts) if body.logprobs is not None else None
+
     async def stream_completion(
-        self, call: _Call, body: CompletionRequest, request_id: str, created: int
+        self,
+        call: _Call,
+        body: CompletionRequest,
+        echoed: list[tuple[list[int], str]],
+        request_id: str,
+        created: int,
     ) -> AsyncIterator[str]:
         include_usage = body.include_usage
+        writers: dict[int, CompletionLogprobsWriter] = {}  # per choice, from its first output on
         async for index, out in call.group.outputs():
             self.observe(call, index, out)
-            if out.delta_text or out.finished:
-                choice = CompletionChoice(index=index, text=out.delta_text, finish_reason=out.finish_reason)
+            first = index not in writers
+            writer = writers.setdefault(index, CompletionLogprobsWriter(self.token_text))
+            text, logprobs = self.completion_piece(
+                body, echoed[index // body.n], out, out.delta_text, len(out.delta_token_ids), writer, first
+            )
+            if text or out.finished or (logprobs is not None and logprobs.tokens):
+                finish = "length" if body.prompt_only and out.finished else out.finish_reason
+                choice = CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=finish)
                 yield sse(
                     CompletionChunk(id=request_id, created=created, model=self.model, choices=[choice]), include_usage
                 )
@@ -379,7 +428,12 @@ class _Handlers:
         if finals is None:
             return Response(status_code=499)
         choices = [
-            ChatChoice(index=i, message=ChatMessageOut(content=finals[i].text), finish_reason=finals[i].finish_reason)
+            ChatChoice(
+                index=i,
+                message=ChatMessageOut(content=finals[i].text),
+                logprobs=chat_logprobs(self.token_text, finals[i].logprobs) if body.logprobs else None,
+                finish_reason=finals[i].finish_reason,
+            )
             for i in sorted(finals)
         ]
         usage = UsageInfo.of(call.prompt_tokens, sum(call.generated.values()))
@@ -394,8 +448,10 @@ class _Handlers:
     ) -> AsyncIterator[str]:
         include_usage = body.include_usage
 
-        def chunk(index: int, delta: DeltaMessage, finish_reason: str | None = None) -> str:
-            choice = ChatChunkChoice(index=index, delta=delta, finish_reason=finish_reason)
+        def chunk(
+            index: int, delta: DeltaMessage, finish_reason: str | None = None, logprobs: ChatLogprobs | None = None
+        ) -> str:
+            choice = ChatChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=finish_reason)
             return sse(
                 ChatCompletionChunk(id=request_id, created=created, model=self.model, choices=[choice]), include_usage
             )
@@ -404,8 +460,10 @@ class _Handlers:
             yield chunk(m.index, DeltaMessage(role="assistant", content=""))
         async for index, out in call.group.outputs():
             self.observe(call, index, out)
-            if out.delta_text:
-                yield chunk(index, DeltaMessage(content=out.delta_text))
+            new = out.logprobs[len(out.logprobs) - len(out.delta_token_ids) :] if body.logprobs else []
+            if out.delta_text or new:  # a token's logprobs go out with the step that made it, text or not yet
+                logprobs = chat_logprobs(self.token_text, new) if body.logprobs else None
+                yield chunk(index, DeltaMessage(content=out.delta_text), logprobs=logprobs)
             if out.finished:
                 yield chunk(index, DeltaMessage(), out.finish_reason)
         if include_usage:

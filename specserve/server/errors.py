@@ -22,7 +22,8 @@ from specserve.server.limits import RateLimitExceeded
 logger = logging.getLogger(__name__)
 
 # the fields of SamplingParams / requests whose name opens the engine's ValueError messages
-_PARAMS = {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "prompt", "messages", "n"}
+_PARAMS = {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "prompt", "messages", "n",
+           "logprobs", "top_logprobs"}
 
 
 class APIError(Exception):

@@ -3,7 +3,9 @@
 Requests ignore unknown fields (as OpenAI does) and carry three extensions: ``top_k``,
 ``ignore_eos`` and ``stop_token_ids``. Values are checked where they become SamplingParams, so
 that the error names the value; fields this server cannot honour are listed by ``unsupported()``
-instead of being silently ignored. Knows nothing about engines, tokenizers or HTTP.
+instead of being silently ignored. Logprobs (chat ``logprobs``/``top_logprobs``, completions
+``logprobs``/``echo``) are the verifier's raw logprobs (see ``specserve/engine/logprobs.py``).
+Knows nothing about engines, tokenizers or HTTP.
 """
 
 from __future__ import annotations
@@ -18,6 +20,10 @@ from specserve.sampling_params import SamplingParams
 INT64_MIN, UINT64_MAX = -(2**63), 2**64 - 1
 GREEDY_BELOW = 1e-5
 """Temperatures below this sample greedily, as vLLM's do: dividing logits by less overflows to inf."""
+MAX_TOP_LOGPROBS = 20
+"""Chat ``top_logprobs`` accepted, as OpenAI's."""
+MAX_COMPLETION_LOGPROBS = 5
+"""/v1/completions ``logprobs`` accepted, as OpenAI's."""
 
 
 def _surrogate_at(value: Any, where: str) -> str | None:
@@ -82,9 +88,15 @@ class SamplingRequest(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
+    def logprob_counts(self) -> tuple[int | None, int | None]:
+        """(logprobs, prompt_logprobs) of the engine's SamplingParams; neither endpoint's default asks for any.
+        Raises ValueError naming a value out of range."""
+        return None, None
+
     def sampling_params(self, max_tokens: int, seed: int | None) -> SamplingParams:
         """Raises the engine's ValueError (which names the value) for anything out of range."""
         temperature = 1.0 if self.temperature is None else self.temperature
+        logprobs, prompt_logprobs = self.logprob_counts()
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=0.0 if 0 <= temperature < GREEDY_BELOW else temperature,
@@ -94,6 +106,8 @@ class SamplingRequest(BaseModel):
             stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
             stop_token_ids=list(self.stop_token_ids or []),
             ignore_eos=self.ignore_eos,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
 
     def unsupported(self) -> tuple[str, str] | None:
@@ -109,11 +123,13 @@ class SamplingRequest(BaseModel):
 
 class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = _ranged(minimum=1)
+    max_tokens: int | None = _ranged(minimum=0)
     """None: 16 (OpenAI's default), or less where a prompt leaves less room in the context. Given, each
-    prompt + max_tokens must fit the context."""
-    logprobs: int | None = None
+    prompt + max_tokens must fit the context. 0 only with ``echo``: the prompt is scored, nothing generated."""
+    logprobs: int | None = _ranged(minimum=0, maximum=MAX_COMPLETION_LOGPROBS)
+    """Per token, its logprob and those of the ``logprobs`` most likely tokens (the legacy format)."""
     echo: bool = False
+    """Prepend the prompt to the text; with ``logprobs``, the prompt tokens' logprobs too (the first's is null)."""
     best_of: int | None = None
     suffix: str | None = None
 
@@ -128,11 +144,18 @@ class CompletionRequest(SamplingRequest):
             return [list(p)]
         return list(p)
 
+    @property
+    def prompt_only(self) -> bool:
+        """echo with max_tokens 0: score the prompt (lm-eval-harness loglikelihood style), generate nothing."""
+        return self.echo and self.max_tokens == 0
+
+    def logprob_counts(self) -> tuple[int | None, int | None]:
+        n = self.logprobs
+        if n is not None and not 0 <= n <= MAX_COMPLETION_LOGPROBS:
+            raise ValueError(f"logprobs must be an integer in [0, {MAX_COMPLETION_LOGPROBS}], got {n}")
+        return n, n if self.echo else None
+
     def unsupported(self) -> tuple[str, str] | None:
-        if self.logprobs is not None:
-            return "logprobs", f"logprobs is not supported by this server (got {self.logprobs}); leave it out"
-        if self.echo:
-            return "echo", "echo is not supported by this server; leave it out or set it to false"
         if self.best_of is not None and self.best_of != self.n:
             return "best_of", f"best_of is not supported (got {self.best_of}); use n instead"
         if self.suffix:
@@ -172,13 +195,21 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = _ranged(minimum=1)
     """OpenAI's newer name for max_tokens; wins when both are given."""
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    """Return each generated token's logprob (``choices[i].logprobs.content``)."""
+    top_logprobs: int | None = _ranged(minimum=0, maximum=MAX_TOP_LOGPROBS)
+    """With ``logprobs``: also the ``top_logprobs`` most likely tokens at each position."""
     tools: list[dict[str, Any]] | None = None
     response_format: dict[str, Any] | None = None
 
+    def logprob_counts(self) -> tuple[int | None, int | None]:
+        n = self.top_logprobs
+        if n is not None and not 0 <= n <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {n}")
+        if n is not None and not self.logprobs:
+            raise ValueError(f"top_logprobs (got {n}) needs logprobs: true")
+        return (n or 0, None) if self.logprobs else (None, None)
+
     def unsupported(self) -> tuple[str, str] | None:
-        if self.logprobs or self.top_logprobs:
-            return "logprobs", "logprobs is not supported by this server; leave it out or set it to false"
         if self.tools:
             return "tools", "tools (function calling) are not supported by this server"
         if self.response_format and self.response_format.get("type", "text") != "text":
@@ -210,10 +241,38 @@ def _now() -> int:
     return int(time.time())
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+    """The token's UTF-8 bytes (its text may hold only part of a character)."""
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+    """The ``top_logprobs`` most likely tokens at this position, most likely first."""
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    """The legacy format: parallel lists, one entry per token."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    """null for the first prompt token (echo): nothing before it to score it."""
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    """token text -> logprob: the n most likely and the chosen token (up to n + 1 entries)."""
+    text_offset: list[int] = Field(default_factory=list)
+    """Where each token's text starts in the choice's text."""
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -234,7 +293,7 @@ class ChatMessageOut(BaseModel):
 class ChatChoice(BaseModel):
     index: int
     message: ChatMessageOut
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -260,7 +319,7 @@ class DeltaMessage(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int
     delta: DeltaMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
 
 
