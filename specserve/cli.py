@@ -47,6 +47,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    "MKL runs faster. auto (default): on for bfloat16/float16 on a CPU without native bf16 (no "
                    "AVX512-BF16/AMX), where a bf16 matmul costs about one weight pass per row (2x weight memory), "
                    "and for float32 on any CPU (the weight @ input.T form alone, from one row; no copy).")
+    g.add_argument("--batch-invariant", action="store_true",
+                   help="CUDA only: batch-invariant numerics. Every matmul, RMSNorm and attention call runs on "
+                   "fixed-tile Triton kernels, so each token's logits are the same bits whether it is decoded "
+                   "alone, verified among k+1 tokens or batched with other requests: greedy speculation equals "
+                   "plain greedy decoding in bf16 too, and a seeded request's output does not depend on its "
+                   "neighbours (with a fixed --num-speculative-tokens). Slower than cuBLAS; replaces "
+                   "--upcast-matmuls. On the CPU use float32 (the auto dtype there) instead.")
     g = p.add_argument_group("scheduling and memory")
     g.add_argument("--max-num-seqs", type=int, default=32, help="Most requests running at once (default 32).")
     g.add_argument("--max-num-batched-tokens", type=int, default=512,
@@ -75,6 +82,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         device=args.device or default_device(),
         cuda_graphs=args.cuda_graphs,
         upcast_matmuls=args.upcast_matmuls,
+        batch_invariant=args.batch_invariant,
         cache=CacheConfig(
             block_size=args.block_size,
             kv_cache_memory=int(args.kv_cache_memory * (1 << 30)),

@@ -39,6 +39,7 @@ class LLM:
         draft_model=None,
         cuda_graphs: bool = True,
         upcast_matmuls: str = "auto",
+        batch_invariant: bool = False,
     ) -> None:
         if verifier is None:
             from specserve.model.default_models import default_verifier
@@ -51,6 +52,7 @@ class LLM:
             device=device,
             cuda_graphs=cuda_graphs,
             upcast_matmuls=upcast_matmuls,
+            batch_invariant=batch_invariant,
             cache=cache or CacheConfig(),
             scheduler=scheduler or SchedulerConfig(),
             speculative=speculative,

@@ -130,6 +130,20 @@ def test_models_and_health(client):
     assert client.get("/health").json() == {"status": "ok"}
 
 
+def test_models_and_responses_name_the_numerics_mode(client):
+    """A float32 engine without speculation: greedy and seeded outputs are both promised reproducible."""
+    (card,) = client.get("/v1/models").json()["data"]
+    assert card["numerics"] == {"dtype": "float32", "batch_invariant": False, "speculation_length": "none",
+                                "greedy_equals_plain": True, "seeded_reproducible": True}  # fmt: skip
+    r = client.post("/v1/completions", json={"model": MODEL, "prompt": PROMPT, "max_tokens": 2, **GREEDY})
+    assert r.headers["x-specserve-numerics"] == (
+        "dtype=float32; batch-invariant=no; greedy-equals-plain=yes; seeded-reproducible=yes; speculation-length=none"
+    )
+    bad = client.post("/v1/completions", json={"model": MODEL, "prompt": PROMPT, "max_tokens": -1})
+    assert bad.status_code == 400 and "x-specserve-numerics" in bad.headers  # errors carry it too
+    assert "x-specserve-numerics" not in client.get("/health").headers
+
+
 # ---- streaming ----------------------------------------------------------------------------------
 
 

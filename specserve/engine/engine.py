@@ -28,6 +28,7 @@ from specserve.engine.logprobs import TokenLogprobs, prompt_rows, token_logprobs
 from specserve.engine.metrics import EngineMetrics
 from specserve.engine.model_runner import ModelRunner, TokenRun, kv_bytes_per_block
 from specserve.engine.ngram_proposer import NgramProposer
+from specserve.engine.numerics import Numerics
 from specserve.engine.outputs import RequestOutput
 from specserve.engine.proposer import DraftProposer
 from specserve.engine.request import Request, RequestStatus
@@ -35,6 +36,7 @@ from specserve.engine.sampler import draw_exponential, draw_uniform, sampling_pr
 from specserve.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from specserve.engine.speculation_length import SpeculationLengthPolicy
 from specserve.engine.trace import SpecStep, TraceRecorder
+from specserve.model.batch_invariant import enable_batch_invariant
 from specserve.model.eagle import EagleHead, is_eagle_checkpoint, load_eagle
 from specserve.model.llama import LlamaModel
 from specserve.model.loader import load_model, resolve_dtype
@@ -102,6 +104,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, draft_model: LlamaModel | None = None) -> None:
         self.config = config
         dtype = self.dtype = resolve_dtype(config.dtype, config.device)
+        self.numerics = Numerics.of(config, dtype)  # what this configuration promises (/v1/models says)
         self.tokenizer = AutoTokenizer.from_pretrained(config.verifier)
         self.verifier = load_model(config.verifier, dtype, config.device)
         spec = config.speculative
@@ -121,11 +124,16 @@ class LLMEngine:
             check_same_vocabulary(self.verifier, draft_model, self.tokenizer, None)
             self.draft_version = "in-memory"
 
-        self.upcast = upcast_default(config.upcast_matmuls, dtype, config.device)
+        # batch-invariant kernels replace upcast matmuls (each is a different matmul for the same layers)
+        self.upcast = not config.batch_invariant and upcast_default(config.upcast_matmuls, dtype, config.device)
         if self.upcast:  # the fp32 weight copies are made now, before the KV pool is sized
             enable_upcast(self.verifier)
             if draft_model is not None:
                 enable_upcast(draft_model)
+        if config.batch_invariant:
+            enable_batch_invariant(self.verifier)
+            if draft_model is not None:
+                enable_batch_invariant(draft_model)
 
         cache = config.cache
         per_block = kv_bytes_per_block(self.verifier, cache.block_size, dtype)
@@ -239,6 +247,8 @@ class LLMEngine:
             )
         if self.upcast:
             enable_upcast(draft_model)
+        if self.config.batch_invariant:
+            enable_batch_invariant(draft_model)
         self.proposer = make_proposer(draft_model, self.num_blocks, bs)
         self.kv.invalidate_draft()
         for r in self.requests.values():

@@ -40,6 +40,7 @@ from specserve.server.extraction import ExtractionConfig, ExtractionMonitor
 from specserve.server.limits import BodySizeLimit, LimitsConfig, RateLimiter, Reservation
 from specserve.server.logprobs import CompletionLogprobsWriter, TokenText, chat_logprobs, joined
 from specserve.server.metrics import DraftWatchCollector, ServerMetrics, TrafficLogCollector, TrainerCollector
+from specserve.server.numerics_header import NumericsHeader
 from specserve.server.protocol import (
     SSE_DONE,
     ChatChoice,
@@ -556,6 +557,7 @@ def build_app(
         lifespan=lifespan,
     )
     app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)
+    app.add_middleware(NumericsHeader, value=async_engine.engine.numerics.header())
     errors.install(app)
     metrics = ServerMetrics(async_engine, limiter, monitor, clock)
     if draft_watcher is not None:
@@ -582,7 +584,10 @@ def build_app(
     @v1.get("/models")
     async def models() -> ModelList:
         card = ModelCard(
-            id=served_model_name, root=async_engine.engine.config.verifier, max_model_len=async_engine.max_model_len
+            id=served_model_name,
+            root=async_engine.engine.config.verifier,
+            max_model_len=async_engine.max_model_len,
+            numerics=async_engine.engine.numerics.to_dict(),
         )
         return ModelList(data=[card])
 

@@ -359,6 +359,8 @@ class ModelCard(BaseModel):
     owned_by: str = "specserve"
     root: str | None = None
     max_model_len: int | None = None
+    numerics: dict | None = None
+    """specserve's extension: the engine's numerics mode and what it promises (specserve/engine/numerics.py)."""
 
 
 class ModelList(BaseModel):
