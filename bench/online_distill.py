@@ -476,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
         "--dtype",
         default=None,
         choices=["auto", "bfloat16", "float32", "float16"],
-        help="Default: auto (float32 on a CPU without native bf16, bfloat16 on CUDA), float32 with --tiny.",
+        help="Default: auto (float32 on the CPU, bfloat16 on CUDA), float32 with --tiny.",
     )
     p.add_argument("--domain", default="shakespeare", choices=sorted(DOMAINS), help="Traffic (default shakespeare).")
     p.add_argument("--minutes", type=float, default=30.0, help="Minutes of phase 1 traffic (default 30).")

@@ -31,11 +31,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-speculative-tokens", type=int, default=8, metavar="K",
                    help="Upper bound of the adaptive speculation length (default 8).")
     g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"],
-                   help="Weights and activations dtype. auto (default): float32 on a CPU without native bf16 "
-                   "(no AVX512-BF16/AMX), where bf16 is emulated, fp32 decodes as fast, and greedy speculative "
-                   "output is token-for-token plain greedy output; bfloat16 on CUDA and on CPUs with native bf16 "
-                   "(faster there, but bf16 rounds a 1-token and a (k+1)-token forward differently, so greedy "
-                   "output can drift from plain decoding at near-ties: see the README's determinism table).")
+                   help="Weights and activations dtype. auto (default): float32 on the CPU, where greedy "
+                   "speculative output is token-for-token plain greedy output (on a CPU without native bf16 it is "
+                   "also as fast); bfloat16 on CUDA (add --batch-invariant to make it exact). bfloat16 on a CPU "
+                   "with AVX512-BF16/AMX is faster but rounds a 1-token and a (k+1)-token forward differently, so "
+                   "greedy output can drift from plain decoding at near-ties (README: Determinism).")
     g.add_argument("--device", default=None,
                    help="torch device for both models, e.g. cpu, cuda, cuda:1 (default cuda if available, else cpu).")
     g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
@@ -536,8 +536,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-temperatures", default="0,0.7",
                    help="Comma-separated decoding temperatures; 0 is greedy (default 0,0.7).")
     g.add_argument("--eval-dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"],
-                   help="dtype of both models while evaluating (default auto, the serving default: float32 on a "
-                   "CPU without native bf16, bfloat16 on CUDA).")
+                   help="dtype of both models while evaluating (default auto, the serving default: float32 on the "
+                   "CPU, bfloat16 on CUDA).")
     g.add_argument("--eval-out", default=None, metavar="JSON", help="Write the results here (and a PNG beside).")
 
 

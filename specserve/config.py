@@ -98,9 +98,8 @@ class EngineConfig:
     verifier: str
     """HF checkpoint directory of the verifier (the model whose output distribution is served)."""
     dtype: str = "auto"
-    """Weights and activations: 'auto' (default: float32 on a CPU without native bf16, where it is as fast
-    and greedy speculation is exact; bfloat16 on CUDA and on CPUs with AVX512-BF16/AMX), bfloat16,
-    float32, float16."""
+    """Weights and activations: 'auto' (default: float32 on the CPU, where greedy speculation is exact;
+    bfloat16 on CUDA, exact with batch_invariant; see model/loader.py auto_dtype), bfloat16, float32, float16."""
     device: str = "cpu"
     """torch device of both models: 'cpu', 'cuda' or 'cuda:N' (the CLI defaults to cuda when one is visible)."""
     cuda_graphs: bool = True

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import specserve.model.loader as loader
 from specserve.config import EngineConfig, SpeculativeConfig
 from specserve.engine.numerics import Numerics
 from specserve.model.loader import auto_dtype, resolve_dtype
@@ -38,12 +37,9 @@ def test_plain_decoding_promises_reproducible_seeds(tiny):
     assert n.header().startswith("dtype=float32; batch-invariant=no; greedy-equals-plain=yes")
 
 
-def test_auto_dtype_is_fp32_on_a_cpu_without_native_bf16_and_bf16_elsewhere(monkeypatch):
-    monkeypatch.setattr(loader, "cpu_has_native_bf16", lambda: False)
+def test_auto_dtype_is_fp32_on_any_cpu_and_bf16_on_cuda():
     assert auto_dtype("cpu") == torch.float32 and resolve_dtype("auto", "cpu") == torch.float32
     assert auto_dtype("cuda") == torch.bfloat16 and resolve_dtype("auto", "cuda:1") == torch.bfloat16
-    monkeypatch.setattr(loader, "cpu_has_native_bf16", lambda: True)
-    assert auto_dtype("cpu") == torch.bfloat16
     assert resolve_dtype("float16") == torch.float16 and resolve_dtype(torch.float32) == torch.float32
     with pytest.raises(ValueError, match="auto"):
         resolve_dtype("fp8")

@@ -154,8 +154,7 @@ def _add_models(p: argparse.ArgumentParser, with_draft: bool) -> None:
         default="auto",
         choices=DTYPES,
         help="Weights and activations dtype of every system, ours and HF (default auto, as `specserve serve`: "
-        "float32 on a CPU without native bf16, where greedy speculation matches plain decoding exactly; "
-        "bfloat16 on CUDA).",
+        "float32 on the CPU, where greedy speculation matches plain decoding exactly; bfloat16 on CUDA).",
     )
     g.add_argument("--device", default="cpu", help="torch device of every model, ours and HF (default cpu).")
     g.add_argument(

@@ -14,7 +14,6 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, PretrainedConfig
 
 from specserve.model.llama import LlamaModel, ModelArchitecture
-from specserve.model.upcast import cpu_has_native_bf16
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -25,15 +24,17 @@ DTYPE_CHOICES = ("auto", *DTYPES)
 
 
 def auto_dtype(device: str | torch.device = "cpu") -> torch.dtype:
-    """bf16 where the hardware computes it natively (CUDA; a CPU with AVX512-BF16 or AMX), fp32 elsewhere.
+    """float32 on the CPU, bfloat16 on CUDA.
 
-    A CPU without native bf16 emulates it: fp32 decodes about as fast there, and only fp32 makes greedy
-    speculative output token-for-token the verifier's plain greedy output (bf16 rounds a 1-row and a
-    (k + 1)-row forward differently, so near-ties flip).
+    Only fp32 keeps greedy speculative output token for token the verifier's plain greedy output: bf16
+    rounds a 1-row and a (k + 1)-row forward differently (the matmul library picks its kernel by shape),
+    and near-ties flip (10 of 20 held-out prompts drifted on SmolLM2). A CPU without native bf16
+    (AVX2 only) emulates it, so fp32 costs nothing there; a CPU with AVX512-BF16 or AMX runs bf16
+    faster, and still gets fp32, because exactness is the default promise: `--dtype bfloat16` trades
+    it for speed (README, "Determinism"). On CUDA bf16 is the default, and `--batch-invariant` makes it
+    exact.
     """
-    if torch.device(device).type == "cpu" and not cpu_has_native_bf16():
-        return torch.float32
-    return torch.bfloat16
+    return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
 
 
 def resolve_dtype(name: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
