@@ -428,7 +428,19 @@ def add_distill_args(p: argparse.ArgumentParser) -> None:
                    help="eagle: uniform noise on the input features, relative to their RMS (default 0.1).")
     g.add_argument("--max-minutes", type=float, default=None,
                    help="eagle: stop training after this many minutes and keep the best head; --online: stop the "
-                   "trainer after this many minutes (default: no limit).")
+                   "trainer after this many minutes (default: no limit). With --resume it counts the resumed run only.")
+    g.add_argument("--unroll-steps", type=int, default=3, metavar="S",
+                   help="eagle: train the head unrolled S steps on its own predicted features, each scored, as it "
+                   "drafts (EAGLE-3's training-time test); 1 = teacher forcing only (default 3).")
+    g.add_argument("--unroll-decay", type=float, default=0.8,
+                   help="eagle: loss weight of unrolled step s is DECAY^(s-1) (default 0.8).")
+    g.add_argument("--eval-depth", type=int, default=5,
+                   help="eagle: draft positions whose chained held-out acceptance is reported (default 5).")
+    g.add_argument("--init-head", default=None, metavar="DIR",
+                   help="eagle: start from this trained head of the same verifier (its draft vocabulary is kept).")
+    g.add_argument("--resume", action="store_true",
+                   help="eagle: continue the run saved in --out (head, optimizer, step, RNG and data position of its "
+                   "last evaluation) with the same data settings; the teacher pass is read back, not rerun.")
     add_online_distill_args(p)
     add_eval_args(p)
 
@@ -480,13 +492,16 @@ def cmd_distill_eagle(args: argparse.Namespace) -> int:
         draft_vocab_size=args.draft_vocab_size, teacher_top_m=args.teacher_top_m or 32,
         teacher_dtype=args.teacher_dtype, feature_weight=args.feature_weight, feature_noise=args.feature_noise,
         steps=args.steps, max_minutes=args.max_minutes, batch_size=args.batch_size, lr=args.lr,
-        eval_every=args.eval_every, seed=args.seed, device=args.device,
+        eval_every=args.eval_every, seed=args.seed, device=args.device, unroll_steps=args.unroll_steps,
+        unroll_decay=args.unroll_decay, eval_depth=args.eval_depth, init_head=args.init_head, resume=args.resume,
     )
     result = train_eagle(config)
     best = result["best"]
+    per_position = " ".join(f"{a:.3f}" for a in best.get("acceptance_at", []))
     print(f"specserve: EAGLE head written to {result['out']} after {result['steps']} steps: held-out top-1 agreement "
           f"{best.get('agreement', 0):.4f}, expected acceptance {best.get('expected_acceptance', 0):.4f} "
-          "(one step ahead; `specserve bench latency --draft DIR` measures it end to end)", file=sys.stderr)
+          f"(one step ahead), chained by draft position {per_position}, {best.get('accepted_tokens', 0):.3f} "
+          "accepted per chain (`specserve bench latency --draft DIR` measures it end to end)", file=sys.stderr)
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Training EAGLE heads: data readers, one short run that learns and serves, two ranks under DDP."""
+"""Training EAGLE heads: data readers, one short run that learns and serves, two ranks under DDP, the head
+unrolled on its own features exactly as it drafts, resuming a run and its budget."""
 
 from __future__ import annotations
 
@@ -12,10 +13,15 @@ from tiny_models import PROMPTS
 
 from specserve import LLM
 from specserve.config import CacheConfig
+from specserve.distill import eagle_trainer
 from specserve.distill.data import apply_chat_template
 from specserve.distill.eagle_data import read_pairs
-from specserve.distill.eagle_trainer import EagleConfig, train_eagle
+from specserve.distill.eagle_trainer import EagleConfig, pack_batch, train_eagle
+from specserve.distill.eagle_unroll import UnrolledHead
 from specserve.engine.eagle_proposer import EagleProposer
+from specserve.model.attention import AttentionMetadata
+from specserve.model.eagle import EagleHead
+from specserve.model.loader import load_model
 
 
 def test_read_pairs_from_each_format(tmp_path):
@@ -65,7 +71,7 @@ def test_eagle_head_learns_and_serves(tiny, bigram_verifier, prompt_file, tmp_pa
     assert [h["step"] for h in evals] == [0, 20, 40]
     assert evals[-1]["agreement"] > evals[0]["agreement"] + 0.3  # bigram structure: the head reads x_i
     assert 0 <= evals[-1]["expected_acceptance"] <= 1
-    assert result["best"]["expected_acceptance"] == max(h["expected_acceptance"] for h in evals)
+    assert result["best"]["accepted_tokens"] == max(h["accepted_tokens"] for h in evals)
     assert record["draft_vocab_size"] == 128 and os.path.exists(out / "distill.png")
     cfg = json.load(open(out / "config.json"))
     assert cfg["draft_type"] == "eagle" and cfg["draft_vocab_size"] == 128
@@ -153,3 +159,103 @@ def test_eval_only_reports_held_out_acceptance_by_category(tiny, tmp_path):
             assert all(0.0 <= x <= 1.0 for x in s["per_position_acceptance"] if x is not None)
             assert len(s["per_position_acceptance"]) == 3
     assert (tmp_path / "eval.png").exists()
+
+
+def _drafted(head: EagleHead, ids: torch.Tensor, feats: torch.Tensor, t: int, depth: int) -> list[torch.Tensor]:
+    """What drafting computes: a prefill of 0..t on true features, then one step at a time on its own."""
+    a = head.arch
+    kv = torch.zeros(1, 2, ids.numel(), a.num_kv_heads, a.head_dim)
+    fin = torch.cat([torch.zeros(1, feats.shape[1]), feats[:-1]])
+    meta = AttentionMetadata.build([t + 1], [t + 1], torch.arange(t + 1), torch.arange(t + 1)[None])
+    g = head(ids[: t + 1], torch.arange(t + 1), kv, meta, fin[: t + 1])[t]
+    out = [g]
+    for p in range(t + 1, t + depth):
+        meta = AttentionMetadata.build([1], [p + 1], torch.tensor([p]), torch.arange(p + 1)[None])
+        g = head(ids[p : p + 1], torch.tensor([p]), kv, meta, g[None])[0]
+        out.append(g)
+    return out
+
+
+@torch.no_grad()
+def test_unrolled_steps_are_what_drafting_computes(tiny):
+    torch.manual_seed(0)
+    verifier = load_model(tiny["llama"], torch.float32, "cpu")
+    head = EagleHead(verifier)
+    for p in head.parameters():
+        if p.dim() > 1:
+            p.normal_(0, 0.2)
+    h, vocab, depth = verifier.arch.hidden_size, verifier.arch.vocab_size, 3
+    lens = [7, 5]
+    ids = [torch.randint(0, vocab, (n,)) for n in lens]
+    feats = [torch.randn(n, h) for n in lens]
+    batch = pack_batch(
+        ids, feats, [torch.zeros(n, 2, dtype=torch.int64) for n in lens], [torch.zeros(n, 2) for n in lens],
+        [torch.ones(n, dtype=torch.bool) for n in lens], "cpu",
+    )  # fmt: skip
+    unrolled = UnrolledHead(head, depth)(batch.input_ids, batch.positions, batch.in_features, batch.seq_lens)
+    assert unrolled.shape == (depth, sum(lens), h)
+    start = 0
+    for k, n in enumerate(lens):
+        for t in range(n - depth + 1):
+            for s, want in enumerate(_drafted(head, ids[k], feats[k], t, depth)):
+                torch.testing.assert_close(unrolled[s, start + t + s], want, atol=1e-4, rtol=1e-4)
+        start += n
+    # step 1 alone is plain teacher forcing
+    plain = eagle_trainer.head_forward(head, head, batch, 0.0)
+    torch.testing.assert_close(unrolled[0], plain, atol=1e-6, rtol=1e-6)
+
+
+def test_unrolled_training_learns_and_reports_each_position(bigram_verifier, prompt_file, tmp_path):  # noqa: F811
+    out = tmp_path / "head"
+    train_eagle(config(bigram_verifier, prompt_file, out, unroll_steps=3, eval_depth=4))
+    record = json.load(open(out / "distill.json"))
+    losses = [h["loss"] for h in record["history"] if "loss" in h]
+    assert sum(losses[-5:]) < 0.7 * sum(losses[:5])
+    assert all(len(h["kl_at"]) == 3 for h in record["history"] if "loss" in h)
+    first, last = [h for h in record["history"] if "agreement" in h][:: 2]
+    for h in (first, last):
+        assert len(h["acceptance_at"]) == len(h["agreement_at"]) == 4
+        assert all(0 <= x <= 1 for x in h["acceptance_at"] + h["agreement_at"])
+        assert h["accepted_tokens"] == pytest.approx(sum(h["acceptance_at"]))
+    assert last["agreement_at"][0] > first["agreement_at"][0] + 0.3
+    assert last["agreement_at"][2] > first["agreement_at"][2] + 0.2  # the third draft, read off its own features
+    assert (out / "distill.png").exists() and (out / "training_state.pt").exists()
+
+
+def test_resume_continues_as_if_never_stopped(bigram_verifier, prompt_file, tmp_path, monkeypatch):  # noqa: F811
+    kw = dict(unroll_steps=2, eval_depth=2, steps=30, eval_every=10)
+    whole = train_eagle(config(bigram_verifier, prompt_file, tmp_path / "whole", **kw))
+
+    out = tmp_path / "stopped"
+    calls = {"n": 0}
+    real = eagle_trainer.unrolled_losses
+
+    def interrupt_at_step_25(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 25:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(eagle_trainer, "unrolled_losses", interrupt_at_step_25)
+    assert train_eagle(config(bigram_verifier, prompt_file, out, **kw))["steps"] == 25
+    monkeypatch.setattr(eagle_trainer, "unrolled_losses", real)
+    # the budget counts this run: none left, so it stops at once, where the last evaluation left the state
+    assert train_eagle(config(bigram_verifier, prompt_file, out, resume=True, max_minutes=0.0, **kw))["steps"] == 20
+    resumed = train_eagle(config(bigram_verifier, prompt_file, out, resume=True, **kw))
+    assert resumed["steps"] == 30
+    a, b = whole["head"].state_dict(), resumed["head"].state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    loss = lambda d: [(h["step"], h["loss"]) for h in json.load(open(d / "distill.json"))["history"] if "loss" in h]  # noqa: E731
+    assert loss(out) == loss(tmp_path / "whole")
+    with pytest.raises(ValueError, match="other settings"):
+        train_eagle(config(bigram_verifier, prompt_file, out, resume=True, **{**kw, "seed": 1}))
+    with pytest.raises(ValueError, match="no training_state"):
+        train_eagle(config(bigram_verifier, prompt_file, tmp_path / "empty", resume=True, **kw))
+
+
+def test_budget_stops_training(bigram_verifier, prompt_file, tmp_path):  # noqa: F811
+    result = train_eagle(config(bigram_verifier, prompt_file, tmp_path / "head", max_minutes=0.0, unroll_steps=2))
+    assert result["steps"] == 0
+    record = json.load(open(tmp_path / "head" / "distill.json"))
+    assert [h["step"] for h in record["history"]] == [0]

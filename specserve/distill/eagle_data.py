@@ -7,12 +7,14 @@ gives, at every position i, its feature f_i (last layer output, before the final
 engine hands an EAGLE head) and its top-m log-probabilities for token i + 1. Both are kept in memory
 compactly (bf16 features, int32 ids, fp16 log-probs), so training epochs never rerun the verifier.
 `verifier_batches` is that pass without the top-m (the online trainer recomputes features with it).
+`save_teacher_data` / `load_teacher_data` keep a pass's output on disk for reruns and resumed runs.
 Knows nothing about the head or the optimiser.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -200,3 +202,20 @@ def draft_vocabulary(data: list[TeacherSequence], size: int, always: set[int], v
     for t in always:
         counts[t] = float("inf")
     return torch.topk(counts, min(size, vocab)).indices.sort().values
+
+
+def save_teacher_data(path: str, data: list[TeacherSequence], key: dict) -> None:
+    """The teacher pass's output, with the settings that made it (`key`), so a rerun or --resume skips it."""
+    tmp = path + ".tmp"
+    torch.save({"key": key, "sequences": [vars(s) for s in data]}, tmp)
+    os.replace(tmp, path)
+
+
+def load_teacher_data(path: str, key: dict) -> list[TeacherSequence] | None:
+    """What save_teacher_data wrote, if it was made with the same settings; else None."""
+    if not os.path.exists(path):
+        return None
+    saved = torch.load(path, weights_only=True)
+    if saved.get("key") != key:
+        return None
+    return [TeacherSequence(**s) for s in saved["sequences"]]

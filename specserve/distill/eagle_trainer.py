@@ -4,17 +4,23 @@
    answers (`"verifier"`, sequence-level distillation); then one teacher pass of the verifier
    (eagle_data.teacher_pass) keeps its features and top-m next-token log-probs at every position.
 2. The draft vocabulary: the N tokens the verifier most often predicts or emits in the training data.
-3. The head is trained teacher-forced, as EAGLE was: at position i it reads token x_i and the true
-   feature f_{i-1} (with a little noise, so it tolerates its own imperfect features when drafting
-   several tokens), predicts f_i, and is scored by
+3. The head is trained as EAGLE-3 tests it ("training-time test", eagle_unroll.py): unrolled for
+   `unroll_steps` steps over every position in parallel; step 1 reads token x_i and the true feature
+   f_{i-1} (with a little noise), step s the head's own step-(s-1) prediction at i - 1, attending over
+   exactly the KV it would see while drafting. Each step predicts f_i and is scored by
        feature_weight * smooth_l1(norm(f^_i), norm(f_i))          (in the space the output layer reads)
-     + forward KL(verifier top-m at i restricted to the draft vocabulary || head's distribution).
+     + forward KL(verifier top-m at i restricted to the draft vocabulary || head's distribution),
+   the steps weighted unroll_decay^(s-1). unroll_steps=1 is EAGLE's plain teacher forcing.
    AdamW, warmup + cosine decay, gradient clipping. Under torchrun (gloo on CPU, nccl on GPU) every rank
    scores its share of sequences and trains on its share with DistributedDataParallel.
+   A head may start from a trained one (`init_head`, its draft vocabulary kept).
 4. Every `eval_every` steps (rank 0): on held-out sequences, the head's top-1 agreement with the
    verifier and its expected acceptance sum_x min(p(x), q(x)) (p: the verifier's top-m), one step
-   ahead from true features. The best head so far is written as a checkpoint, with `distill.json`
-   and a PNG of the curves beside it; Ctrl-C stops training and keeps the best.
+   ahead from true features, and the chained acceptance at each draft position 1..eval_depth. The best
+   head so far (by expected accepted tokens of a chain) is written as a checkpoint, with `distill.json`
+   and a PNG of the curves beside it, and the training state (eagle_state.py) so `resume` continues the
+   run; Ctrl-C stops training and keeps the best. The teacher pass's output is kept in the output
+   directory too (`teacher_data*.pt`), so a rerun or a resumed run with the same data settings skips it.
 
 Knows nothing about the engine's scheduling or the command line.
 """
@@ -26,17 +32,26 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from specserve.distill.eagle_data import TeacherSequence, draft_vocabulary, load_pairs, teacher_pass, template_pairs
+from specserve.distill.eagle_data import (
+    TeacherSequence,
+    draft_vocabulary,
+    load_pairs,
+    load_teacher_data,
+    save_teacher_data,
+    teacher_pass,
+    template_pairs,
+)
+from specserve.distill.eagle_state import load_state, restore_rng, save_state
+from specserve.distill.eagle_unroll import UnrolledHead, evaluate_chained, masked_row_losses, noisy, unrolled_losses
 from specserve.distill.trainer import setup_distributed
 from specserve.model.attention import AttentionMetadata
-from specserve.model.eagle import EagleHead
+from specserve.model.eagle import EagleHead, load_eagle, verifier_fingerprint
 from specserve.model.loader import load_model
 
 
@@ -86,6 +101,16 @@ class EagleConfig:
     """torch device; None: cuda if available, else cpu."""
     progress: bool = True
     """Show progress bars (rank 0)."""
+    unroll_steps: int = 3
+    """Steps the head is unrolled on its own predicted features in training (1: teacher forcing only)."""
+    unroll_decay: float = 0.8
+    """Loss weight of unrolled step s is unroll_decay^(s-1) (normalised to sum to 1)."""
+    eval_depth: int = 5
+    """Draft positions the held-out evaluation chains (acceptance at each of 1..eval_depth)."""
+    init_head: str | None = None
+    """An EAGLE head checkpoint of this verifier to start from (its draft vocabulary is kept)."""
+    resume: bool = False
+    """Continue the run saved in `out` (its training state: head, optimizer, step, RNG, data position)."""
 
     def __post_init__(self) -> None:
         from specserve.distill.data import check_not_eval_only
@@ -96,7 +121,8 @@ class EagleConfig:
             check_not_eval_only(p)
         if self.responses not in ("dataset", "verifier"):
             raise ValueError(f"responses must be 'dataset' or 'verifier', got {self.responses!r}")
-        for name in ("max_sequences", "max_tokens", "teacher_top_m", "steps", "batch_size", "eval_every"):
+        names = ("max_sequences", "max_tokens", "teacher_top_m", "steps", "batch_size", "eval_every", "unroll_steps")
+        for name in (*names, "eval_depth"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_tokens < 16:
@@ -107,6 +133,8 @@ class EagleConfig:
             raise ValueError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
         if self.feature_weight < 0 or self.feature_noise < 0 or not self.lr > 0:
             raise ValueError("feature_weight and feature_noise must be >= 0 and lr > 0")
+        if not 0.0 < self.unroll_decay <= 1.0:
+            raise ValueError(f"unroll_decay must be in (0, 1], got {self.unroll_decay}")
 
 
 # ---- one batch ------------------------------------------------------------------------------------
@@ -124,16 +152,23 @@ class HeadBatch:
     loss_mask: torch.Tensor  # [tokens] bool: positions with a next token (not a sequence's last)
     meta: AttentionMetadata
     num_tokens: int
+    seq_lens: list[int] = field(default_factory=list)  # tokens of each packed sequence, in order
+    chain_start: torch.Tensor | None = None  # [tokens] bool: where evaluated draft chains start (responses)
+    next_is_top1: torch.Tensor | None = None  # [tokens] bool: the next token is the verifier's top-1 choice
 
 
 def make_batch(seqs: list[TeacherSequence], to_draft: torch.Tensor, device) -> HeadBatch:
     """Sequences packed end to end, each attending causally to itself (a prefill of several requests)."""
-    masks = []
+    masks, starts, greedy = [], [], []
     for s in seqs:
-        m = torch.ones(s.token_ids.numel(), dtype=torch.bool)
+        n = s.token_ids.numel()
+        m = torch.ones(n, dtype=torch.bool)
         m[-1] = False
         masks.append(m)
-    return pack_batch(
+        # the token before the first response token is where drafting starts
+        starts.append(m & (torch.arange(n) >= s.num_prompt_tokens - 1))
+        greedy.append(torch.cat([s.topm_ids[:-1, 0].long() == s.token_ids[1:], torch.zeros(1, dtype=torch.bool)]))
+    batch = pack_batch(
         [s.token_ids for s in seqs],
         [s.features for s in seqs],
         [to_draft[s.topm_ids.long()] for s in seqs],
@@ -141,6 +176,9 @@ def make_batch(seqs: list[TeacherSequence], to_draft: torch.Tensor, device) -> H
         masks,
         device,
     )
+    batch.chain_start = torch.cat(starts).to(device)
+    batch.next_is_top1 = torch.cat(greedy).to(device)
+    return batch
 
 
 def pack_batch(
@@ -181,6 +219,7 @@ def pack_batch(
         torch.cat(loss_masks).to(device),
         meta,
         total,
+        lens,
     )
 
 
@@ -190,11 +229,7 @@ def head_forward(model: torch.nn.Module, head: EagleHead, batch: HeadBatch, nois
     kv = torch.zeros(1, 2, batch.num_tokens, a.num_kv_heads, a.head_dim, device=batch.input_ids.device)
     if torch.is_grad_enabled():  # a non-leaf, so attention may write keys/values into it in place under autograd
         kv = kv.requires_grad_().clone()
-    feats = batch.in_features
-    if noise > 0:  # the head must tolerate its own imperfect features when it drafts several tokens
-        rms = feats.pow(2).mean(-1, keepdim=True).sqrt()
-        feats = feats + (torch.rand_like(feats) * 2 - 1) * noise * rms
-    return model(batch.input_ids, batch.positions, kv, batch.meta, feats)
+    return model(batch.input_ids, batch.positions, kv, batch.meta, noisy(batch.in_features, noise))
 
 
 def losses(head: EagleHead, batch: HeadBatch, predicted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,14 +245,7 @@ def row_losses(
 ) -> tuple[torch.Tensor, torch.Tensor]:  # [rows], [rows]: rows = the positions in batch.loss_mask
     """Per scored position: smooth-L1 of the normed features (mean over hidden) and the cross-entropy against the
     verifier's top-m renormalised on the draft vocabulary (its forward KL up to the teacher's entropy)."""
-    m = batch.loss_mask
-    norm = head.verifier.norm
-    feat = F.smooth_l1_loss(norm(predicted[m]), norm(batch.target_features[m]), reduction="none").mean(-1)
-    logq = torch.log_softmax(head.draft_logits(predicted[m]), dim=-1)  # [rows, draft_vocab]
-    ids = batch.topm_ids[m]
-    picked = logq.gather(1, ids.clamp_min(0))
-    kl = -(batch.topm_probs[m] * picked).sum(-1)
-    return feat, kl
+    return masked_row_losses(head, batch, predicted, batch.loss_mask)
 
 
 @torch.no_grad()
@@ -254,18 +282,46 @@ def _sequences(config: EagleConfig, verifier_dir: str, tokenizer, rank: int, wor
         templated = [(p, []) for p, _ in template_pairs(tokenizer, pairs, config.max_tokens, min_response=0)]
         templated = templated[rank::world]
 
+        running = 32
         llm = LLM(
             verifier_dir,
             dtype=config.teacher_dtype,
             device=str(config.device or "cpu"),
-            cache=CacheConfig(block_size=16, num_blocks=64 * (config.max_tokens // 16 + 2)),
-            scheduler=SchedulerConfig(max_num_seqs=32, max_num_batched_tokens=2048),
+            cache=CacheConfig(block_size=16, num_blocks=2 * running * (config.max_tokens // 16 + 2)),
+            scheduler=SchedulerConfig(max_num_seqs=running, max_num_batched_tokens=2048),
         )
         prompts = [p for p, _ in templated]
-        examples = generate_targets(llm, prompts, config.max_new_tokens, 32, progress=config.progress and rank == 0)
+        # many prompts per call: the engine's continuous batching refills a finished row at once
+        examples = generate_targets(
+            llm, prompts, config.max_new_tokens, 8 * running, progress=config.progress and rank == 0
+        )
         templated = [(e.prompt_ids, e.response_ids) for e in examples if len(e.response_ids) >= 4]
         del llm
     return [p + r for p, r in templated], [len(p) for p, _ in templated]
+
+
+def _teacher_data(config: EagleConfig, verifier, verifier_dir: str, tokenizer, d) -> list[TeacherSequence]:
+    """This rank's sequences with the verifier's features and top-m: from the output directory when a run with
+    the same data settings left them there, else made (and left there)."""
+    keys = ("responses", "max_sequences", "max_tokens", "max_new_tokens", "teacher_top_m", "teacher_dtype")
+    key = {
+        "data": [os.path.abspath(p) for p in config.data],
+        **{k: getattr(config, k) for k in keys},
+        "verifier": verifier_fingerprint(verifier_dir),
+        "rank": d.rank,
+        "world": d.world,
+    }
+    path = os.path.join(config.out, "teacher_data.pt" if d.world == 1 else f"teacher_data.rank{d.rank}.pt")
+    data = load_teacher_data(path, key)
+    if data is not None:
+        if d.main:
+            print(f"specserve: teacher data of {len(data)} sequences from {path}", flush=True)
+        return data
+    seqs, prompt_lens = _sequences(config, verifier_dir, tokenizer, d.rank, d.world)
+    data = teacher_pass(verifier, seqs, prompt_lens, config.teacher_top_m, progress=config.progress and d.main)
+    os.makedirs(config.out, exist_ok=True)
+    save_teacher_data(path, data, key)
+    return data
 
 
 def _plot(path: str, history: list[dict]) -> None:
@@ -277,18 +333,40 @@ def _plot(path: str, history: list[dict]) -> None:
     except ImportError:
         return
     evals = [h for h in history if "agreement" in h]
-    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    steps = [h["step"] for h in evals]
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
     ax[0].plot([h["step"] for h in history if "loss" in h], [h["loss"] for h in history if "loss" in h])
-    ax[0].set(xlabel="step", ylabel="training loss", title="EAGLE head: loss")
-    ax[1].plot([h["step"] for h in evals], [h["agreement"] for h in evals], marker="o", label="top-1 agreement")
-    ax[1].plot(
-        [h["step"] for h in evals], [h["expected_acceptance"] for h in evals], marker="s", label="expected acceptance"
-    )
+    ax[0].set(xlabel="step", ylabel="training loss", title="EAGLE head: loss (steps weighted)")
+    ax[1].plot(steps, [h["agreement"] for h in evals], marker="o", label="top-1 agreement")
+    ax[1].plot(steps, [h["expected_acceptance"] for h in evals], marker="s", label="expected acceptance")
     ax[1].set(xlabel="step", ylabel="held out", title="one step ahead, held-out sequences", ylim=(0, 1))
     ax[1].legend()
+    depth = len(evals[-1].get("acceptance_at", [])) if evals else 0
+    for s in range(depth):
+        line = ax[2].plot(steps, [h["acceptance_at"][s] for h in evals], marker="o", label=f"position {s + 1}")
+        ax[2].plot(steps, [h["agreement_at"][s] for h in evals], ls="--", color=line[0].get_color())
+    ax[2].set(xlabel="step", ylabel="P(drafts 1..s all accepted)", ylim=(0, 1),
+              title="chained, held-out responses (solid: expected, dashed: greedy)")  # fmt: skip
+    if depth:
+        ax[2].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(path, "distill.png"), dpi=120)
     plt.close(fig)
+
+
+def _initial_head(config: EagleConfig, verifier, verifier_dir: str, train, tokenizer, d) -> EagleHead:
+    vocab = verifier.arch.vocab_size
+    torch.manual_seed(config.seed)
+    if config.init_head is not None:
+        head = load_eagle(config.init_head, verifier, verifier_dir)  # fp32, like the verifier now
+        return head.to(d.device).train().requires_grad_(True)
+    always = {t for t in (tokenizer.eos_token_id, tokenizer.bos_token_id) if t is not None}
+    draft_vocab = None
+    if config.draft_vocab_size and config.draft_vocab_size < vocab:
+        draft_vocab = draft_vocabulary(train, config.draft_vocab_size, always, vocab)
+        if d.world > 1:  # every rank saw other data: use rank 0's choice
+            dist.broadcast(draft_vocab, 0)
+    return EagleHead(verifier, draft_vocab).to(d.device)
 
 
 def train_eagle(config: EagleConfig) -> dict:
@@ -302,11 +380,12 @@ def train_eagle(config: EagleConfig) -> dict:
         from specserve.model.default_models import default_verifier
 
         verifier_dir = default_verifier()
+    config_record = {**asdict(config), "data": [os.path.abspath(p) for p in config.data]}
+    state = load_state(config.out, config_record) if config.resume else None
     tokenizer = AutoTokenizer.from_pretrained(verifier_dir)
     started = time.time()
     verifier = load_model(verifier_dir, config.teacher_dtype, str(d.device))
-    seqs, prompt_lens = _sequences(config, verifier_dir, tokenizer, d.rank, d.world)
-    data = teacher_pass(verifier, seqs, prompt_lens, config.teacher_top_m, progress=config.progress and d.main)
+    data = _teacher_data(config, verifier, verifier_dir, tokenizer, d)
     teacher_seconds = time.time() - started
     verifier = verifier.float()  # the head trains in fp32 on the verifier's frozen embedding / norm / output
     vocab = verifier.arch.vocab_size
@@ -317,58 +396,67 @@ def train_eagle(config: EagleConfig) -> dict:
     held_out, train = data[:n_eval], data[n_eval:]
     if not train:
         raise ValueError(f"only {len(data)} sequences: too few to train and hold some out")
-    always = {t for t in (tokenizer.eos_token_id, tokenizer.bos_token_id) if t is not None}
-    if config.draft_vocab_size and config.draft_vocab_size < vocab:
-        draft_vocab = draft_vocabulary(train, config.draft_vocab_size, always, vocab)
-        if d.world > 1:  # every rank saw other data: use rank 0's choice
-            dist.broadcast(draft_vocab, 0)
-    else:
-        draft_vocab = None
-    torch.manual_seed(config.seed)
-    head = EagleHead(verifier, draft_vocab).to(d.device)
+    head = _initial_head(config, verifier, verifier_dir, train, tokenizer, d)
     to_draft = torch.full((vocab,), -1, dtype=torch.int64)
     to_draft[head.draft_vocab.cpu()] = torch.arange(head.draft_vocab_size)
     coverage = sum((to_draft[s.topm_ids[:, 0].long()] >= 0).float().mean().item() for s in held_out) / len(held_out)
 
-    model = head
+    unrolled = UnrolledHead(head, config.unroll_steps)
+    model = unrolled
     if d.world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(head)
+        model = torch.nn.parallel.DistributedDataParallel(unrolled)
     params = [p for p in head.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     warmup = max(1, int(config.warmup_fraction * config.steps))
 
-    def lr_at(step: int) -> float:
+    def lr_at(step: int) -> float:  # set by hand each step, so a resumed run needs no scheduler state
         if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, config.steps - warmup))))
+            return config.lr * (step + 1) / warmup
+        return config.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, config.steps - warmup))))
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     eval_batches = [make_batch(held_out[i : i + 8], to_draft, d.device) for i in range(0, len(held_out), 8)]
     history: list[dict] = []
-    best = {"expected_acceptance": -1.0}
+    best = {"accepted_tokens": -1.0}
+    order: list[int] = []
+    step = 0
+    if state is not None:
+        head.load_state_dict(state["head"])
+        opt.load_state_dict(state["optimizer"])
+        step, order, history, best = state["step"], state["order"], state["history"], state["best"]
+        restore_rng(state, rng)
+        if d.main:
+            print(f"specserve: resuming {config.out} at step {step}", flush=True)
+    prior_seconds = max((h.get("train_seconds", 0.0) for h in history), default=0.0)
     os.makedirs(config.out, exist_ok=True)
 
-    def checkpoint(step: int) -> None:
+    def checkpoint(step: int, with_state: bool = True) -> None:
         nonlocal best
         head.eval()
-        result = {"step": step, **evaluate(head, eval_batches)}
+        result = {"step": step, **evaluate_chained(head, eval_batches, config.eval_depth)}
+        result["train_seconds"] = prior_seconds + time.time() - train_started
         head.train()
         history.append(result)
-        if result["expected_acceptance"] > best["expected_acceptance"]:
+        if result["accepted_tokens"] > best["accepted_tokens"]:
             best = result
             head.save(config.out, verifier_dir, {"trained_steps": step})
             copy_tokenizer_files(verifier_dir, config.out)
+        if with_state:
+            save_state(
+                config.out, head=head, optimizer=opt, step=step, rng=rng, order=order, history=history, best=best,
+                config=config_record,
+            )  # fmt: skip
         report = {
             "draft_type": "eagle",
-            "config": {**asdict(config), "data": [os.path.abspath(p) for p in config.data]},
+            "config": config_record,
             "verifier": os.path.abspath(verifier_dir),
             "sequences": {"train": len(train), "held_out": len(held_out)},
             "train_tokens": int(sum(s.token_ids.numel() for s in train)),
+            "held_out_tokens": int(sum(s.token_ids.numel() for s in held_out)),
             "draft_vocab_size": head.draft_vocab_size,
             "held_out_top1_in_draft_vocab": coverage,
             "head_parameters": sum(p.numel() for p in head.parameters()),
             "teacher_seconds": teacher_seconds,
-            "train_seconds": time.time() - train_started,
+            "train_seconds": prior_seconds + time.time() - train_started,
             "best": best,
             "history": history,
         }
@@ -376,13 +464,12 @@ def train_eagle(config: EagleConfig) -> dict:
             json.dump(report, f, indent=2)
         _plot(config.out, history)
 
-    train_started = time.time()
-    order: list[int] = []
-    step = 0
-    bar = tqdm(total=config.steps, desc="eagle head", disable=not (config.progress and d.main))
+    train_started = time.time()  # max_minutes counts this run's training, resumed or not
+    bar = tqdm(total=config.steps, initial=step, desc="eagle head", disable=not (config.progress and d.main))
     head.train()
+    clean = True  # the loop stopped at a step boundary (not by Ctrl-C mid-step)
     try:
-        if d.main:
+        if d.main and state is None:
             checkpoint(0)
         while step < config.steps:
             if config.max_minutes is not None and time.time() - train_started > 60 * config.max_minutes:
@@ -392,27 +479,33 @@ def train_eagle(config: EagleConfig) -> dict:
                 rng.shuffle(order)
             picked = [train[order.pop()] for _ in range(config.batch_size)]
             batch = make_batch(picked, to_draft, d.device)
-            predicted = head_forward(model, head, batch, config.feature_noise)
-            feat, kl = losses(head, batch, predicted)
+            predicted = model(
+                batch.input_ids, batch.positions, noisy(batch.in_features, config.feature_noise), batch.seq_lens
+            )  # [unroll_steps, tokens, hidden]
+            feat, kl, kl_steps = unrolled_losses(head, batch, predicted, config.unroll_decay)
             loss = config.feature_weight * feat + kl
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
-            sched.step()
             step += 1
             if d.main:
-                history.append({"step": step, "loss": loss.item(), "feature_loss": feat.item(), "kl": kl.item()})
+                history.append(
+                    {"step": step, "loss": loss.item(), "feature_loss": feat.item(), "kl": kl.item(), "kl_at": kl_steps}
+                )
                 bar.set_postfix(loss=f"{loss.item():.3f}", kl=f"{kl.item():.3f}")
                 bar.update(1)
                 if step % config.eval_every == 0:
                     checkpoint(step)
     except KeyboardInterrupt:
+        clean = False
         if d.main:
-            print("interrupted: keeping the best head so far", flush=True)
+            print("interrupted: keeping the best head so far (and the training state of the last evaluation)")
     finally:
         bar.close()
     if d.main and (not history or history[-1].get("step") != step or "agreement" not in history[-1]):
-        checkpoint(step)
+        checkpoint(step, with_state=clean)  # after Ctrl-C the state on disk stays the last evaluation's
     d.barrier()
     return {"out": config.out, "steps": step, "best": best, "head": head}
