@@ -7,7 +7,8 @@ gives, at every position i, its feature f_i (last layer output, before the final
 engine hands an EAGLE head) and its top-m log-probabilities for token i + 1. Both are kept in memory
 compactly (bf16 features, int32 ids, fp16 log-probs), so training epochs never rerun the verifier.
 `verifier_batches` is that pass without the top-m (the online trainer recomputes features with it).
-`save_teacher_data` / `load_teacher_data` keep a pass's output on disk for reruns and resumed runs.
+`teacher_data` makes an EAGLE run's data (generating the verifier's answers through specserve.LLM when asked)
+and keeps it on disk (`save_teacher_data` / `load_teacher_data`) for reruns and resumed runs.
 Knows nothing about the head or the optimiser.
 """
 
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 
 from specserve.distill.data import check_not_eval_only, prompt_of, read_text
 from specserve.engine.model_runner import ModelRunner, TokenRun
+from specserve.model.eagle import verifier_fingerprint
 from specserve.model.llama import LlamaModel
 
 ASSISTANT_ROLES = ("gpt", "assistant", "bard", "chatgpt")
@@ -219,3 +221,60 @@ def load_teacher_data(path: str, key: dict) -> list[TeacherSequence] | None:
     if saved.get("key") != key:
         return None
     return [TeacherSequence(**s) for s in saved["sequences"]]
+
+
+def _sequences(config, verifier_dir: str, tokenizer, rank: int, world: int) -> tuple[list, list]:
+    if config.responses == "dataset":
+        pairs = load_pairs(list(config.data), config.max_sequences)
+        templated = template_pairs(tokenizer, pairs, config.max_tokens)[rank::world]
+    else:  # prompts only (any prompt file the standalone distiller reads); the verifier answers them
+        from specserve import LLM
+        from specserve.config import CacheConfig, SchedulerConfig
+        from specserve.distill.data import generate_targets, load_prompts
+
+        pairs = [(p, "") for p in load_prompts(list(config.data), config.max_sequences)]
+        templated = [(p, []) for p, _ in template_pairs(tokenizer, pairs, config.max_tokens, min_response=0)]
+        templated = templated[rank::world]
+
+        running = 32
+        llm = LLM(
+            verifier_dir,
+            dtype=config.teacher_dtype,
+            device=str(config.device or "cpu"),
+            cache=CacheConfig(block_size=16, num_blocks=2 * running * (config.max_tokens // 16 + 2)),
+            scheduler=SchedulerConfig(max_num_seqs=running, max_num_batched_tokens=2048),
+        )
+        prompts = [p for p, _ in templated]
+        # many prompts per call: the engine's continuous batching refills a finished row at once
+        examples = generate_targets(
+            llm, prompts, config.max_new_tokens, 8 * running, progress=config.progress and rank == 0
+        )
+        templated = [(e.prompt_ids, e.response_ids) for e in examples if len(e.response_ids) >= 4]
+        del llm
+    return [p + r for p, r in templated], [len(p) for p, _ in templated]
+
+
+def teacher_data(
+    config, verifier: LlamaModel, verifier_dir: str, tokenizer, rank: int, world: int
+) -> list[TeacherSequence]:
+    """This rank's sequences (config: an EagleConfig) with the verifier's features and top-m: from the output
+    directory when a run with the same data settings left them there, else made (and left there)."""
+    keys = ("responses", "max_sequences", "max_tokens", "max_new_tokens", "teacher_top_m", "teacher_dtype")
+    key = {
+        "data": [os.path.abspath(p) for p in config.data],
+        **{k: getattr(config, k) for k in keys},
+        "verifier": verifier_fingerprint(verifier_dir),
+        "rank": rank,
+        "world": world,
+    }
+    path = os.path.join(config.out, "teacher_data.pt" if world == 1 else f"teacher_data.rank{rank}.pt")
+    data = load_teacher_data(path, key)
+    if data is not None:
+        if rank == 0:
+            print(f"specserve: teacher data of {len(data)} sequences from {path}", flush=True)
+        return data
+    seqs, prompt_lens = _sequences(config, verifier_dir, tokenizer, rank, world)
+    data = teacher_pass(verifier, seqs, prompt_lens, config.teacher_top_m, progress=config.progress and rank == 0)
+    os.makedirs(config.out, exist_ok=True)
+    save_teacher_data(path, data, key)
+    return data

@@ -38,20 +38,12 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from specserve.distill.eagle_data import (
-    TeacherSequence,
-    draft_vocabulary,
-    load_pairs,
-    load_teacher_data,
-    save_teacher_data,
-    teacher_pass,
-    template_pairs,
-)
+from specserve.distill.eagle_data import TeacherSequence, draft_vocabulary, teacher_data
 from specserve.distill.eagle_state import load_state, restore_rng, save_state
 from specserve.distill.eagle_unroll import UnrolledHead, evaluate_chained, masked_row_losses, noisy, unrolled_losses
 from specserve.distill.trainer import setup_distributed
 from specserve.model.attention import AttentionMetadata
-from specserve.model.eagle import EagleHead, load_eagle, verifier_fingerprint
+from specserve.model.eagle import EagleHead, load_eagle
 from specserve.model.loader import load_model
 
 
@@ -269,61 +261,6 @@ def evaluate(head: EagleHead, batches: list[HeadBatch]) -> dict:
 # ---- the run ---------------------------------------------------------------------------------------
 
 
-def _sequences(config: EagleConfig, verifier_dir: str, tokenizer, rank: int, world: int) -> tuple[list, list]:
-    if config.responses == "dataset":
-        pairs = load_pairs(list(config.data), config.max_sequences)
-        templated = template_pairs(tokenizer, pairs, config.max_tokens)[rank::world]
-    else:  # prompts only (any prompt file the standalone distiller reads); the verifier answers them
-        from specserve import LLM
-        from specserve.config import CacheConfig, SchedulerConfig
-        from specserve.distill.data import generate_targets, load_prompts
-
-        pairs = [(p, "") for p in load_prompts(list(config.data), config.max_sequences)]
-        templated = [(p, []) for p, _ in template_pairs(tokenizer, pairs, config.max_tokens, min_response=0)]
-        templated = templated[rank::world]
-
-        running = 32
-        llm = LLM(
-            verifier_dir,
-            dtype=config.teacher_dtype,
-            device=str(config.device or "cpu"),
-            cache=CacheConfig(block_size=16, num_blocks=2 * running * (config.max_tokens // 16 + 2)),
-            scheduler=SchedulerConfig(max_num_seqs=running, max_num_batched_tokens=2048),
-        )
-        prompts = [p for p, _ in templated]
-        # many prompts per call: the engine's continuous batching refills a finished row at once
-        examples = generate_targets(
-            llm, prompts, config.max_new_tokens, 8 * running, progress=config.progress and rank == 0
-        )
-        templated = [(e.prompt_ids, e.response_ids) for e in examples if len(e.response_ids) >= 4]
-        del llm
-    return [p + r for p, r in templated], [len(p) for p, _ in templated]
-
-
-def _teacher_data(config: EagleConfig, verifier, verifier_dir: str, tokenizer, d) -> list[TeacherSequence]:
-    """This rank's sequences with the verifier's features and top-m: from the output directory when a run with
-    the same data settings left them there, else made (and left there)."""
-    keys = ("responses", "max_sequences", "max_tokens", "max_new_tokens", "teacher_top_m", "teacher_dtype")
-    key = {
-        "data": [os.path.abspath(p) for p in config.data],
-        **{k: getattr(config, k) for k in keys},
-        "verifier": verifier_fingerprint(verifier_dir),
-        "rank": d.rank,
-        "world": d.world,
-    }
-    path = os.path.join(config.out, "teacher_data.pt" if d.world == 1 else f"teacher_data.rank{d.rank}.pt")
-    data = load_teacher_data(path, key)
-    if data is not None:
-        if d.main:
-            print(f"specserve: teacher data of {len(data)} sequences from {path}", flush=True)
-        return data
-    seqs, prompt_lens = _sequences(config, verifier_dir, tokenizer, d.rank, d.world)
-    data = teacher_pass(verifier, seqs, prompt_lens, config.teacher_top_m, progress=config.progress and d.main)
-    os.makedirs(config.out, exist_ok=True)
-    save_teacher_data(path, data, key)
-    return data
-
-
 def _plot(path: str, history: list[dict]) -> None:
     try:
         import matplotlib
@@ -385,7 +322,7 @@ def train_eagle(config: EagleConfig) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(verifier_dir)
     started = time.time()
     verifier = load_model(verifier_dir, config.teacher_dtype, str(d.device))
-    data = _teacher_data(config, verifier, verifier_dir, tokenizer, d)
+    data = teacher_data(config, verifier, verifier_dir, tokenizer, d.rank, d.world)
     teacher_seconds = time.time() - started
     verifier = verifier.float()  # the head trains in fp32 on the verifier's frozen embedding / norm / output
     vocab = verifier.arch.vocab_size
