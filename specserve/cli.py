@@ -135,6 +135,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from specserve.bench.throughput import run
     elif args.bench == "serve":
         from specserve.bench.serve import run
+    elif args.bench == "profile":
+        from specserve.bench.profile_forward import run
+    elif args.bench == "exactness":
+        from specserve.bench.exactness import run
     else:
         from specserve.bench.kernel import run
     return run(args)
@@ -743,6 +747,21 @@ def build_parser() -> argparse.ArgumentParser:
                          "x vocab, on a GPU (skipped without one; --device cpu times the reference alone).")
     add_kernel_args(bk)
     bk.set_defaults(func=cmd_bench)
+    from specserve.bench.profile_forward import add_profile_args
+
+    bp = bsub.add_parser("profile", help="One verifier forward over 1..8 new tokens: wall time and its split by op.",
+                         description="Times our verifier's forward over a few new tokens after a long context, "
+                         "interleaved, then splits it by op under torch.profiler. Writes Markdown and JSON.")
+    add_profile_args(bp)
+    bp.set_defaults(func=cmd_bench)
+    from specserve.bench.exactness import add_exactness_args
+
+    be = bsub.add_parser("exactness", help="Greedy speculative vs plain decoding on many prompts: which differ.",
+                         description="Decodes Spec-Bench prompts greedily, plain and speculative (the serving "
+                         "default), batched, per dtype, and reports how many outputs differ and where they first "
+                         "diverge. Writes JSON.")
+    add_exactness_args(be)
+    be.set_defaults(func=cmd_bench)
 
     dl = sub.add_parser(
         "distill", help="Distil a draft model from the verifier (offline; torchrun for many GPUs).",

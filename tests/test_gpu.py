@@ -13,6 +13,7 @@ from test_paged_attention import TOLERANCE, paged_case
 from tiny_models import PROMPTS, greedy
 
 from kernels import paged_decode_attention, paged_decode_attention_reference, paged_decode_attention_triton
+from kernels.batch_invariant import batch_invariant_linear, linear_reference
 from specserve import LLM, SamplingParams
 from specserve.config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
 from specserve.engine.cuda_graphs import GraphShapes, graph_shapes
@@ -134,6 +135,48 @@ def test_bf16_on_cuda_generates(tiny):
     )
     outs = llm.generate(PROMPTS, greedy(16))
     assert all(len(o.token_ids) == 16 for o in outs)
+
+
+# ---- batch-invariant mode (tests/test_batch_invariant.py runs on CUDA too, compiled) -----------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_batch_invariant_linear_rows_are_the_same_bits_on_cuda(dtype):
+    """SmolLM2's MLP shape: a row alone, at any offset, among 1..64 and 300 rows; cuBLAS is shown as the contrast."""
+    torch.manual_seed(0)
+    w = torch.randn(1536, 576, device="cuda", dtype=dtype)
+    x = torch.randn(300, 576, device="cuda", dtype=dtype)
+    full = batch_invariant_linear(x, w)
+    torch.testing.assert_close(full.float(), linear_reference(x, w).float(), rtol=2e-2, atol=2e-1)
+    for n in (1, 2, 3, 8, 9, 33, 64):
+        for start in (0, 5, 64, 250):
+            assert torch.equal(batch_invariant_linear(x[start : start + n], w), full[start : start + n])
+    cublas_same = all(torch.equal(torch.nn.functional.linear(x[:n], w)[0], torch.nn.functional.linear(x, w)[0])
+                      for n in (1, 2, 8))  # fmt: skip
+    print(f"cuBLAS row 0 the same bits at 1, 2, 8 and 300 rows: {cublas_same}")
+
+
+def test_batch_invariant_bf16_speculation_equals_plain_with_cuda_graphs(tiny):
+    """bf16, where cuBLAS rounds a 1-row and a (k + 1)-row pass differently: batch-invariant kernels make greedy
+    speculation (fixed and adaptive k, batched) equal plain decoding one request at a time, graphs and all."""
+    kw = dict(dtype="bfloat16", cache=CACHE, device="cuda", batch_invariant=True)
+    plain = LLM(tiny["llama"], **kw)
+    expected = [plain.generate([p], greedy(40))[0].token_ids for p in PROMPTS]
+    for k in (1, 3, None):
+        spec = LLM(tiny["llama"], draft=tiny["llama"], num_speculative_tokens=k, **kw)
+        assert [c.token_ids for c in spec.generate(PROMPTS, greedy(40))] == expected, k
+        assert spec.engine.metrics.total_speculation().drafted_tokens > 0
+        assert spec.engine.runner.cuda_graphs.num_replays > 0
+
+
+def test_batch_invariant_seeded_sampling_alone_equals_batched_on_cuda(tiny):
+    spec = LLM(tiny["llama"], draft=tiny["draft"], dtype="bfloat16", num_speculative_tokens=3, cache=CACHE,
+               device="cuda", batch_invariant=True)  # fmt: skip
+    assert spec.engine.numerics.seeded_reproducible
+    sampled = SamplingParams(max_tokens=24, temperature=0.8, seed=5, ignore_eos=True)
+    alone = spec.generate([PROMPTS[1]], sampled)[0].token_ids
+    batched = spec.generate(PROMPTS, [greedy(30), sampled, *[SamplingParams(max_tokens=9, temperature=1.0)] * 3])
+    assert alone == batched[1].token_ids
 
 
 # ---- the server ----------------------------------------------------------------------------------

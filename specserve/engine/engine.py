@@ -150,6 +150,9 @@ class LLMEngine:
         self.max_model_len = min(max_len, num_blocks * cache.block_size)
 
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
+        # an EAGLE head's input at position c is f_{c-1}: after a prefix-cache hit of c tokens the verifier
+        # computes nothing before c, so each block keeps the verifier's feature of its last position
+        self.block_last_features: dict[int, torch.Tensor] = {}  # block id -> [hidden]
         self.runner = ModelRunner(self.verifier, num_blocks, cache.block_size)
         self.proposer = None
         self.spec_policy = None
@@ -251,6 +254,7 @@ class LLMEngine:
             enable_batch_invariant(draft_model)
         self.proposer = make_proposer(draft_model, self.num_blocks, bs)
         self.kv.invalidate_draft()
+        self.block_last_features.clear()
         for r in self.requests.values():
             r.num_draft_computed_tokens = 0
             r.spec_counts.pop("draft", None)
@@ -512,12 +516,24 @@ class LLMEngine:
             prompt_logprobs=r.prompt_logprobs,
         )
 
-    @staticmethod
-    def _keep_features(r: Request, new: torch.Tensor) -> None:  # new: [committed rows, hidden]
-        """Append the verifier's features of r's newly committed positions; drop those the head has used."""
+    def _keep_features(self, r: Request, new: torch.Tensor) -> None:  # new: [committed rows, hidden]
+        """Append the verifier's features of r's newly committed positions; drop those the head has used.
+
+        Each block also remembers the feature of its last position (`block_last_features`), so a later
+        request that hits the block in the prefix cache starts with the head's true input f_{c-1}, as the
+        request that computed it did: its proposals (and so a seeded sample) do not depend on the cache."""
         start = r.num_computed_tokens
+        bs = self.config.cache.block_size
+        blocks = self.kv.req_blocks.get(r.request_id, [])
+        for p in range(start + (-(start + 1)) % bs, start + new.shape[0], bs):  # positions that end a block
+            if p // bs < len(blocks):
+                self.block_last_features[blocks[p // bs]] = new[p - start].clone()
         if r.features is None or r.features_start + r.features.shape[0] != start:
-            r.features, r.features_start = new, start
+            before = self.block_last_features.get(blocks[(start - 1) // bs]) if start % bs == 0 < start else None
+            if before is not None and (start - 1) // bs < len(blocks):
+                r.features, r.features_start = torch.cat([before[None].to(new.dtype), new]), start - 1
+            else:
+                r.features, r.features_start = new, start
         else:
             r.features = torch.cat([r.features, new])
         # the head's next catch-up starts at its counter h and reads f_{h-1} onwards

