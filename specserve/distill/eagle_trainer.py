@@ -271,12 +271,14 @@ def _plot(path: str, history: list[dict]) -> None:
         return
     evals = [h for h in history if "agreement" in h]
     steps = [h["step"] for h in evals]
+    tokens = [h.get("tokens_seen", 0) / 1e3 for h in evals]  # thousands of training tokens read
     fig, ax = plt.subplots(1, 3, figsize=(15, 4))
     ax[0].plot([h["step"] for h in history if "loss" in h], [h["loss"] for h in history if "loss" in h])
     ax[0].set(xlabel="step", ylabel="training loss", title="EAGLE head: loss (steps weighted)")
-    ax[1].plot(steps, [h["agreement"] for h in evals], marker="o", label="top-1 agreement")
-    ax[1].plot(steps, [h["expected_acceptance"] for h in evals], marker="s", label="expected acceptance")
-    ax[1].set(xlabel="step", ylabel="held out", title="one step ahead, held-out sequences", ylim=(0, 1))
+    ax[1].plot(tokens, [h["agreement"] for h in evals], marker="o", label="top-1 agreement")
+    ax[1].plot(tokens, [h["expected_acceptance"] for h in evals], marker="s", label="expected acceptance")
+    ax[1].set(xlabel="training tokens read (thousands)", ylabel="held out", ylim=(0, 1),
+              title="one step ahead, held-out sequences")  # fmt: skip
     ax[1].legend()
     depth = len(evals[-1].get("acceptance_at", [])) if evals else 0
     for s in range(depth):
@@ -364,6 +366,7 @@ def train_eagle(config: EagleConfig) -> dict:
         if d.main:
             print(f"specserve: resuming {config.out} at step {step}", flush=True)
     prior_seconds = max((h.get("train_seconds", 0.0) for h in history), default=0.0)
+    tokens_seen = max((h.get("tokens_seen", 0) for h in history), default=0)  # training tokens read so far
     os.makedirs(config.out, exist_ok=True)
 
     def checkpoint(step: int, with_state: bool = True) -> None:
@@ -371,6 +374,7 @@ def train_eagle(config: EagleConfig) -> dict:
         head.eval()
         result = {"step": step, **evaluate_chained(head, eval_batches, config.eval_depth)}
         result["train_seconds"] = prior_seconds + time.time() - train_started
+        result["tokens_seen"] = tokens_seen
         head.train()
         history.append(result)
         if result["accepted_tokens"] > best["accepted_tokens"]:
@@ -416,6 +420,7 @@ def train_eagle(config: EagleConfig) -> dict:
                 rng.shuffle(order)
             picked = [train[order.pop()] for _ in range(config.batch_size)]
             batch = make_batch(picked, to_draft, d.device)
+            tokens_seen += sum(s.token_ids.numel() for s in picked) * d.world
             predicted = model(
                 batch.input_ids, batch.positions, noisy(batch.in_features, config.feature_noise), batch.seq_lens
             )  # [unroll_steps, tokens, hidden]
@@ -430,7 +435,14 @@ def train_eagle(config: EagleConfig) -> dict:
             step += 1
             if d.main:
                 history.append(
-                    {"step": step, "loss": loss.item(), "feature_loss": feat.item(), "kl": kl.item(), "kl_at": kl_steps}
+                    {
+                        "step": step,
+                        "loss": loss.item(),
+                        "feature_loss": feat.item(),
+                        "kl": kl.item(),
+                        "kl_at": kl_steps,
+                        "tokens_seen": tokens_seen,
+                    }  # fmt: skip
                 )
                 bar.set_postfix(loss=f"{loss.item():.3f}", kl=f"{kl.item():.3f}")
                 bar.update(1)
