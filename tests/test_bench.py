@@ -217,3 +217,14 @@ def test_kernel_bench_skips_cleanly_without_a_gpu(capsys):
         pytest.skip("a GPU is present: the kernel benchmark runs instead of skipping")
     assert main(["bench", "kernel"]) == 0
     assert "skipped: no CUDA GPU" in capsys.readouterr().out
+
+
+def test_llamacpp_system_is_optional_and_named_clearly(monkeypatch):
+    from specserve.bench import latency
+
+    monkeypatch.setattr(latency, "llama_cpp_available", lambda: False)
+    assert latency.LLAMA_CPP not in latency.system_names([2], None, no_hf=False)
+    with pytest.raises(ValueError, match="llama-cpp-python"):
+        latency.system_names([2], ["ours-plain", latency.LLAMA_CPP], no_hf=False)
+    monkeypatch.setattr(latency, "llama_cpp_available", lambda: True)
+    assert latency.system_names([2], None, no_hf=True)[-1] == latency.LLAMA_CPP  # not an HF system
