@@ -307,8 +307,8 @@ class DraftWatcher:
         features = None  # [n, hidden]: f_{i-1} at each position i, as the engine hands an EAGLE head
         if isinstance(model, EagleHead):  # the verifier may run here too: read-only, on a KV pool of its own
             verifier = ModelRunner(engine.verifier, num_blocks, block_size)
-            verifier.forward([TokenRun(tokens, 0, list(range(num_blocks)), 0)], keep_features=True)
-            f = verifier.last_features  # [n, hidden]: f_i
+            run = TokenRun(tokens, 0, list(range(num_blocks)), 0)
+            f = verifier.run([run], keep_features=True).features  # [n, hidden]: f_i
             features = torch.cat([f.new_zeros(1, f.shape[1]), f[:-1]])
         runner = ModelRunner(model, num_blocks, block_size)  # its own few blocks: the engine's pool is not touched
         try:
