@@ -20,6 +20,7 @@ from transformers import AutoTokenizer, GenerationConfig
 
 from kernels import rejection_sample
 from specserve.config import EngineConfig
+from specserve.engine import drafts
 from specserve.engine.cuda_graphs import graph_shapes
 from specserve.engine.detokenizer import IncrementalDetokenizer
 from specserve.engine.eagle_proposer import EagleProposer
@@ -38,15 +39,12 @@ from specserve.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOut
 from specserve.engine.speculation_length import SpeculationLengthPolicy
 from specserve.engine.trace import SpecStep, TraceRecorder
 from specserve.model.batch_invariant import enable_batch_invariant
-from specserve.model.eagle import EagleHead, is_eagle_checkpoint, load_eagle
 from specserve.model.llama import LlamaModel
 from specserve.model.loader import load_model, resolve_dtype
 from specserve.model.upcast import enable_upcast, upcast_default
 from specserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
-
-VOCAB_PROBE = "Hello, world! The quick brown fox: 1234 + 5678 = ?"
 
 
 @dataclass
@@ -64,30 +62,6 @@ class StepOutput:
     """Per sampling request that asks for logprobs, those of its emitted tokens."""
     prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
     """Per request still scoring its prompt, the prompt logprobs this step computed (the next ones it lacks)."""
-
-
-def check_same_vocabulary(verifier: LlamaModel, draft: LlamaModel, verifier_tok, draft_tok) -> None:
-    v, d = verifier.arch.vocab_size, draft.arch.vocab_size
-    if v != d:
-        raise ValueError(f"draft vocabulary size {d} differs from the verifier's {v}; the draft must share it")
-    if draft_tok is not None:
-        a, b = verifier_tok.encode(VOCAB_PROBE), draft_tok.encode(VOCAB_PROBE)
-        if a != b:
-            raise ValueError(
-                f"draft tokenizer encodes {VOCAB_PROBE!r} as {b}, verifier as {a}: not the same vocabulary"
-            )
-
-
-def num_params(model: torch.nn.Module) -> int:
-    """Parameters a forward multiplies by (an EAGLE head: its own, plus the output rows it uses)."""
-    if isinstance(model, EagleHead):
-        return sum(p.numel() for p in model.parameters()) + model.draft_vocab_size * model.arch.hidden_size
-    return sum(p.numel() for p in model.parameters())
-
-
-def make_proposer(draft: LlamaModel | EagleHead, num_blocks: int, block_size: int) -> DraftProposer:
-    runner = ModelRunner(draft, num_blocks, block_size)
-    return EagleProposer(runner) if isinstance(draft, EagleHead) else DraftProposer(runner)
 
 
 def eos_token_ids(path: str, tokenizer) -> set[int]:
@@ -110,31 +84,23 @@ class LLMEngine:
         self.verifier = load_model(config.verifier, dtype, config.device)
         spec = config.speculative
         self.draft_version = "none"
-        if draft_model is None and spec.draft is not None and is_eagle_checkpoint(spec.draft):
-            draft_model = load_eagle(spec.draft, self.verifier, config.verifier)
-            self.draft_version = spec.draft
-        elif draft_model is None and spec.draft is not None:
-            draft_model = load_model(spec.draft, dtype, config.device)
-            try:
-                draft_tok = AutoTokenizer.from_pretrained(spec.draft)
-            except (OSError, ValueError):
-                draft_tok = None  # a bare checkpoint (e.g. a distilled draft) reuses the verifier's tokenizer
-            check_same_vocabulary(self.verifier, draft_model, self.tokenizer, draft_tok)
+        if draft_model is None and spec.draft is not None:
+            draft_model = drafts.load_draft(
+                spec.draft, self.verifier, config.verifier, self.tokenizer, dtype, config.device
+            )
             self.draft_version = spec.draft
         elif draft_model is not None:
-            check_same_vocabulary(self.verifier, draft_model, self.tokenizer, None)
+            drafts.check_same_vocabulary(self.verifier, draft_model, self.tokenizer, None)
             self.draft_version = "in-memory"
 
         # batch-invariant kernels replace upcast matmuls (each is a different matmul for the same layers)
         self.upcast = not config.batch_invariant and upcast_default(config.upcast_matmuls, dtype, config.device)
         if self.upcast:  # the fp32 weight copies are made now, before the KV pool is sized
             enable_upcast(self.verifier)
-            if draft_model is not None:
-                enable_upcast(draft_model)
         if config.batch_invariant:
             enable_batch_invariant(self.verifier)
-            if draft_model is not None:
-                enable_batch_invariant(draft_model)
+        if draft_model is not None:
+            drafts.arm(draft_model, self.upcast, config.batch_invariant)
 
         cache = config.cache
         per_block = kv_bytes_per_block(self.verifier, cache.block_size, dtype)
@@ -159,12 +125,12 @@ class LLMEngine:
         self.spec_policy: SpeculationLengthPolicy | None = None
         method = spec.resolved_method
         if draft_model is not None and method in ("draft", "hybrid"):
-            self.proposer = make_proposer(draft_model, num_blocks, cache.block_size)
+            self.proposer = drafts.make_proposer(draft_model, num_blocks, cache.block_size)
         if method is not None:
             ngram = NgramProposer(spec.ngram_min, spec.ngram_max) if method in ("ngram", "hybrid") else None
             c0 = 0.0  # until measured: the draft's share of the verifier's parameters
             if draft_model is not None:
-                c0 = num_params(draft_model) / num_params(self.verifier)
+                c0 = drafts.num_params(draft_model) / drafts.num_params(self.verifier)
             self.spec_policy = SpeculationLengthPolicy(spec, c0, ngram)
         shapes = graph_shapes(config, self.max_model_len)  # None off CUDA or with cuda_graphs off
         if shapes is not None:  # captured now, before any request, never lazily mid-step
@@ -231,6 +197,14 @@ class LLMEngine:
 
     # ---- draft hot-swap -----------------------------------------------------------------------
 
+    @property
+    def draft_slot(self) -> drafts.DraftSlot:
+        """What a draft must fit to be swapped in; made of parts fixed at startup, so any thread may read it."""
+        return drafts.DraftSlot(
+            self.verifier, self.config.verifier, self.tokenizer, self.dtype, self.config.device,
+            self.config.cache.block_size, self.draft_block_bytes, self.max_model_len,
+        )  # fmt: skip
+
     def swap_draft(self, draft_model: LlamaModel, version: str) -> None:
         """Replace the draft model between steps (call it from the thread that drives `step()`).
 
@@ -241,25 +215,15 @@ class LLMEngine:
         """
         if self.proposer is None:
             raise ValueError("this engine runs without a draft model; start it with one to swap drafts")
-        check_same_vocabulary(self.verifier, draft_model, self.tokenizer, None)
-        bs = self.config.cache.block_size
-        need = kv_bytes_per_block(draft_model, bs, next(draft_model.parameters()).dtype)
-        if need > self.draft_block_bytes:
-            raise ValueError(
-                f"draft {version!r} needs {need} KV bytes per block, more than the {self.draft_block_bytes} "
-                "reserved for the draft at startup; restart the server to serve a larger draft"
-            )
-        if self.upcast:
-            enable_upcast(draft_model)
-        if self.config.batch_invariant:
-            enable_batch_invariant(draft_model)
-        self.proposer = make_proposer(draft_model, self.num_blocks, bs)
+        drafts.check_fits(draft_model, self.draft_slot, version)
+        drafts.arm(draft_model, self.upcast, self.config.batch_invariant)
+        self.proposer = drafts.make_proposer(draft_model, self.num_blocks, self.config.cache.block_size)
         self.kv.invalidate_draft()
         self.block_last_features.clear()
         for r in self.requests.values():
             r.num_draft_computed_tokens = 0
         if self.spec_policy is not None:  # forgets the old draft's rates, engine-wide and per request
-            self.spec_policy.reset_draft(num_params(draft_model) / num_params(self.verifier))
+            self.spec_policy.reset_draft(drafts.num_params(draft_model) / drafts.num_params(self.verifier))
         self.draft_version = version
 
     # ---- the step ---------------------------------------------------------------------------
