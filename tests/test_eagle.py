@@ -123,8 +123,8 @@ def test_head_reads_the_verifiers_true_features(tiny, heads):
 
     for tokens, start, feats in seen:
         runner = ModelRunner(verifier, 64, 4)
-        runner.forward([TokenRun(tokens, 0, list(range(64)), 1)], keep_features=True)
-        torch.testing.assert_close(feats, runner.last_features[start : start + feats.shape[0]], atol=1e-4, rtol=1e-4)
+        every = runner.run([TokenRun(tokens, 0, list(range(64)), 1)], keep_features=True).features  # [tokens, hidden]
+        torch.testing.assert_close(feats, every[start : start + feats.shape[0]], atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("which", ["full", "trimmed"])

@@ -9,6 +9,7 @@ from test_speculative import chi_square_pvalue, exact_second_token_distribution,
 from specserve import LLM, SamplingParams
 from specserve.config import CacheConfig, SchedulerConfig, SpeculativeConfig
 from specserve.engine.ngram_proposer import NgramProposer
+from specserve.engine.proposal import SpecChoice, SpecSource
 
 REPEATING = [
     "The quick brown fox jumps over the lazy dog. The quick brown fox jumps over the lazy dog. The quick",
@@ -19,15 +20,15 @@ REPEATING = [
 
 def test_proposes_what_followed_the_latest_match():
     p = NgramProposer(min_n=2, max_n=3)
-    assert p.propose([1, 2, 3, 4, 5, 9, 2, 3], k=3) == ([4, 5, 9], 2)
+    assert p.lookup([1, 2, 3, 4, 5, 9, 2, 3], k=3) == ([4, 5, 9], 2)
     # the most recent earlier occurrence wins
-    assert p.propose([1, 2, 7, 1, 2, 8, 1, 2], k=1) == ([8], 2)
+    assert p.lookup([1, 2, 7, 1, 2, 8, 1, 2], k=1) == ([8], 2)
     # the longest n is tried first: (5, 1, 2) recurs -> 9, though (1, 2) alone most recently -> 8
-    assert p.propose([5, 1, 2, 9, 1, 2, 8, 5, 1, 2], k=1) == ([9], 3)
-    assert p.propose([1, 2, 3, 4], k=3) == ([], 0)
-    assert p.propose([1, 2, 3, 1, 2], k=0) == ([], 0)
+    assert p.lookup([5, 1, 2, 9, 1, 2, 8, 5, 1, 2], k=1) == ([9], 3)
+    assert p.lookup([1, 2, 3, 4], k=3) == ([], 0)
+    assert p.lookup([1, 2, 3, 1, 2], k=0) == ([], 0)
     # proposals stop at the end of the context
-    assert p.propose([1, 2, 3, 1, 2], k=5) == ([3, 1, 2], 2)
+    assert p.lookup([1, 2, 3, 1, 2], k=5) == ([3, 1, 2], 2)
 
 
 def test_bad_ngram_sizes_are_refused():
@@ -87,12 +88,12 @@ def test_matches_across_the_prompt_output_boundary_and_repeats():
     p = NgramProposer(min_n=2, max_n=4)
     prompt, output = [10, 11, 12, 13], [14, 10, 11]
     # the tail (10, 11) spans into the output; its earlier occurrence is in the prompt
-    assert p.propose(prompt + output, k=3) == ([12, 13, 14], 2)
+    assert p.lookup(prompt + output, k=3) == ([12, 13, 14], 2)
     # a run of one repeated token matches itself shifted by one
-    assert p.propose([7, 7, 7, 7], k=2) == ([7], 3)
-    assert p.propose([5, 7, 7, 7, 7], k=3) == ([7], 3)
+    assert p.lookup([7, 7, 7, 7], k=2) == ([7], 3)
+    assert p.lookup([5, 7, 7, 7, 7], k=3) == ([7], 3)
     # min_n bounds the shortest match
-    assert NgramProposer(min_n=3, max_n=4).propose([1, 2, 9, 1, 2], k=2) == ([], 0)
+    assert NgramProposer(min_n=3, max_n=4).lookup([1, 2, 9, 1, 2], k=2) == ([], 0)
 
 
 def test_a_cold_draft_pays_its_catch_up_in_the_choice_of_k():
@@ -109,18 +110,12 @@ def test_a_cold_draft_pays_its_catch_up_in_the_choice_of_k():
     policy.observe_draft_step(0.003)
     for n in [1, 10, 50, 200] * 3:  # the draft's catch-up: 1 ms per token it has not seen
         policy.observe_draft_catchup(n, 0.002 + 0.001 * n)
-    warm = SimpleNamespace(
-        num_tokens=100,
-        num_draft_computed_tokens=99,
-        spec_counts={},
-        steps_since={},
-        all_token_ids=[1] * 100,
-    )
-    cold = SimpleNamespace(**{**vars(warm), "num_draft_computed_tokens": 0})
+    warm = SimpleNamespace(request_id="warm", num_tokens=100, num_draft_computed_tokens=99, all_token_ids=[1] * 100)
+    cold = SimpleNamespace(**{**vars(warm), "request_id": "cold", "num_draft_computed_tokens": 0})
     assert policy.draft_overhead(warm, 1) == 0.0
     assert policy.draft_overhead(cold, 1) > 2.0  # ~100 ms of catch-up against a 30 ms step
-    assert policy(warm, 1) >= 2
-    assert policy(cold, 1) == 0
+    assert policy(warm, 1).k >= 2
+    assert policy(cold, 1) is None
 
 
 def hybrid_policy(verify_slope: float):
@@ -137,18 +132,11 @@ def hybrid_policy(verify_slope: float):
     return policy
 
 
-def decoding_request(tokens: list[int]):
+def decoding_request(tokens: list[int], request_id: str = "r"):
     from types import SimpleNamespace
 
     return SimpleNamespace(
-        num_tokens=len(tokens),
-        num_draft_computed_tokens=len(tokens) - 1,
-        spec_counts={},
-        steps_since={},
-        all_token_ids=tokens,
-        spec_source=None,
-        ngram_proposal=[],
-        ngram_match=0,
+        request_id=request_id, num_tokens=len(tokens), num_draft_computed_tokens=len(tokens) - 1, all_token_ids=tokens
     )
 
 
@@ -158,32 +146,37 @@ def test_hybrid_proposes_from_the_source_with_the_higher_expected_speedup():
     r = decoding_request(repeat)
     policy.draft_rate = settled_rate(0.3)
     policy.ngram_rate[2] = settled_rate(0.8)
-    k = policy(r, 1)
-    assert (r.spec_source, r.ngram_match) == ("ngram", 2) and k >= 3
-    assert r.ngram_proposal == [3, 4, 5, 6, 7, 8, 9, 1, 2][:k]
+    choice = policy(r, 1)
+    assert (choice.source, choice.match_len) == (SpecSource.NGRAM, 2) and choice.k >= 3
+    assert list(choice.token_ids) == [3, 4, 5, 6, 7, 8, 9, 1, 2][: choice.k]
     # 2-gram matches have been poor lately: the draft, though a match exists
     policy.ngram_rate[2] = settled_rate(0.1)
-    assert policy(r, 1) >= 1 and r.spec_source == "draft" and r.ngram_proposal == []
+    choice = policy(r, 1)
+    assert choice.k >= 1 and choice.source is SpecSource.DRAFT and choice.token_ids == ()
     # a longer match is judged by its own length's rate
-    r3 = decoding_request([1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3])
+    r3 = decoding_request([1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3], "r3")
     policy.ngram_rate[3] = settled_rate(0.9)
-    assert policy(r3, 1) >= 3 and (r3.spec_source, r3.ngram_match) == ("ngram", 3)
+    choice = policy(r3, 1)
+    assert choice.k >= 3 and (choice.source, choice.match_len) == (SpecSource.NGRAM, 3)
     # the request's own history outweighs the engine-wide rate
-    r.spec_counts["ngram"] = (40, 38)
-    assert policy(r, 1) >= 3 and r.spec_source == "ngram"
+    policy.stats(r.request_id).counts[SpecSource.NGRAM] = (40, 38)
+    choice = policy(r, 1)
+    assert choice.k >= 3 and choice.source is SpecSource.NGRAM
 
 
 def test_acceptance_of_prompt_lookup_is_kept_per_match_length():
     policy = hybrid_policy(verify_slope=0.0003)
     r = decoding_request([1, 2, 1, 2])
-    r.ngram_match = 3
     before = {n: rate.value for n, rate in policy.ngram_rate.items()}
-    policy.observe_acceptance(r, "ngram", 4, 0)
+    policy.observe(r, SpecChoice(SpecSource.NGRAM, 4, (1, 2, 1, 2), 3), 0)
     now = {n: rate.value for n, rate in policy.ngram_rate.items()}
     assert now[3] < before[3] and now[2] == before[2] == now[4]
     draft = policy.draft_rate.value
-    policy.observe_acceptance(r, "draft", 4, 4)
+    policy.observe(r, SpecChoice(SpecSource.DRAFT, 4), 4)
     assert policy.draft_rate.value > draft and policy.ngram_rate[3].value == now[3]
+    assert policy.stats(r.request_id).counts == {SpecSource.NGRAM: (4, 0), SpecSource.DRAFT: (4, 4)}
+    policy.forget(r.request_id)  # a finished request's history goes
+    assert r.request_id not in policy.requests
 
 
 def test_an_engine_wide_rate_soon_forgets_its_prior():
@@ -207,24 +200,28 @@ def test_a_source_below_break_even_probes_and_backs_off():
     policy.draft_rate = settled_rate(0.05)
     policy.ngram_rate[2] = settled_rate(0.05)
     r = decoding_request([1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2])
-    assert policy(r, 1) == 0 and r.spec_source is None
+    assert policy(r, 1) is None
     for _ in range(FIRST_PROBE_INTERVAL):
-        policy.observe_request(r, None, 0, 0)
-    assert policy(r, 1) == 1  # both are due: one probes
-    first = r.spec_source
-    policy.observe_request(r, first, 1, 0)  # the probe failed: that source waits twice as long
-    assert policy.probe_interval[first] == 2 * FIRST_PROBE_INTERVAL and r.steps_since[first] == 0
-    assert policy(r, 1) == 1 and r.spec_source not in (first, None)  # the other source is still due
-    other = r.spec_source
-    policy.observe_request(r, other, 1, 1)  # accepted: its interval stays at the first
+        policy.observe(r, None, 0)
+    probe = policy(r, 1)
+    assert probe.k == 1  # both are due: one probes
+    first = probe.source
+    policy.observe(r, probe, 0)  # the probe failed: that source waits twice as long
+    assert policy.probe_interval[first] == 2 * FIRST_PROBE_INTERVAL and policy.stats("r").steps_since[first] == 0
+    probe = policy(r, 1)
+    assert probe.k == 1 and probe.source is not first  # the other source is still due
+    other = probe.source
+    policy.observe(r, probe, 1)  # accepted: its interval stays at the first
     assert policy.probe_interval[other] == FIRST_PROBE_INTERVAL
-    assert policy(r, 1) == 0
+    assert policy(r, 1) is None
     # the back-off is engine-wide: a new request waits as long before probing the failing source
-    fresh = decoding_request([1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2])
+    fresh = decoding_request([1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2], "fresh")
     for _ in range(FIRST_PROBE_INTERVAL):
-        policy.observe_request(fresh, None, 0, 0)
-    assert policy(fresh, 1) == 1 and fresh.spec_source == other  # `first` waits 32 steps, for every request
-    policy.observe_request(fresh, other, 1, 0)  # now `other` fails too
+        policy.observe(fresh, None, 0)
+    probe = policy(fresh, 1)
+    assert probe.k == 1 and probe.source is other  # `first` waits 32 steps, for every request
+    policy.observe(fresh, probe, 0)  # now `other` fails too
     for _ in range(FIRST_PROBE_INTERVAL):
-        policy.observe_request(fresh, None, 0, 0)
-    assert policy(fresh, 1) == 1 and fresh.spec_source == first
+        policy.observe(fresh, None, 0)
+    probe = policy(fresh, 1)
+    assert probe.k == 1 and probe.source is first

@@ -123,8 +123,8 @@ def test_recomputed_features_line_up_with_the_logged_targets(bigram_verifier, he
         tokens = r.prompt_token_ids + r.output_token_ids[:-1]
         assert e.input_ids.tolist() == tokens
         runner = ModelRunner(verifier, 64, 4)
-        runner.forward([TokenRun(tokens, 0, list(range(64)), 1)], keep_features=True)
-        torch.testing.assert_close(e.features.float(), runner.last_features, atol=0.05, rtol=0.02)
+        every = runner.run([TokenRun(tokens, 0, list(range(64)), 1)], keep_features=True).features  # [tokens, hidden]
+        torch.testing.assert_close(e.features.float(), every, atol=0.05, rtol=0.02)
         logits = verifier.compute_logits(e.features[e.first_row : e.first_row + e.rows].float())  # [rows, vocab]
         agree += int((logits.argmax(-1) == e.topm_ids[:, 0]).sum())
         rows += e.rows

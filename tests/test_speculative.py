@@ -12,6 +12,7 @@ from tiny_models import PROMPTS, greedy
 
 from specserve import LLM, SamplingParams
 from specserve.config import CacheConfig, SchedulerConfig, SpeculativeConfig
+from specserve.engine.proposal import SpecSource
 from specserve.engine.speculation_length import AcceptanceRate, expected_speedup
 
 
@@ -113,8 +114,8 @@ def test_speculation_length_policy_maths():
 
     assert expected_speedup(0.0, 3, 0.1) < 1.0
     policy = SpeculationLengthPolicy(SpeculativeConfig(draft="x"), initial_cost_ratio=0.1, ngram=None)
-    assert policy.best(0.0, 8, 1, "draft") == (1.0, 0)  # untimed: each draft costs c0 = 0.1
-    assert policy.best(0.9, 8, 1, "draft")[1] >= 4
+    assert policy.best(0.0, 8, 1, SpecSource.DRAFT) == (1.0, 0)  # untimed: each draft costs c0 = 0.1
+    assert policy.best(0.9, 8, 1, SpecSource.DRAFT)[1] >= 4
     # Leviathan et al. eq. 1 at alpha = 0.8, k = 4, c = 0.1
     assert math.isclose(expected_speedup(0.8, 4, 0.1), (1 - 0.8**5) / (0.2 * 1.4))
 
@@ -204,12 +205,12 @@ def test_costly_verification_turns_speculation_off():
         policy.observe_step(n, 0.03 * n)
     policy.observe_draft_step(0.003)
     assert policy.step_cost(1, 1) > 2.0
-    assert policy.best(0.5, 8, 1, "draft") == (1.0, 0)
+    assert policy.best(0.5, 8, 1, SpecSource.DRAFT) == (1.0, 0)
     free = SpeculationLengthPolicy(SpeculativeConfig(draft="x"), initial_cost_ratio=0.1, ngram=None)
     for n in [1, 2, 3, 4] * 5:  # verification nearly free: speculate
         free.observe_step(n, 0.03 + 0.0003 * n)
     free.observe_draft_step(0.003)
-    assert free.best(0.7, 8, 1, "draft")[1] >= 3
+    assert free.best(0.7, 8, 1, SpecSource.DRAFT)[1] >= 3
 
 
 def test_verification_cost_is_read_per_step_size_not_only_from_a_line():
@@ -237,8 +238,8 @@ def test_verification_cost_is_read_per_step_size_not_only_from_a_line():
     policy.observe_draft_step(0.0015)
     assert math.isclose(policy.step_cost(2, 1), 0.058 / 0.030 + 2 * 0.05)
     # at alpha 0.6 one or two drafts do not pay for the jump to ~2 steps, four do (a line fit would say two)
-    assert policy.best(0.6, 2, 1, "draft") == (1.0, 0)
-    assert policy.best(0.6, 8, 1, "draft")[1] == 4
+    assert policy.best(0.6, 2, 1, SpecSource.DRAFT) == (1.0, 0)
+    assert policy.best(0.6, 8, 1, SpecSource.DRAFT)[1] == 4
 
 
 def test_the_plain_step_is_timed_before_any_drafting(tiny):
@@ -250,21 +251,19 @@ def test_the_plain_step_is_timed_before_any_drafting(tiny):
 
     policy = SpeculationLengthPolicy(SpeculativeConfig(draft="x"), initial_cost_ratio=0.01, ngram=None)
     policy.draft_rate = settled_rate(0.95)
-    r = SimpleNamespace(
-        num_tokens=10, num_draft_computed_tokens=9, spec_counts={}, steps_since={},
-        all_token_ids=[1] * 10, spec_source=None, ngram_proposal=[], ngram_match=0,
-    )  # fmt: skip
+    r = SimpleNamespace(request_id="r", num_tokens=10, num_draft_computed_tokens=9, all_token_ids=[1] * 10)
     for _ in range(10):  # steps of 2 tokens (a request drafting 1) say nothing of a 1-token step
         policy.observe_step(2, 0.031)
-    assert policy(r, 1) == 0
+    assert policy(r, 1) is None
     for _ in range(MIN_SEEN):
         policy.observe_step(1, 0.030)
-    assert policy(r, 1) >= 4 and r.spec_source == "draft"
+    choice = policy(r, 1)
+    assert choice.k >= 4 and choice.source is SpecSource.DRAFT
     for _ in range(REFRESH_STEPS + 1):  # drafting for long: the plain step's time is taken again
         policy.observe_step(5, 0.032)
-    assert policy(r, 1) == 0
+    assert policy(r, 1) is None
     policy.observe_step(1, 0.030)
-    assert policy(r, 1) >= 4
+    assert policy(r, 1).k >= 4
 
     llm = LLM(tiny["llama"], draft=tiny["draft"], dtype="float32", cache=CacheConfig(num_blocks=128, block_size=4))
     prompt = list(range(3, 40))

@@ -159,7 +159,7 @@ def measure_cost_ratio(engine, context_ids: list[int], max_k: int, device: str, 
     """
     import torch
 
-    from specserve.engine.engine import num_params
+    from specserve.engine.drafts import num_params
     from specserve.engine.model_runner import ModelRunner, TokenRun
     from specserve.model.eagle import EagleHead
 

@@ -158,8 +158,8 @@ def verifier_batches(
             i += 1
         if next_block > num_blocks:  # one long batch: grow the pool
             runner = ModelRunner(verifier, next_block, block)
-        out = runner.forward([run for _, run in batch], keep_features=True)  # [tokens, vocab], or [0, vocab]
-        yield [idx for idx, _ in batch], runner.last_features, out if logits else None
+        out = runner.run([run for _, run in batch], keep_features=True)  # logits: [tokens, vocab], or [0, vocab]
+        yield [idx for idx, _ in batch], out.features, out.logits if logits else None
 
 
 @torch.inference_mode()

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from specserve.engine.model_runner import ForwardOutput
+from specserve.engine.proposal import ProposeItem
 from specserve.engine.proposer import DraftProposer
 from specserve.engine.request import Request
 
@@ -36,13 +38,13 @@ def feature_rows(request: Request, first: int, last: int, hidden: int, device) -
 class EagleProposer(DraftProposer):
     recompute_accepted = True  # accepted draft positions are re-run with the verifier's true features
 
-    def catchup_features(self, items: list[tuple[Request, int, list[int]]]) -> torch.Tensor:
+    def catchup_features(self, items: list[ProposeItem]) -> torch.Tensor:
         """[catch-up tokens, hidden]: f_{h-1} .. f_{T-2} of every request (h: the head's counter)."""
         hidden, dev = self.runner.model.arch.hidden_size, self.runner.device
         return torch.cat(
             [feature_rows(r, r.num_draft_computed_tokens - 1, r.num_tokens - 2, hidden, dev) for r, _, _ in items]
         )
 
-    def next_features(self, keep: list[int]) -> torch.Tensor:
+    def next_features(self, previous: ForwardOutput, keep: list[int]) -> torch.Tensor:
         """The head's own predicted features of the rows still drafting."""
-        return self.runner.last_hidden[keep]  # [len(keep), hidden]
+        return previous.hidden[keep]  # [len(keep), hidden]

@@ -20,6 +20,7 @@ from transformers import AutoTokenizer, GenerationConfig
 
 from kernels import rejection_sample
 from specserve.config import EngineConfig
+from specserve.engine import drafts
 from specserve.engine.cuda_graphs import graph_shapes
 from specserve.engine.detokenizer import IncrementalDetokenizer
 from specserve.engine.eagle_proposer import EagleProposer
@@ -30,6 +31,7 @@ from specserve.engine.model_runner import ModelRunner, TokenRun, kv_bytes_per_bl
 from specserve.engine.ngram_proposer import NgramProposer
 from specserve.engine.numerics import Numerics
 from specserve.engine.outputs import RequestOutput
+from specserve.engine.proposal import Proposer, SpecSource
 from specserve.engine.proposer import DraftProposer
 from specserve.engine.request import Request, RequestStatus
 from specserve.engine.sampler import draw_exponential, draw_uniform, sampling_probs
@@ -37,15 +39,12 @@ from specserve.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOut
 from specserve.engine.speculation_length import SpeculationLengthPolicy
 from specserve.engine.trace import SpecStep, TraceRecorder
 from specserve.model.batch_invariant import enable_batch_invariant
-from specserve.model.eagle import EagleHead, is_eagle_checkpoint, load_eagle
 from specserve.model.llama import LlamaModel
 from specserve.model.loader import load_model, resolve_dtype
 from specserve.model.upcast import enable_upcast, upcast_default
 from specserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
-
-VOCAB_PROBE = "Hello, world! The quick brown fox: 1234 + 5678 = ?"
 
 
 @dataclass
@@ -63,30 +62,6 @@ class StepOutput:
     """Per sampling request that asks for logprobs, those of its emitted tokens."""
     prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
     """Per request still scoring its prompt, the prompt logprobs this step computed (the next ones it lacks)."""
-
-
-def check_same_vocabulary(verifier: LlamaModel, draft: LlamaModel, verifier_tok, draft_tok) -> None:
-    v, d = verifier.arch.vocab_size, draft.arch.vocab_size
-    if v != d:
-        raise ValueError(f"draft vocabulary size {d} differs from the verifier's {v}; the draft must share it")
-    if draft_tok is not None:
-        a, b = verifier_tok.encode(VOCAB_PROBE), draft_tok.encode(VOCAB_PROBE)
-        if a != b:
-            raise ValueError(
-                f"draft tokenizer encodes {VOCAB_PROBE!r} as {b}, verifier as {a}: not the same vocabulary"
-            )
-
-
-def num_params(model: torch.nn.Module) -> int:
-    """Parameters a forward multiplies by (an EAGLE head: its own, plus the output rows it uses)."""
-    if isinstance(model, EagleHead):
-        return sum(p.numel() for p in model.parameters()) + model.draft_vocab_size * model.arch.hidden_size
-    return sum(p.numel() for p in model.parameters())
-
-
-def make_proposer(draft: LlamaModel | EagleHead, num_blocks: int, block_size: int) -> DraftProposer:
-    runner = ModelRunner(draft, num_blocks, block_size)
-    return EagleProposer(runner) if isinstance(draft, EagleHead) else DraftProposer(runner)
 
 
 def eos_token_ids(path: str, tokenizer) -> set[int]:
@@ -109,31 +84,23 @@ class LLMEngine:
         self.verifier = load_model(config.verifier, dtype, config.device)
         spec = config.speculative
         self.draft_version = "none"
-        if draft_model is None and spec.draft is not None and is_eagle_checkpoint(spec.draft):
-            draft_model = load_eagle(spec.draft, self.verifier, config.verifier)
-            self.draft_version = spec.draft
-        elif draft_model is None and spec.draft is not None:
-            draft_model = load_model(spec.draft, dtype, config.device)
-            try:
-                draft_tok = AutoTokenizer.from_pretrained(spec.draft)
-            except (OSError, ValueError):
-                draft_tok = None  # a bare checkpoint (e.g. a distilled draft) reuses the verifier's tokenizer
-            check_same_vocabulary(self.verifier, draft_model, self.tokenizer, draft_tok)
+        if draft_model is None and spec.draft is not None:
+            draft_model = drafts.load_draft(
+                spec.draft, self.verifier, config.verifier, self.tokenizer, dtype, config.device
+            )
             self.draft_version = spec.draft
         elif draft_model is not None:
-            check_same_vocabulary(self.verifier, draft_model, self.tokenizer, None)
+            drafts.check_same_vocabulary(self.verifier, draft_model, self.tokenizer, None)
             self.draft_version = "in-memory"
 
         # batch-invariant kernels replace upcast matmuls (each is a different matmul for the same layers)
         self.upcast = not config.batch_invariant and upcast_default(config.upcast_matmuls, dtype, config.device)
         if self.upcast:  # the fp32 weight copies are made now, before the KV pool is sized
             enable_upcast(self.verifier)
-            if draft_model is not None:
-                enable_upcast(draft_model)
         if config.batch_invariant:
             enable_batch_invariant(self.verifier)
-            if draft_model is not None:
-                enable_batch_invariant(draft_model)
+        if draft_model is not None:
+            drafts.arm(draft_model, self.upcast, config.batch_invariant)
 
         cache = config.cache
         per_block = kv_bytes_per_block(self.verifier, cache.block_size, dtype)
@@ -154,16 +121,16 @@ class LLMEngine:
         # computes nothing before c, so each block keeps the verifier's feature of its last position
         self.block_last_features: dict[int, torch.Tensor] = {}  # block id -> [hidden]
         self.runner = ModelRunner(self.verifier, num_blocks, cache.block_size)
-        self.proposer = None
-        self.spec_policy = None
+        self.proposer: DraftProposer | None = None  # the draft model's (a standalone draft or an EAGLE head)
+        self.spec_policy: SpeculationLengthPolicy | None = None
         method = spec.resolved_method
         if draft_model is not None and method in ("draft", "hybrid"):
-            self.proposer = make_proposer(draft_model, num_blocks, cache.block_size)
+            self.proposer = drafts.make_proposer(draft_model, num_blocks, cache.block_size)
         if method is not None:
             ngram = NgramProposer(spec.ngram_min, spec.ngram_max) if method in ("ngram", "hybrid") else None
             c0 = 0.0  # until measured: the draft's share of the verifier's parameters
             if draft_model is not None:
-                c0 = num_params(draft_model) / num_params(self.verifier)
+                c0 = drafts.num_params(draft_model) / drafts.num_params(self.verifier)
             self.spec_policy = SpeculationLengthPolicy(spec, c0, ngram)
         shapes = graph_shapes(config, self.max_model_len)  # None off CUDA or with cuda_graphs off
         if shapes is not None:  # captured now, before any request, never lazily mid-step
@@ -230,6 +197,14 @@ class LLMEngine:
 
     # ---- draft hot-swap -----------------------------------------------------------------------
 
+    @property
+    def draft_slot(self) -> drafts.DraftSlot:
+        """What a draft must fit to be swapped in; made of parts fixed at startup, so any thread may read it."""
+        return drafts.DraftSlot(
+            self.verifier, self.config.verifier, self.tokenizer, self.dtype, self.config.device,
+            self.config.cache.block_size, self.draft_block_bytes, self.max_model_len,
+        )  # fmt: skip
+
     def swap_draft(self, draft_model: LlamaModel, version: str) -> None:
         """Replace the draft model between steps (call it from the thread that drives `step()`).
 
@@ -240,26 +215,15 @@ class LLMEngine:
         """
         if self.proposer is None:
             raise ValueError("this engine runs without a draft model; start it with one to swap drafts")
-        check_same_vocabulary(self.verifier, draft_model, self.tokenizer, None)
-        bs = self.config.cache.block_size
-        need = kv_bytes_per_block(draft_model, bs, next(draft_model.parameters()).dtype)
-        if need > self.draft_block_bytes:
-            raise ValueError(
-                f"draft {version!r} needs {need} KV bytes per block, more than the {self.draft_block_bytes} "
-                "reserved for the draft at startup; restart the server to serve a larger draft"
-            )
-        if self.upcast:
-            enable_upcast(draft_model)
-        if self.config.batch_invariant:
-            enable_batch_invariant(draft_model)
-        self.proposer = make_proposer(draft_model, self.num_blocks, bs)
+        drafts.check_fits(draft_model, self.draft_slot, version)
+        drafts.arm(draft_model, self.upcast, self.config.batch_invariant)
+        self.proposer = drafts.make_proposer(draft_model, self.num_blocks, self.config.cache.block_size)
         self.kv.invalidate_draft()
         self.block_last_features.clear()
         for r in self.requests.values():
             r.num_draft_computed_tokens = 0
-            r.spec_counts.pop("draft", None)
-        if self.spec_policy is not None:
-            self.spec_policy.reset_draft(num_params(draft_model) / num_params(self.verifier))
+        if self.spec_policy is not None:  # forgets the old draft's rates, engine-wide and per request
+            self.spec_policy.reset_draft(drafts.num_params(draft_model) / drafts.num_params(self.verifier))
         self.draft_version = version
 
     # ---- the step ---------------------------------------------------------------------------
@@ -280,25 +244,8 @@ class LLMEngine:
         return outputs
 
     def execute(self, plan: SchedulerOutput) -> StepOutput:
-        draft_ids: dict[str, list[int]] = {}
-        draft_probs = None  # [draft batch, max_k, vocab] q of the draft model's proposals
-        spec_row: dict[str, int] = {}
-        for s in plan.scheduled:
-            if s.num_draft_tokens and s.request.spec_source == "ngram":
-                draft_ids[s.request.request_id] = s.request.ngram_proposal[: s.num_draft_tokens]
-        spec_items = [s for s in plan.scheduled if s.num_draft_tokens > 0 and s.request.spec_source == "draft"]
-        draft_seconds = 0.0
-        if spec_items and self.proposer is not None:
-            t0 = time.perf_counter()
-            items = [(s.request, s.num_draft_tokens, self.kv.blocks_of(s.request.request_id)) for s in spec_items]
-            ids, probs = self.proposer.propose(items)
-            draft_seconds = time.perf_counter() - t0
-            self.metrics.draft_seconds += draft_seconds
-            for row, s in enumerate(spec_items):
-                draft_ids[s.request.request_id] = ids[row, : s.num_draft_tokens].tolist()
-                spec_row[s.request.request_id] = row
-            draft_probs = probs
-
+        """Propose, verify and accept: every tensor of the step is made and read here."""
+        draft_ids, draft_q, draft_seconds = self._propose(plan)
         runs = []
         num_prompt_rows = []  # per run: rows at the head of its logits that score prompt tokens (prompt logprobs)
         for s in plan.scheduled:
@@ -314,7 +261,8 @@ class LLMEngine:
             runs.append(TokenRun(tokens, r.num_computed_tokens, self.kv.blocks_of(r.request_id), num_logits))
         t0 = time.perf_counter()
         eagle = isinstance(self.proposer, EagleProposer)
-        logits = self.runner.forward(runs, keep_features=eagle)  # [sum of num_logits, vocab]
+        out = self.runner.run(runs, keep_features=eagle)
+        logits = out.logits  # [sum of num_logits, vocab]
         prompt_logits = {}  # per request scoring its prompt: [rows, vocab]
         if any(num_prompt_rows):  # keep the sampling rows (the last k + 1 of each sampling run) in `logits`
             per_run = logits.split([run.num_logits for run in runs])
@@ -325,18 +273,12 @@ class LLMEngine:
             logits = torch.cat(sample_rows) if sample_rows else logits[:0]
         features = {}
         if eagle:  # [num_tokens, hidden] -> per request
-            split = self.runner.last_features.split([len(run.token_ids) for run in runs])
+            split = out.features.split([len(run.token_ids) for run in runs])
             features = {s.request.request_id: f for s, f in zip(plan.scheduled, split)}
-        verify_seconds = time.perf_counter() - t0
-        self.metrics.verifier_seconds += verify_seconds
-        if self.spec_policy is not None:
-            if spec_items and self.proposer.step_seconds > 0:
-                self.spec_policy.observe_draft_step(self.proposer.step_seconds)
-            if spec_items:
-                self.spec_policy.observe_draft_catchup(*self.proposer.catchup)
+        self.metrics.verifier_seconds += time.perf_counter() - t0
 
         sampling = [s for s in plan.scheduled if s.samples]
-        emitted = self._accept(sampling, logits, draft_ids, draft_probs, spec_row) if sampling else {}
+        emitted = self._accept(sampling, logits, draft_ids, draft_q) if sampling else {}
         rows = {}
         if self.config.trace_topm and sampling:
             rows = dict(
@@ -344,6 +286,35 @@ class LLMEngine:
             )
         logprobs, prompt_logprobs = self._logprobs(sampling, logits, emitted, prompt_logits)
         return StepOutput(emitted, rows, features, draft_seconds, logprobs, prompt_logprobs)
+
+    def _proposer(self, source: SpecSource) -> Proposer:
+        return self.proposer if source is SpecSource.DRAFT else self.spec_policy.ngram
+
+    def _propose(self, plan: SchedulerOutput) -> tuple[dict[str, list[int]], dict[str, torch.Tensor], float]:
+        """Each drafting request's draft tokens, by the proposer its plan names, and the q of those drawn
+        from a distribution (per request: [k, vocab]; absent: one-hot); and the draft model's seconds."""
+        draft_ids: dict[str, list[int]] = {}
+        draft_q: dict[str, torch.Tensor] = {}
+        seconds = 0.0
+        for source in SpecSource:
+            batch = [s for s in plan.scheduled if s.spec is not None and s.spec.source is source]
+            if not batch:
+                continue
+            proposal = self._proposer(source).propose(
+                [(s.request, s.spec, self.kv.blocks_of(s.request.request_id)) for s in batch]
+            )
+            seconds += proposal.seconds
+            for row, s in enumerate(batch):
+                rid, k = s.request.request_id, s.num_draft_tokens
+                draft_ids[rid] = proposal.token_ids[row, :k].tolist()
+                if proposal.probs is not None:
+                    draft_q[rid] = proposal.probs[row, :k]  # [k, vocab]
+            if self.spec_policy is not None and proposal.step_seconds is not None:
+                self.spec_policy.observe_draft_step(proposal.step_seconds)
+            if self.spec_policy is not None and proposal.catchup is not None:
+                self.spec_policy.observe_draft_catchup(*proposal.catchup)
+        self.metrics.draft_seconds += seconds
+        return draft_ids, draft_q, seconds
 
     def _logprobs(
         self,
@@ -386,9 +357,8 @@ class LLMEngine:
         self,
         sampling: list[ScheduledRequest],
         logits: torch.Tensor,  # [sum(k + 1), vocab]
-        draft_ids: dict[str, list[int]],
-        draft_probs: torch.Tensor | None,  # [spec batch, max_k, vocab]
-        spec_row: dict[str, int],
+        draft_ids: dict[str, list[int]],  # per drafting request: its k draft tokens
+        draft_q: dict[str, torch.Tensor],  # per request drafted from a distribution: [k, vocab]
     ) -> dict[str, list[int]]:
         batch, vocab = len(sampling), logits.shape[-1]
         ks = [s.num_draft_tokens for s in sampling]
@@ -400,7 +370,7 @@ class LLMEngine:
         dev = logits.device
         target = torch.zeros(batch, max_k + 1, vocab, device=dev)
         draft_token_ids = torch.full((batch, max_k), -1, dtype=torch.int64)
-        q = torch.zeros(batch, max_k, vocab, device=dev) if draft_probs is not None and max_k > 0 else None
+        q = torch.zeros(batch, max_k, vocab, device=dev) if draft_q and max_k > 0 else None  # [batch, max_k, vocab]
         row = 0
         for i, s in enumerate(sampling):
             k = s.num_draft_tokens
@@ -409,8 +379,8 @@ class LLMEngine:
             if k:
                 rid = s.request.request_id
                 draft_token_ids[i, :k] = torch.tensor(draft_ids[rid])
-                if q is not None and rid in spec_row:
-                    q[i, :k] = draft_probs[spec_row[rid], :k]
+                if q is not None and rid in draft_q:
+                    q[i, :k] = draft_q[rid]
                 elif q is not None:  # a prompt-lookup proposal: one-hot, as draft_probs=None means
                     q[i, torch.arange(k), draft_token_ids[i, :k]] = 1.0
         generators = [s.request.generator for s in sampling]
@@ -450,59 +420,36 @@ class LLMEngine:
         return failed
 
     def _update_one(self, s: ScheduledRequest, output: StepOutput) -> RequestOutput | None:
-        r = s.request
-        k = s.num_draft_tokens
-        old_num_tokens = r.num_tokens
-        emitted = output.emitted.get(r.request_id)
-        if r.request_id in output.prompt_logprobs:
-            r.prompt_logprobs.extend(output.prompt_logprobs[r.request_id])
-        if r.request_id in output.features:
+        """The engine's side of one request's commit (its tensors, metrics and output); the scheduler
+        commits the tokens and counters."""
+        r, rid, k = s.request, s.request.request_id, s.num_draft_tokens
+        emitted = output.emitted.get(rid)
+        if rid in output.prompt_logprobs:
+            r.prompt_logprobs.extend(output.prompt_logprobs[rid])
+        if rid in output.features:
             num_valid = s.num_new_tokens - (k - (len(emitted) - 1) if emitted is not None else 0)
-            self._keep_features(r, output.features[r.request_id][:num_valid])
-        if emitted is None:  # a prompt chunk that did not reach the end
-            r.num_computed_tokens += s.num_new_tokens
-            self.kv.cache_finalised(r, r.num_computed_tokens, r.num_draft_computed_tokens)
+            self._keep_features(r, output.features[rid][:num_valid])
+        if emitted is not None and s.spec is not None:
+            label = self.draft_version if s.spec.source is SpecSource.DRAFT else s.spec.source.value
+            self.metrics.spec(label).record(k, len(emitted) - 1)
+        recompute_accepted = self.proposer is not None and self.proposer.recompute_accepted
+        new_ids = self.scheduler.commit(s, emitted, recompute_accepted)
+        if new_ids is None:  # a prompt chunk that did not reach the end
             return None
-        num_accepted = len(emitted) - 1
-        # one accounting rule: computed += scheduled - rejected
-        r.num_computed_tokens += s.num_new_tokens - (k - num_accepted)
-        source = (r.spec_source or "draft") if k else None
-        if source == "draft":
-            # the draft saw its own tokens up to d_{k-1}; those accepted stay valid (unless the
-            # proposer re-runs them with better inputs: an EAGLE head's true features)
-            keep = 0 if self.proposer.recompute_accepted else min(num_accepted, k - 1)
-            r.num_draft_computed_tokens = old_num_tokens + keep
-        if source is not None:
-            drafted, accepted = r.spec_counts.get(source, (0, 0))
-            r.spec_counts[source] = (drafted + k, accepted + num_accepted)
-            self.metrics.spec(self.draft_version if source == "draft" else "ngram").record(k, num_accepted)
-        if self.spec_policy is not None:
-            if source is not None:
-                self.spec_policy.observe_acceptance(r, source, k, num_accepted)
-            self.spec_policy.observe_request(r, source, k, num_accepted)
-        new_ids = []
-        for token in emitted:
-            r.append_token(token)
-            new_ids.append(token)
-            if self._check_stop(r, token):
-                break
         self.metrics.generation_tokens += len(new_ids)
         if r.logprobs is not None:
-            r.logprobs.extend(output.logprobs[r.request_id][: len(new_ids)])
+            r.logprobs.extend(output.logprobs[rid][: len(new_ids)])
         trace = None
         if r.trace is not None:
-            step = SpecStep(source or "none", k, num_accepted)
-            r.trace.add(output.verifier_logits[r.request_id], len(new_ids), step)
+            step = SpecStep(s.spec.source.value if s.spec is not None else "none", k, len(emitted) - 1)
+            r.trace.add(output.verifier_logits[rid], len(new_ids), step)
             if r.is_finished:
                 trace = r.trace.finish(r, self.draft_version)
         if r.is_finished:
-            self.scheduler.finish(r, r.status)
             self._count_finished(r)
-            self.requests.pop(r.request_id, None)
-        else:
-            self.kv.cache_finalised(r, r.num_computed_tokens, r.num_draft_computed_tokens)
+            self.requests.pop(rid, None)
         return RequestOutput(
-            request_id=r.request_id,
+            request_id=rid,
             text=r.detokenizer.text,
             token_ids=list(r.output_token_ids),
             delta_text=r.detokenizer.take_delta(r.is_finished),
@@ -540,22 +487,6 @@ class LLMEngine:
         drop = max(0, r.num_draft_computed_tokens - 1 - r.features_start)
         if drop:
             r.features, r.features_start = r.features[drop:], r.features_start + drop
-
-    def _check_stop(self, r: Request, token: int) -> bool:
-        """Detokenize one new token and decide whether the request ends with it."""
-        if token in r.stop_token_ids:
-            r.status = RequestStatus.FINISHED_STOPPED
-            r.stop_reason = None if token in self.eos_token_ids and token not in r.params.stop_token_ids else token
-            return True
-        stop = r.detokenizer.add(token)
-        if stop is not None:
-            r.status = RequestStatus.FINISHED_STOPPED
-            r.stop_reason = stop
-            return True
-        if r.num_output_tokens >= r.params.max_tokens or r.num_tokens >= self.max_model_len:
-            r.status = RequestStatus.FINISHED_LENGTH
-            return True
-        return False
 
     def _count_finished(self, r: Request) -> None:
         reason = r.finish_reason or "abort"

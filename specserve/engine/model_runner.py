@@ -2,7 +2,8 @@
 
 A run is a request's new tokens, where they start, the request's block table and how many of
 its last rows need logits. The runner turns these into flat tensors (ids, positions, slots) and
-attention metadata, calls the model and returns fp32 logits. On CUDA, small decode/verification
+attention metadata, calls the model and returns fp32 logits (`forward`), or the logits with the
+hidden rows behind them (`run`: an EAGLE head reads those). On CUDA, small decode/verification
 batches can replay captured CUDA graphs instead (`capture_cuda_graphs`, called once at engine
 start). Knows nothing about request queues, sampling or speculation.
 """
@@ -27,6 +28,18 @@ class TokenRun:
     """Rows at the end of the run whose logits are returned (0: none, e.g. a mid-prompt chunk)."""
 
 
+@dataclass(frozen=True)
+class ForwardOutput:
+    """One forward's results; the runner keeps none of them."""
+
+    logits: torch.Tensor
+    """[sum(num_logits), vocab] fp32."""
+    hidden: torch.Tensor
+    """[sum(num_logits), hidden]: the last layer's output at the rows with logits (an EAGLE head's next input)."""
+    features: torch.Tensor | None = None
+    """[num_tokens, hidden]: every row's, when asked for (keep_features)."""
+
+
 def kv_bytes_per_block(model: LlamaModel, block_size: int, dtype: torch.dtype) -> int:
     a = model.arch
     return a.num_layers * 2 * block_size * a.num_kv_heads * a.head_dim * torch.finfo(dtype).bits // 8
@@ -45,8 +58,6 @@ class ModelRunner:
             a.num_layers, 2, num_slots, a.num_kv_heads, a.head_dim, dtype=self.dtype, device=self.device
         )  # [layers, k/v, slots, kv_heads, head_dim]
         self.cuda_graphs: CudaGraphs | None = None
-        self.last_hidden: torch.Tensor | None = None  # [rows with logits, hidden] features of the latest forward
-        self.last_features: torch.Tensor | None = None  # [num_tokens, hidden] every row's features, if kept
 
     @property
     def vocab_size(self) -> int:
@@ -60,14 +71,22 @@ class ModelRunner:
         graphs.capture()
         self.cuda_graphs = graphs
 
-    @torch.inference_mode()
     def forward(
         self,
         runs: list[TokenRun],
         features: torch.Tensor | None = None,  # [num_tokens, hidden]: an EAGLE head's input features
-        keep_features: bool = False,
     ) -> torch.Tensor:  # [sum(num_logits), vocab] fp32
-        """keep_features: keep every row's features in `last_features` (an EAGLE head reads the verifier's)."""
+        """The logits of every run's last num_logits rows."""
+        return self.run(runs, features).logits
+
+    @torch.inference_mode()
+    def run(
+        self,
+        runs: list[TokenRun],
+        features: torch.Tensor | None = None,  # [num_tokens, hidden]: an EAGLE head's input features
+        keep_features: bool = False,
+    ) -> ForwardOutput:
+        """keep_features: return every row's features too (an EAGLE head reads the verifier's)."""
         bs = self.block_size
         ids: list[int] = []
         positions: list[int] = []
@@ -102,10 +121,9 @@ class ModelRunner:
             )  # fmt: skip
             args = () if features is None else (features.to(dev),)
             hidden = self.model(torch.tensor(ids, device=dev), pos.to(dev), self.kv_cache, meta, *args)
-        self.last_features = hidden if keep_features else None
-        hidden = hidden[torch.tensor(logit_rows, dtype=torch.int64, device=dev)]
-        self.last_hidden = hidden
+        every_row = hidden if keep_features else None  # [num_tokens, hidden]
+        hidden = hidden[torch.tensor(logit_rows, dtype=torch.int64, device=dev)]  # [sum(num_logits), hidden]
         logits = self.model.compute_logits(hidden)
         if dev.type == "cuda":  # callers time this call (adaptive k fits those times): wait for the kernels
             torch.cuda.synchronize(dev)
-        return logits
+        return ForwardOutput(logits, hidden, every_row)

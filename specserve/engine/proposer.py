@@ -14,7 +14,8 @@ import time
 
 import torch
 
-from specserve.engine.model_runner import ModelRunner, TokenRun
+from specserve.engine.model_runner import ForwardOutput, ModelRunner, TokenRun
+from specserve.engine.proposal import Proposal, ProposeItem
 from specserve.engine.request import Request
 from specserve.engine.sampler import sampling_probs
 
@@ -24,8 +25,6 @@ class DraftProposer:
 
     def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
-        self.step_seconds = 0.0  # the latest single-token draft step, forward and sampling (cost ratio input)
-        self.catchup: tuple[int, float] = (0, 0.0)  # (tokens, seconds) of the latest proposal's first step
 
     def _sample(self, probs: torch.Tensor, requests: list[Request]) -> torch.Tensor:  # [batch]
         out = probs.argmax(dim=-1)
@@ -36,50 +35,50 @@ class DraftProposer:
                 out[i] = (probs[i] / noise.to(probs.device)).argmax()  # drawn on the host: same on any device
         return out
 
-    def catchup_features(self, items: list[tuple[Request, int, list[int]]]) -> torch.Tensor | None:
+    def catchup_features(self, items: list[ProposeItem]) -> torch.Tensor | None:
         """Extra inputs of the catch-up forward (an EAGLE head's features); a plain draft takes none."""
         return None
 
-    def next_features(self, keep: list[int]) -> torch.Tensor | None:
-        """Extra inputs of the next single-token forward, for the rows still drafting."""
+    def next_features(self, previous: ForwardOutput, keep: list[int]) -> torch.Tensor | None:
+        """Extra inputs of the next single-token forward, for the rows of `previous` still drafting."""
         return None
 
-    def propose(
-        self, items: list[tuple[Request, int, list[int]]]
-    ) -> tuple[torch.Tensor, torch.Tensor]:  # [batch, max_k] ids (-1 pad), [batch, max_k, vocab] q
-        """items: (request, k >= 1, block ids). Draft tokens are not appended to the requests."""
+    def propose(self, items: list[ProposeItem]) -> Proposal:
+        """items: (request, choice with k >= 1, block ids). Draft tokens are not appended to the requests."""
+        start = time.perf_counter()
         requests = [r for r, _, _ in items]
-        ks = [k for _, k, _ in items]
+        ks = [choice.k for _, choice, _ in items]
         max_k = max(ks)
         batch, vocab = len(items), self.runner.vocab_size
-        draft_ids = torch.full((batch, max_k), -1, dtype=torch.int64)
-        draft_probs = torch.zeros(batch, max_k, vocab, device=self.runner.device)
+        draft_ids = torch.full((batch, max_k), -1, dtype=torch.int64)  # [batch, max_k]
+        draft_probs = torch.zeros(batch, max_k, vocab, device=self.runner.device)  # [batch, max_k, vocab]
         runs = [
             TokenRun(r.all_token_ids[r.num_draft_computed_tokens :], r.num_draft_computed_tokens, blocks, 1)
             for r, _, blocks in items
         ]
         features = self.catchup_features(items)
         active = list(range(batch))
+        step_seconds, catchup = None, None
         for j in range(max_k):
             t0 = time.perf_counter()
-            logits = self.runner.forward(runs, features)
-            probs = sampling_probs(logits, [requests[i].params for i in active])
+            out = self.runner.run(runs, features)
+            probs = sampling_probs(out.logits, [requests[i].params for i in active])  # [len(active), vocab]
             tokens = self._sample(probs, [requests[i] for i in active])
             for row, i in enumerate(active):
                 draft_ids[i, j] = tokens[row]
                 draft_probs[i, j] = probs[row]
             seconds = time.perf_counter() - t0  # the forward and the sampling: what one more draft token costs
             if all(len(run.token_ids) == 1 for run in runs):
-                self.step_seconds = seconds
+                step_seconds = seconds
             if j == 0:
-                self.catchup = (sum(len(run.token_ids) for run in runs), seconds)
+                catchup = (sum(len(run.token_ids) for run in runs), seconds)
             keep = [row for row, i in enumerate(active) if ks[i] > j + 1]
             runs = [
                 TokenRun([int(tokens[row])], requests[active[row]].num_tokens + j, items[active[row]][2], 1)
                 for row in keep
             ]
-            features = self.next_features(keep)
+            features = self.next_features(out, keep)
             active = [active[row] for row in keep]
             if not active:
                 break
-        return draft_ids, draft_probs
+        return Proposal(draft_ids, draft_probs, time.perf_counter() - start, step_seconds, catchup)

@@ -61,12 +61,6 @@ class Request:
             self.generator.manual_seed(params.seed)
         else:
             self.generator.seed()
-        # speculation statistics, read by the speculation-length policy
-        self.spec_counts: dict[str, tuple[int, int]] = {}  # source -> (drafted, accepted)
-        self.spec_source: str | None = None  # 'draft' or 'ngram': who proposes this step
-        self.ngram_proposal: list[int] = []
-        self.ngram_match = 0  # length of the n-gram match behind this step's prompt-lookup proposal
-        self.steps_since: dict[str, int] = {}  # per source: verification steps since it last proposed
         self.trace: TraceRecorder | None = None  # set by the engine when it records traces
         # an EAGLE head's input: the verifier's features of positions features_start.. (only with an EAGLE draft)
         self.features: torch.Tensor | None = None  # [positions, hidden]

@@ -28,8 +28,11 @@ prefill of the whole gap for a few probable rejections.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from specserve.config import SpeculativeConfig
 from specserve.engine.ngram_proposer import NgramProposer
+from specserve.engine.proposal import SpecChoice, SpecSource
 from specserve.engine.request import Request
 
 PRIOR_WEIGHT = 8.0  # pseudo-drafted tokens the engine-wide rate counts for in a request's estimate
@@ -139,20 +142,30 @@ class AcceptanceRate:
         self.accepted = d * self.accepted + accepted
 
 
+@dataclass
+class RequestSpecStats:
+    """One request's history per source, kept by the policy while the request runs."""
+
+    counts: dict[SpecSource, tuple[int, int]] = field(default_factory=dict)
+    """Per source: (drafted, accepted) tokens."""
+    steps_since: dict[SpecSource, int] = field(default_factory=dict)
+    """Per source: verification steps since it last proposed."""
+
+
 class SpeculationLengthPolicy:
-    """Chooses each decoding request's proposal source ('ngram' or 'draft') and its k.
+    """Chooses each decoding request's proposal source (draft model or prompt lookup) and its k.
 
     Each source that can propose this step is scored by the speedup it is expected to give at its
     best k (its acceptance estimate, its cost per token, the draft's catch-up), and the better one
     proposes; if neither beats plain decoding, the request decodes plainly (or probes, below). The
-    choice is left on the request (`spec_source`, and `ngram_proposal` for prompt lookup) for the
-    engine's execute phase; the scheduler only sees k.
+    choice is returned as a SpecChoice (with the tokens, for prompt lookup), which the scheduler puts
+    in its plan for the engine's execute and update phases.
 
     Acceptance estimates: the draft model has one engine-wide rate; prompt lookup one per matched
     n-gram length (a 4-token match is better evidence than a 2-token one). A request blends its own
-    counts per source with the engine-wide rate. A source a request has not used for its probe
-    interval proposes one token, so an estimate that fell below the break-even can recover; each
-    failed probe doubles that source's interval.
+    counts per source (kept here by request id until `forget`) with the engine-wide rate. A source a
+    request has not used for its probe interval proposes one token, so an estimate that fell below
+    the break-even can recover; each failed probe doubles that source's interval.
     """
 
     def __init__(self, config: SpeculativeConfig, initial_cost_ratio: float, ngram: NgramProposer | None) -> None:
@@ -162,24 +175,33 @@ class SpeculationLengthPolicy:
         self.ngram = ngram
         # engine-wide acceptance rate per source, updated from every verification; prompt lookup per match length
         self.draft_rate = AcceptanceRate(DRAFT_PRIOR)
-        self.probe_interval = {"draft": FIRST_PROBE_INTERVAL, "ngram": FIRST_PROBE_INTERVAL}
+        self.probe_interval = dict.fromkeys(SpecSource, FIRST_PROBE_INTERVAL)
         self.ngram_rate = {n: AcceptanceRate(NGRAM_PRIOR) for n in range(ngram.min_n, ngram.max_n + 1)} if ngram else {}
         self.verifier_cost = StepCostModel()
         self.draft_cost = StepCostModel()  # the draft's first forward of a proposal (catch-up) vs its tokens
         self.draft_step_seconds: float | None = None
+        self.requests: dict[str, RequestSpecStats] = {}  # request id -> its history, while it runs
+
+    def stats(self, request_id: str) -> RequestSpecStats:
+        """The request's history per source (created empty on first use)."""
+        return self.requests.setdefault(request_id, RequestSpecStats())
+
+    def forget(self, request_id: str) -> None:
+        """The request finished: drop its history."""
+        self.requests.pop(request_id, None)
 
     def reset_draft(self, initial_cost_ratio: float) -> None:
-        """A new draft model: forget what was measured of the old one."""
+        """A new draft model: forget what was measured of the old one, engine-wide and per request."""
         self.initial_cost_ratio = initial_cost_ratio
         self.draft_rate = AcceptanceRate(DRAFT_PRIOR)
-        self.probe_interval["draft"] = FIRST_PROBE_INTERVAL
+        self.probe_interval[SpecSource.DRAFT] = FIRST_PROBE_INTERVAL
         self.draft_step_seconds = None
         self.draft_cost = StepCostModel()
+        for stats in self.requests.values():
+            stats.counts.pop(SpecSource.DRAFT, None)
 
-    def observe_acceptance(self, request: Request, source: str, drafted: int, accepted: int) -> None:
-        """One verification of `drafted` tokens from `source` for `request` (the engine-wide rates)."""
-        if drafted:
-            (self.ngram_rate[request.ngram_match] if source == "ngram" else self.draft_rate).observe(drafted, accepted)
+    def _rate(self, source: SpecSource, match_len: int) -> AcceptanceRate:
+        return self.ngram_rate[match_len] if source is SpecSource.NGRAM else self.draft_rate
 
     def observe_step(self, num_tokens: int, seconds: float) -> None:
         """One decode step over `num_tokens` verifier tokens, timed without the draft's proposals (prefill steps
@@ -203,7 +225,7 @@ class SpeculationLengthPolicy:
         else:
             self.draft_step_seconds += EMA * (seconds - self.draft_step_seconds)
 
-    def step_cost(self, k: int, batch: int, source: str = "draft", overhead: float = 0.0) -> float:
+    def step_cost(self, k: int, batch: int, source: SpecSource = SpecSource.DRAFT, overhead: float = 0.0) -> float:
         """A step in which each of `batch` requests proposes k tokens, over a plain step's time.
 
         The verifier's time for batch (k + 1) tokens over its time for batch tokens, plus k draft
@@ -211,26 +233,29 @@ class SpeculationLengthPolicy:
         Until the verifier has been timed: 1 + k c0, c0 the draft's share of the parameters."""
         if k == 0:
             return 1.0
+        draft_model = source is SpecSource.DRAFT
         plain, verify = self.verifier_cost.predict(batch), self.verifier_cost.predict(batch * (k + 1))
         if plain is None or verify is None:
-            return 1.0 + (k * self.initial_cost_ratio if source == "draft" else 0.0) + overhead
+            return 1.0 + (k * self.initial_cost_ratio if draft_model else 0.0) + overhead
         cost = max(verify, plain) / plain + overhead
-        if source == "draft":
+        if draft_model:
             draft = self.draft_step_seconds / plain if self.draft_step_seconds is not None else self.initial_cost_ratio
             cost += k * draft
         return cost
 
-    def best(self, alpha: float, k_max: int, batch: int, source: str, overhead: float = 0.0) -> tuple[float, int]:
+    def best(
+        self, alpha: float, k_max: int, batch: int, source: SpecSource, overhead: float = 0.0
+    ) -> tuple[float, int]:
         """(expected speedup, k) of the k in [0, k_max] with the highest speedup (the smaller k on a tie)."""
         options = [(self.speedup(alpha, k, batch, source, overhead), k) for k in range(k_max + 1)]
         return max(options, key=lambda o: (o[0], -o[1]))
 
-    def speedup(self, alpha: float, k: int, batch: int, source: str, overhead: float = 0.0) -> float:
+    def speedup(self, alpha: float, k: int, batch: int, source: SpecSource, overhead: float = 0.0) -> float:
         """Expected tokens of a step proposing k over that step's cost, in plain steps."""
         return expected_tokens(alpha, k) / self.step_cost(k, batch, source, overhead)
 
     def _plan(
-        self, request: Request, alpha: float, k_max: int, batch: int, source: str, overhead: float = 0.0
+        self, request: Request, alpha: float, k_max: int, batch: int, source: SpecSource, overhead: float = 0.0
     ) -> tuple[float, int]:
         """(expected speedup, k) for one source: its best k, or a probe (k = 1) when that is 0 and one is due."""
         speedup, k = self.best(alpha, k_max, batch, source, overhead)
@@ -238,68 +263,71 @@ class SpeculationLengthPolicy:
             return self.speedup(alpha, 1, batch, source, overhead), 1
         return speedup, k
 
-    def request_acceptance(self, request: Request, source: str = "draft", ngram_match: int = 0) -> float:
+    def request_acceptance(
+        self, request: Request, source: SpecSource = SpecSource.DRAFT, ngram_match: int = 0
+    ) -> float:
         """The request's own accepted / drafted for `source`, with the engine-wide rate as a prior
         (for prompt lookup: the rate of matches of length `ngram_match`)."""
-        drafted, accepted = request.spec_counts.get(source, (0, 0))
-        prior = (self.ngram_rate[ngram_match] if source == "ngram" else self.draft_rate).value
+        drafted, accepted = self.stats(request.request_id).counts.get(source, (0, 0))
+        prior = self._rate(source, ngram_match).value
         return (accepted + PRIOR_WEIGHT * prior) / (drafted + PRIOR_WEIGHT)
 
-    def _probe_due(self, request: Request, source: str) -> bool:
-        return request.steps_since.get(source, 0) >= self.probe_interval[source]
+    def _probe_due(self, request: Request, source: SpecSource) -> bool:
+        return self.stats(request.request_id).steps_since.get(source, 0) >= self.probe_interval[source]
 
-    def __call__(self, request: Request, num_running: int) -> int:
+    def __call__(self, request: Request, num_running: int) -> SpecChoice | None:
+        """This step's proposal for a decoding request; None: it decodes plainly."""
         fixed = self.config.num_speculative_tokens
         cap = min(self.config.max_speculative_tokens, self.config.max_batch_speculative_tokens // max(num_running, 1))
         if fixed is not None:
             cap = fixed
-        request.spec_source = None
         if cap <= 0:
-            return 0
+            return None
         if fixed is None and self.verifier_cost.stale(num_running):
             # a plain step of this batch is what every choice is measured against: time it (again), or a
             # request that always drafts would never learn (or notice a change in) what not drafting costs
-            return 0
-        options = []  # (expected speedup, k, source, ngram proposal)
+            return None
+        options: list[tuple[float, SpecChoice]] = []  # (expected speedup, choice at its best k; k may be 0)
         if self.method in ("ngram", "hybrid") and self.ngram is not None:
-            proposal, n = self.ngram.propose(request.all_token_ids, cap)
-            request.ngram_match = n
+            proposal, n = self.ngram.lookup(request.all_token_ids, cap)
             if proposal and fixed is not None:  # a fixed k: the match, whenever there is one
-                return self._choose(request, "ngram", len(proposal), proposal)
+                return SpecChoice(SpecSource.NGRAM, len(proposal), tuple(proposal), n)
             if proposal:
-                alpha = self.request_acceptance(request, "ngram", n)
-                speedup, k = self._plan(request, alpha, len(proposal), num_running, "ngram")
-                options.append((speedup, k, "ngram", proposal[:k]))
+                alpha = self.request_acceptance(request, SpecSource.NGRAM, n)
+                speedup, k = self._plan(request, alpha, len(proposal), num_running, SpecSource.NGRAM)
+                options.append((speedup, SpecChoice(SpecSource.NGRAM, k, tuple(proposal[:k]), n)))
         if self.method in ("draft", "hybrid"):
             if fixed is not None:
-                return self._choose(request, "draft", fixed)
+                return SpecChoice(SpecSource.DRAFT, fixed)
             overhead = self.draft_overhead(request, num_running)
-            speedup, k = self._plan(request, self.request_acceptance(request), cap, num_running, "draft", overhead)
-            options.append((speedup, k, "draft", []))
+            alpha = self.request_acceptance(request)
+            speedup, k = self._plan(request, alpha, cap, num_running, SpecSource.DRAFT, overhead)
+            options.append((speedup, SpecChoice(SpecSource.DRAFT, k)))
         if not options:
-            return 0
+            return None
         # the better expected speedup; a probe (k = 1 at a speedup below 1) wins only against plain decoding
-        _, k, source, proposal = max(options, key=lambda o: (o[1] > 0 and o[0] > 1.0, o[1] > 0, o[0], -o[1]))
-        return self._choose(request, source, k, proposal) if k > 0 else 0
+        _, choice = max(options, key=lambda o: (o[1].k > 0 and o[0] > 1.0, o[1].k > 0, o[0], -o[1].k))
+        return choice if choice.k > 0 else None
 
-    @staticmethod
-    def _choose(request: Request, source: str, k: int, proposal: list[int] | None = None) -> int:
-        request.spec_source = source
-        request.ngram_proposal = list(proposal[:k]) if source == "ngram" else []
-        return k
+    def observe(self, request: Request, choice: SpecChoice | None, num_accepted: int) -> None:
+        """After every verification of a decoding request (choice None: it decoded plainly).
 
-    def observe_request(self, request: Request, source: str | None, drafted: int, accepted: int) -> None:
-        """After every verification of a decoding request (source None: it decoded plainly).
-
+        Updates the engine-wide rate of the source, the request's own counts, and the probe intervals.
         The probe interval is engine-wide, per source: a failed probe doubles it, an accepted token halves
         it, so a source that does not pay on this traffic (a weak draft) is probed ever more rarely, and
         every new request does not pay for the same failed probes again."""
-        for s in ("draft", "ngram"):
-            request.steps_since[s] = 0 if s == source else request.steps_since.get(s, 0) + 1
-        if source is None:
+        stats = self.stats(request.request_id)
+        source = choice.source if choice is not None else None
+        if choice is not None:
+            self._rate(choice.source, choice.match_len).observe(choice.k, num_accepted)
+            drafted, accepted = stats.counts.get(choice.source, (0, 0))
+            stats.counts[choice.source] = (drafted + choice.k, accepted + num_accepted)
+        for s in SpecSource:
+            stats.steps_since[s] = 0 if s is source else stats.steps_since.get(s, 0) + 1
+        if choice is None:
             return
-        interval = self.probe_interval[source]
-        if drafted == 1 and accepted == 0:
-            self.probe_interval[source] = min(2 * interval, MAX_PROBE_INTERVAL)
-        elif accepted:
-            self.probe_interval[source] = max(interval // 2, FIRST_PROBE_INTERVAL)
+        interval = self.probe_interval[choice.source]
+        if choice.k == 1 and num_accepted == 0:
+            self.probe_interval[choice.source] = min(2 * interval, MAX_PROBE_INTERVAL)
+        elif num_accepted:
+            self.probe_interval[choice.source] = max(interval // 2, FIRST_PROBE_INTERVAL)

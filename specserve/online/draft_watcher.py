@@ -48,14 +48,9 @@ import os
 import threading
 from dataclasses import dataclass, field
 
-import torch
-from transformers import AutoTokenizer
-
-from specserve.engine.engine import VOCAB_PROBE, check_same_vocabulary
-from specserve.engine.model_runner import ModelRunner, TokenRun, kv_bytes_per_block
-from specserve.model.eagle import EagleHead, is_eagle_checkpoint, load_eagle
+from specserve.engine.drafts import DraftRejected, load_draft, vet_draft
+from specserve.model.eagle import EagleHead, is_eagle_checkpoint
 from specserve.model.llama import LlamaModel
-from specserve.model.loader import load_model
 from specserve.online import registry
 from specserve.server.async_engine import AsyncEngine, ShuttingDownError
 
@@ -72,8 +67,6 @@ REJECT_REASONS = (
     "smoke_forward",
     "engine",
 )
-SMOKE_TOKENS = 8
-"""Tokens of the smoke forward a new draft must pass."""
 
 
 @dataclass(frozen=True)
@@ -110,12 +103,8 @@ class DraftWatchStats:
     rolled_back: tuple[str, ...] = ()
 
 
-class Rejected(Exception):
-    """A version failed a check; ``reason`` is one of REJECT_REASONS."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
+Rejected = DraftRejected
+"""A version failed a check; ``reason`` is one of REJECT_REASONS."""
 
 
 @dataclass
@@ -262,65 +251,16 @@ class DraftWatcher:
                 f"version {version}'s manifest says draft_type {manifest['draft_type']!r}, its checkpoint is "
                 f"{'an EAGLE head' if eagle else 'a standalone draft'}",
             )
-        try:
-            if eagle:
-                model = load_eagle(path, engine.verifier, engine.config.verifier)
-            else:
-                model = load_model(path, engine.dtype, engine.config.device)
+        try:  # load_draft checks a standalone draft's tokenizer ('vocabulary')
+            model = load_draft(
+                path, engine.verifier, engine.config.verifier, engine.tokenizer, engine.dtype, engine.config.device
+            )
+        except DraftRejected:
+            raise
         except Exception as e:  # safetensors, shape and architecture errors alike: the weights do not fit
             raise Rejected("load", f"version {version} does not load: {e}") from e
-        if not isinstance(model, EagleHead):
-            try:
-                draft_tok = AutoTokenizer.from_pretrained(path)
-            except (OSError, ValueError):
-                draft_tok = None  # a bare checkpoint reuses the verifier's tokenizer
-            try:
-                check_same_vocabulary(engine.verifier, model, engine.tokenizer, draft_tok)
-            except ValueError as e:
-                raise Rejected("vocabulary", f"version {version}: {e}") from e
-        bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
-        if bad:
-            raise Rejected("nonfinite", f"version {version} has NaN or infinite weights in {bad[:3]}")
-        block_size = engine.config.cache.block_size
-        need = kv_bytes_per_block(model, block_size, next(model.parameters()).dtype)
-        if need > engine.draft_block_bytes:
-            raise Rejected(
-                "kv_budget",
-                f"version {version} needs {need} KV bytes per block, the engine reserved "
-                f"{engine.draft_block_bytes} for the draft at startup (restart to serve a larger draft)",
-            )
-        if model.arch.max_position_embeddings < engine.max_model_len:
-            raise Rejected(
-                "context",
-                f"version {version} handles {model.arch.max_position_embeddings} positions, "
-                f"the engine serves contexts of {engine.max_model_len}",
-            )
-        self._smoke_forward(model, version)
+        vet_draft(model, engine.draft_slot, version)  # vocabulary, nonfinite, kv_budget, context, smoke_forward
         return model
-
-    def _smoke_forward(self, model: LlamaModel | EagleHead, version: str) -> None:
-        engine = self.async_engine.engine
-        tokens = engine.tokenizer.encode(VOCAB_PROBE)[:SMOKE_TOKENS]
-        n, block_size = len(tokens), engine.config.cache.block_size
-        num_blocks = -(-n // block_size)
-        runs = [TokenRun(tokens, 0, list(range(num_blocks)), n)]
-        features = None  # [n, hidden]: f_{i-1} at each position i, as the engine hands an EAGLE head
-        if isinstance(model, EagleHead):  # the verifier may run here too: read-only, on a KV pool of its own
-            verifier = ModelRunner(engine.verifier, num_blocks, block_size)
-            verifier.forward([TokenRun(tokens, 0, list(range(num_blocks)), 0)], keep_features=True)
-            f = verifier.last_features  # [n, hidden]: f_i
-            features = torch.cat([f.new_zeros(1, f.shape[1]), f[:-1]])
-        runner = ModelRunner(model, num_blocks, block_size)  # its own few blocks: the engine's pool is not touched
-        try:
-            logits = runner.forward(runs, features)  # [n, vocab]
-        except Exception as e:
-            raise Rejected("smoke_forward", f"version {version}: a forward over {n} tokens failed: {e!r}") from e
-        want = (n, engine.verifier.arch.vocab_size)
-        if tuple(logits.shape) != want:
-            raise Rejected("smoke_forward", f"version {version}: logits of shape {tuple(logits.shape)}, want {want}")
-        # an EAGLE head with a trimmed vocabulary gives -inf outside it, by design; NaN and +inf never
-        if torch.isnan(logits).any() or torch.isposinf(logits).any() or not torch.isfinite(logits).any(-1).all():
-            raise Rejected("smoke_forward", f"version {version}: the smoke forward gave NaN or infinite logits")
 
     def _judge(self, trial: _Trial) -> None:
         per_version = self.async_engine.stats().metrics.speculation
