@@ -645,9 +645,10 @@ def add_traffic_command(sub) -> None:
 def cmd_traffic(args: argparse.Namespace) -> int:
     from datetime import datetime, timezone
 
-    from specserve.online.traffic_store import open_store, sqlite_path
     from specserve.server.auth import APIKey
     from specserve.server.traffic_log import default_data_dir, default_store_url
+    from specserve.traffic import open_store
+    from specserve.traffic.url import sqlite_path
 
     url = args.store or default_store_url(default_data_dir())
     path = sqlite_path(url)
