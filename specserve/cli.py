@@ -238,7 +238,7 @@ def traffic_store_url(args: argparse.Namespace) -> str:
 def add_online_args(p: argparse.ArgumentParser) -> None:
     from dataclasses import fields
 
-    from specserve.online.draft_watcher import DraftWatchConfig
+    from specserve.server.draft_watcher import DraftWatchConfig
 
     d = {f.name: f.default for f in fields(DraftWatchConfig)}
     g = p.add_argument_group("online distillation (see README 'Online distillation')")
@@ -271,8 +271,8 @@ def add_online_args(p: argparse.ArgumentParser) -> None:
 
 def online_distillation(args: argparse.Namespace, kwargs: dict):
     """The serve command's (DraftWatchConfig or None, trainer argv or None); flags checked before models load."""
-    from specserve.online.draft_watcher import DraftWatchConfig
     from specserve.online.trainer import trainer_command
+    from specserve.server.draft_watcher import DraftWatchConfig
     from specserve.server.traffic_log import default_data_dir
 
     directory = args.draft_registry
@@ -315,11 +315,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     async_engine = AsyncEngine(engine, max_queue=args.max_queue)
     watcher = trainer = None
     if watch is not None:
-        from specserve.online.draft_watcher import DraftWatcher
+        from specserve.server.draft_watcher import DraftWatcher
 
         watcher = DraftWatcher(async_engine, watch)
     if trainer_argv is not None:
-        from specserve.online.trainer_process import TrainerProcess
+        from specserve.server.trainer_process import TrainerProcess
 
         trainer = TrainerProcess(trainer_argv, threads=args.trainer_threads)
     name = args.served_model_name or os.path.basename(os.path.normpath(kwargs["verifier"]))
