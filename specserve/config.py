@@ -112,7 +112,7 @@ class EngineConfig:
     (few-row matmuls as weight @ input.T, no copy). 'off': never."""
     batch_invariant: bool = False
     """Batch-invariant numerics (CUDA): every matmul, RMSNorm and attention call computes a row the same way
-    whatever its batch (fixed-tile Triton kernels, kernels/batch_invariant.py), so a request's tokens do
+    whatever its batch (fixed-tile Triton kernels, specserve/kernels/batch_invariant.py), so a request's tokens do
     not depend on k or on the other requests it was batched with, in bf16 too. Slower than cuBLAS; replaces
     upcast matmuls. On the CPU only under TRITON_INTERPRET=1 (tests): use float32 there instead."""
     cache: CacheConfig = field(default_factory=CacheConfig)
