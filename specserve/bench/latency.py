@@ -27,12 +27,12 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from specserve.bench.acceptance import acceptance_summary, spec_counts
 from specserve.bench.options import LATENCY_PRESETS, add_latency_args, resolve_draft, resolve_presets, resolve_verifier
-from specserve.bench.prompts import BenchPrompt, load_prompts
-from specserve.bench.report import environment, plot_grouped_bars, plot_lines, ratio, table, write_json
-from specserve.bench.systems import HFSystem, OursSystem, Run, kv_blocks_for, synchronize
+from specserve.bench.report import environment, plot_grouped_bars, plot_lines, table, write_json
 from specserve.config import SpeculativeConfig
+from specserve.evaluation.acceptance import acceptance_summary, ratio, spec_counts
+from specserve.evaluation.prompts import BenchPrompt, load_prompts
+from specserve.evaluation.systems import HFSystem, OursSystem, Run, kv_blocks_for, synchronize
 
 SPEC_PREFIX = "ours-spec-"
 ADAPTIVE = "ours-spec-adaptive"  # the draft model only
