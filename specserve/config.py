@@ -20,8 +20,10 @@ def default_device() -> str:
 class CacheConfig:
     block_size: int = 16
     """Tokens per KV block."""
-    kv_cache_memory: int = 2 << 30
-    """Bytes for the KV pools of both models together; sets the number of blocks."""
+    kv_cache_memory: int = 1 << 30
+    """Bytes for the KV pools of both models together; sets the number of blocks. 1 GiB: what `specserve serve`
+    has always reserved (about 20k tokens of SmolLM2-135M in float32, verifier and draft), within the CPU
+    deployment's memory limit; a GPU server sets more (--kv-cache-memory)."""
     num_blocks: int | None = None
     """Exact number of KV blocks (overrides kv_cache_memory; tests use tiny pools)."""
     enable_prefix_caching: bool = True
