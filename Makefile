@@ -46,7 +46,7 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
 lint: install
-	$(VENV)/bin/ruff check specserve kernels tests bench
+	$(VENV)/bin/ruff check specserve tests bench
 
 bench: install
 	$(VENV)/bin/specserve bench latency

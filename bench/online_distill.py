@@ -302,7 +302,7 @@ def demonstrate(args: argparse.Namespace, work: Path, bodies: list, cursor: list
 
 def trainer_cost(args: argparse.Namespace, work: Path, bodies: list, cursor: list[int], phase1: dict) -> dict:
     from specserve.online.trainer import trainer_command
-    from specserve.online.trainer_process import TrainerProcess
+    from specserve.server.trainer_process import TrainerProcess
 
     flags = [*model_flags(args), "--draft-registry", phase1["registry"], "--no-traffic-log"]
     server = LocalServer("serving", flags, work / "serve_plain.log")

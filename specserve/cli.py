@@ -8,7 +8,18 @@ import sys
 import time
 
 
+def defaults(config_class) -> dict:
+    """Field name -> default of a config dataclass: the flags' defaults are read from here, never written again."""
+    from dataclasses import MISSING, fields
+
+    return {f.name: f.default for f in fields(config_class) if f.default is not MISSING}
+
+
 def add_engine_args(p: argparse.ArgumentParser) -> None:
+    from specserve.config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
+
+    engine, cache, scheduler, spec = (defaults(c) for c in (EngineConfig, CacheConfig, SchedulerConfig,
+                                                           SpeculativeConfig))
     g = p.add_argument_group("models")
     g.add_argument("--verifier", default=None,
                    help="HF checkpoint directory of the verifier (the model whose outputs are served). "
@@ -22,15 +33,16 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="Who proposes tokens: 'draft' (the draft model), 'ngram' (prompt lookup in the request's "
                    "own context, no model), 'hybrid' (n-gram when the context tail recurs, else the draft). "
                    "Default: hybrid with a draft model, none without.")
-    g.add_argument("--ngram-min", type=int, default=2, help="Shortest context tail prompt lookup matches (default 2).")
-    g.add_argument("--ngram-max", type=int, default=4,
-                   help="Longest context tail prompt lookup tries first (default 4).")
-    g.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K",
+    g.add_argument("--ngram-min", type=int, default=spec["ngram_min"],
+                   help=f"Shortest context tail prompt lookup matches (default {spec['ngram_min']}).")
+    g.add_argument("--ngram-max", type=int, default=spec["ngram_max"],
+                   help=f"Longest context tail prompt lookup tries first (default {spec['ngram_max']}).")
+    g.add_argument("--num-speculative-tokens", type=int, default=spec["num_speculative_tokens"], metavar="K",
                    help="Fixed number of draft tokens per step. "
                    "Default: adaptive per request (0..--max-speculative-tokens).")
-    g.add_argument("--max-speculative-tokens", type=int, default=8, metavar="K",
-                   help="Upper bound of the adaptive speculation length (default 8).")
-    g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"],
+    g.add_argument("--max-speculative-tokens", type=int, default=spec["max_speculative_tokens"], metavar="K",
+                   help=f"Upper bound of the adaptive speculation length (default {spec['max_speculative_tokens']}).")
+    g.add_argument("--dtype", default=engine["dtype"], choices=["auto", "bfloat16", "float32", "float16"],
                    help="Weights and activations dtype. auto (default): float32 on the CPU, where greedy "
                    "speculative output is token-for-token plain greedy output (on a CPU without native bf16 it is "
                    "also as fast); bfloat16 on CUDA (add --batch-invariant to make it exact). bfloat16 on a CPU "
@@ -38,16 +50,16 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    "greedy output can drift from plain decoding at near-ties (README: Determinism).")
     g.add_argument("--device", default=None,
                    help="torch device for both models, e.g. cpu, cuda, cuda:1 (default cuda if available, else cpu).")
-    g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+    g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=engine["cuda_graphs"],
                    help="On CUDA, capture small decode/verification passes of both models as CUDA graphs at start "
                    "(default on; ignored on the CPU).")
-    g.add_argument("--upcast-matmuls", choices=["auto", "on", "off"], default="auto",
+    g.add_argument("--upcast-matmuls", choices=["auto", "on", "off"], default=engine["upcast_matmuls"],
                    help="Run matmuls over 3+ rows (prefill, verifying k drafts) in fp32 on an fp32 copy of the "
                    "weights, keeping bf16 for single-row decode steps; few-row matmuls as weight @ input.T, which "
                    "MKL runs faster. auto (default): on for bfloat16/float16 on a CPU without native bf16 (no "
                    "AVX512-BF16/AMX), where a bf16 matmul costs about one weight pass per row (2x weight memory), "
                    "and for float32 on any CPU (the weight @ input.T form alone, from one row; no copy).")
-    g.add_argument("--batch-invariant", action="store_true",
+    g.add_argument("--batch-invariant", action="store_true", default=engine["batch_invariant"],
                    help="CUDA only: batch-invariant numerics. Every matmul, RMSNorm and attention call runs on "
                    "fixed-tile Triton kernels, so each token's logits are the same bits whether it is decoded "
                    "alone, verified among k+1 tokens or batched with other requests: greedy speculation equals "
@@ -55,15 +67,20 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    "neighbours (with a fixed --num-speculative-tokens). Slower than cuBLAS; replaces "
                    "--upcast-matmuls. On the CPU use float32 (the auto dtype there) instead.")
     g = p.add_argument_group("scheduling and memory")
-    g.add_argument("--max-num-seqs", type=int, default=32, help="Most requests running at once (default 32).")
-    g.add_argument("--max-num-batched-tokens", type=int, default=512,
-                   help="Token budget of one engine step; longer prompts are prefilled in chunks (default 512).")
-    g.add_argument("--max-model-len", type=int, default=None,
+    g.add_argument("--max-num-seqs", type=int, default=scheduler["max_num_seqs"],
+                   help=f"Most requests running at once (default {scheduler['max_num_seqs']}).")
+    g.add_argument("--max-num-batched-tokens", type=int, default=scheduler["max_num_batched_tokens"],
+                   help="Token budget of one engine step; longer prompts are prefilled in chunks "
+                   f"(default {scheduler['max_num_batched_tokens']}).")
+    g.add_argument("--max-model-len", type=int, default=scheduler["max_model_len"],
                    help="Longest prompt + output in tokens (default: the verifier's context length).")
-    g.add_argument("--kv-cache-memory", type=float, default=1.0, metavar="GIB",
-                   help="GiB for the KV-cache pools of both models (default 1.0).")
-    g.add_argument("--block-size", type=int, default=16, help="Tokens per KV-cache block (default 16).")
-    g.add_argument("--no-prefix-caching", action="store_true", help="Disable reuse of cached prompt prefixes.")
+    kv_gib = cache["kv_cache_memory"] / (1 << 30)
+    g.add_argument("--kv-cache-memory", type=float, default=kv_gib, metavar="GIB",
+                   help=f"GiB for the KV-cache pools of both models (default {kv_gib:g}).")
+    g.add_argument("--block-size", type=int, default=cache["block_size"],
+                   help=f"Tokens per KV-cache block (default {cache['block_size']}).")
+    g.add_argument("--no-prefix-caching", action="store_false", dest="enable_prefix_caching",
+                   default=cache["enable_prefix_caching"], help="Disable reuse of cached prompt prefixes.")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -86,7 +103,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         cache=CacheConfig(
             block_size=args.block_size,
             kv_cache_memory=int(args.kv_cache_memory * (1 << 30)),
-            enable_prefix_caching=not args.no_prefix_caching,
+            enable_prefix_caching=args.enable_prefix_caching,
         ),
         scheduler=SchedulerConfig(
             max_num_seqs=args.max_num_seqs,
@@ -145,11 +162,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def add_access_args(p: argparse.ArgumentParser) -> None:
-    from dataclasses import fields
-
     from specserve.server.limits import LimitsConfig
 
-    d = {f.name: f.default for f in fields(LimitsConfig)}
+    d = defaults(LimitsConfig)
     g = p.add_argument_group("access and limits")
     g.add_argument("--api-keys-file", default=None, metavar="FILE",
                    help="JSON list of client keys: [{\"name\": ..., \"key\": ..., \"requests_per_minute\": N, "
@@ -236,11 +251,11 @@ def traffic_store_url(args: argparse.Namespace) -> str:
 
 
 def add_online_args(p: argparse.ArgumentParser) -> None:
-    from dataclasses import fields
+    from specserve.online.trainer_config import OnlineTrainerConfig
+    from specserve.server.draft_watcher import DraftWatchConfig
 
-    from specserve.online.draft_watcher import DraftWatchConfig
-
-    d = {f.name: f.default for f in fields(DraftWatchConfig)}
+    d = defaults(DraftWatchConfig)
+    trainer = defaults(OnlineTrainerConfig)
     g = p.add_argument_group("online distillation (see README 'Online distillation')")
     g.add_argument("--draft-registry", default=None, metavar="DIR",
                    help="Watch this draft registry (the directory an online trainer publishes to; replicas may share "
@@ -259,8 +274,9 @@ def add_online_args(p: argparse.ArgumentParser) -> None:
                    help="Also run the online trainer (`specserve distill --online`) as a subprocess on this "
                    "server's traffic log, publishing into --draft-registry. Restarted with backoff if it dies, "
                    "stopped with the server; serving never waits for it.")
-    g.add_argument("--trainer-threads", type=int, default=1, metavar="N",
-                   help="CPU threads the online trainer may use (default 1); it also runs at a lower priority.")
+    g.add_argument("--trainer-threads", type=int, default=trainer["threads"], metavar="N",
+                   help=f"CPU threads the online trainer may use (default {trainer['threads']}); it also runs at a "
+                   "lower priority.")
     g.add_argument("--trainer-eval-every", type=int, default=None, metavar="N",
                    help="Optimizer steps between the trainer's held-out evaluations, each of which may publish a "
                    "version (default: `specserve distill --online`'s).")
@@ -271,8 +287,8 @@ def add_online_args(p: argparse.ArgumentParser) -> None:
 
 def online_distillation(args: argparse.Namespace, kwargs: dict):
     """The serve command's (DraftWatchConfig or None, trainer argv or None); flags checked before models load."""
-    from specserve.online.draft_watcher import DraftWatchConfig
     from specserve.online.trainer import trainer_command
+    from specserve.server.draft_watcher import DraftWatchConfig
     from specserve.server.traffic_log import default_data_dir
 
     directory = args.draft_registry
@@ -315,11 +331,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     async_engine = AsyncEngine(engine, max_queue=args.max_queue)
     watcher = trainer = None
     if watch is not None:
-        from specserve.online.draft_watcher import DraftWatcher
+        from specserve.server.draft_watcher import DraftWatcher
 
         watcher = DraftWatcher(async_engine, watch)
     if trainer_argv is not None:
-        from specserve.online.trainer_process import TrainerProcess
+        from specserve.server.trainer_process import TrainerProcess
 
         trainer = TrainerProcess(trainer_argv, threads=args.trainer_threads)
     name = args.served_model_name or os.path.basename(os.path.normpath(kwargs["verifier"]))
@@ -352,12 +368,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def add_distill_args(p: argparse.ArgumentParser) -> None:
-    from dataclasses import fields
-
+    from specserve.distill.eagle_trainer import EagleConfig
     from specserve.distill.losses import LOSSES
     from specserve.distill.trainer import DistillConfig
 
-    d = {f.name: f.default for f in fields(DistillConfig)}
+    d = defaults(DistillConfig)
+    eagle = defaults(EagleConfig)
     g = p.add_argument_group("teacher and data")
     g.add_argument("--verifier", default=None,
                    help="HF checkpoint directory of the verifier (the teacher; a Llama model). "
@@ -416,33 +432,39 @@ def add_distill_args(p: argparse.ArgumentParser) -> None:
                    help="standalone: a small Llama model of its own (the flags above); eagle: a one-layer head that "
                    "reads the verifier's features and reuses its embedding, norm and output layer (default "
                    "standalone).")
-    g.add_argument("--responses", default="dataset", choices=["dataset", "verifier"],
+    g.add_argument("--responses", default=eagle["responses"], choices=["dataset", "verifier"],
                    help="eagle: train on the files' own responses (ShareGPT replies, GSM8K answers, text) or on the "
-                   "verifier's greedy answers (slower to make) (default dataset).")
-    g.add_argument("--max-sequences", type=int, default=2000,
-                   help="eagle: most (prompt, response) sequences read over all files (default 2000).")
-    g.add_argument("--max-tokens", type=int, default=384,
-                   help="eagle: most tokens per sequence, prompt and response together (default 384).")
-    g.add_argument("--draft-vocab-size", type=int, default=8192,
+                   f"verifier's greedy answers (slower to make) (default {eagle['responses']}).")
+    g.add_argument("--max-sequences", type=int, default=eagle["max_sequences"],
+                   help="eagle: most (prompt, response) sequences read over all files "
+                   f"(default {eagle['max_sequences']}).")
+    g.add_argument("--max-tokens", type=int, default=eagle["max_tokens"],
+                   help="eagle: most tokens per sequence, prompt and response together "
+                   f"(default {eagle['max_tokens']}).")
+    g.add_argument("--draft-vocab-size", type=int, default=eagle["draft_vocab_size"],
                    help="eagle: tokens the head may propose, the most frequent in the data; 0 = the whole "
-                   "vocabulary (default 8192).")
-    g.add_argument("--feature-weight", type=float, default=1.0,
-                   help="eagle: weight of the feature regression next to the KL term (default 1.0).")
-    g.add_argument("--feature-noise", type=float, default=0.1,
-                   help="eagle: uniform noise on the input features, relative to their RMS (default 0.1).")
-    g.add_argument("--max-minutes", type=float, default=None,
+                   f"vocabulary (default {eagle['draft_vocab_size']}).")
+    g.add_argument("--feature-weight", type=float, default=eagle["feature_weight"],
+                   help="eagle: weight of the feature regression next to the KL term "
+                   f"(default {eagle['feature_weight']}).")
+    g.add_argument("--feature-noise", type=float, default=eagle["feature_noise"],
+                   help="eagle: uniform noise on the input features, relative to their RMS "
+                   f"(default {eagle['feature_noise']}).")
+    g.add_argument("--max-minutes", type=float, default=eagle["max_minutes"],
                    help="eagle: stop training after this many minutes and keep the best head; --online: stop the "
                    "trainer after this many minutes (default: no limit). With --resume it counts the resumed run only.")
-    g.add_argument("--unroll-steps", type=int, default=3, metavar="S",
+    g.add_argument("--unroll-steps", type=int, default=eagle["unroll_steps"], metavar="S",
                    help="eagle: train the head unrolled S steps on its own predicted features, each scored, as it "
-                   "drafts (EAGLE-3's training-time test); 1 = teacher forcing only (default 3).")
-    g.add_argument("--unroll-decay", type=float, default=0.8,
-                   help="eagle: loss weight of unrolled step s is DECAY^(s-1) (default 0.8).")
-    g.add_argument("--eval-depth", type=int, default=5,
-                   help="eagle: draft positions whose chained held-out acceptance is reported (default 5).")
-    g.add_argument("--init-head", default=None, metavar="DIR",
+                   "drafts (EAGLE-3's training-time test); 1 = teacher forcing only "
+                   f"(default {eagle['unroll_steps']}).")
+    g.add_argument("--unroll-decay", type=float, default=eagle["unroll_decay"],
+                   help=f"eagle: loss weight of unrolled step s is DECAY^(s-1) (default {eagle['unroll_decay']}).")
+    g.add_argument("--eval-depth", type=int, default=eagle["eval_depth"],
+                   help="eagle: draft positions whose chained held-out acceptance is reported "
+                   f"(default {eagle['eval_depth']}).")
+    g.add_argument("--init-head", default=eagle["init_head"], metavar="DIR",
                    help="eagle: start from this trained head of the same verifier (its draft vocabulary is kept).")
-    g.add_argument("--resume", action="store_true",
+    g.add_argument("--resume", action="store_true", default=eagle["resume"],
                    help="eagle: continue the run saved in --out (head, optimizer, step, RNG and data position of its "
                    "last evaluation) with the same data settings; the teacher pass is read back, not rerun.")
     add_online_distill_args(p)
@@ -450,11 +472,9 @@ def add_distill_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_online_distill_args(p: argparse.ArgumentParser) -> None:
-    from dataclasses import fields
-
     from specserve.online.trainer import OnlineTrainerConfig
 
-    d = {f.name: f.default for f in fields(OnlineTrainerConfig)}
+    d = defaults(OnlineTrainerConfig)
     g = p.add_argument_group("online distillation (--online; also uses --verifier, --loss, --jsd-beta, --temperature, "
                              "--batch-size, --lr, --eval-every, --seed, --device, --max-minutes)")
     g.add_argument("--online", action="store_true",
@@ -481,7 +501,7 @@ def add_online_distill_args(p: argparse.ArgumentParser) -> None:
                    f"(default {d['margin']}).")
     g.add_argument("--w-rejected", type=float, default=d["w_rejected"], metavar="W",
                    help=f"--online: loss weight of positions where the draft was rejected (default {d['w_rejected']}).")
-    g.add_argument("--max-steps", type=int, default=None, metavar="N",
+    g.add_argument("--max-steps", type=int, default=d["max_steps"], metavar="N",
                    help="--online: stop after N optimizer steps (default: no limit).")
     g.add_argument("--poll-seconds", type=float, default=d["poll_seconds"], metavar="S",
                    help=f"--online: seconds between reads of the traffic store (default {d['poll_seconds']}).")
@@ -493,7 +513,7 @@ def cmd_distill_eagle(args: argparse.Namespace) -> int:
     config = EagleConfig(
         data=tuple(args.data), out=args.out, verifier=args.verifier, responses=args.responses,
         max_sequences=args.max_sequences, max_tokens=args.max_tokens, max_new_tokens=args.max_new_tokens,
-        draft_vocab_size=args.draft_vocab_size, teacher_top_m=args.teacher_top_m or 32,
+        draft_vocab_size=args.draft_vocab_size, teacher_top_m=args.teacher_top_m or EagleConfig.teacher_top_m,
         teacher_dtype=args.teacher_dtype, feature_weight=args.feature_weight, feature_noise=args.feature_noise,
         steps=args.steps, max_minutes=args.max_minutes, batch_size=args.batch_size, lr=args.lr,
         eval_every=args.eval_every, seed=args.seed, device=args.device, unroll_steps=args.unroll_steps,
@@ -544,17 +564,22 @@ def cmd_distill_online(args: argparse.Namespace) -> int:
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
+    from specserve.distill.evaluate import EvalConfig
+
+    d = defaults(EvalConfig)
     g = p.add_argument_group("held-out evaluation (--eval-only --draft DIR; also uses --verifier, --device, --seed)")
     g.add_argument("--eval-only", action="store_true",
                    help="Train nothing: measure --draft's acceptance on Spec-Bench (never training data) by category, "
                    "at a fixed k, greedy and sampled; prints a table, writes JSON and a PNG with --eval-out.")
-    g.add_argument("--eval-k", type=int, default=5, help="Draft tokens per verification step (default 5).")
-    g.add_argument("--eval-per-category", type=int, default=2,
-                   help="Spec-Bench prompts per category (default 2).")
-    g.add_argument("--eval-max-tokens", type=int, default=64, help="Tokens generated per prompt (default 64).")
-    g.add_argument("--eval-temperatures", default="0,0.7",
-                   help="Comma-separated decoding temperatures; 0 is greedy (default 0,0.7).")
-    g.add_argument("--eval-dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"],
+    g.add_argument("--eval-k", type=int, default=d["k"], help=f"Draft tokens per verification step (default {d['k']}).")
+    g.add_argument("--eval-per-category", type=int, default=d["per_category"],
+                   help=f"Spec-Bench prompts per category (default {d['per_category']}).")
+    g.add_argument("--eval-max-tokens", type=int, default=d["max_tokens"],
+                   help=f"Tokens generated per prompt (default {d['max_tokens']}).")
+    temperatures = ",".join(f"{t:g}" for t in d["temperatures"])
+    g.add_argument("--eval-temperatures", default=temperatures,
+                   help=f"Comma-separated decoding temperatures; 0 is greedy (default {temperatures}).")
+    g.add_argument("--eval-dtype", default=d["dtype"], choices=["auto", "bfloat16", "float32", "float16"],
                    help="dtype of both models while evaluating (default auto, the serving default: float32 on the "
                    "CPU, bfloat16 on CUDA).")
     g.add_argument("--eval-out", default=None, metavar="JSON", help="Write the results here (and a PNG beside).")
@@ -568,7 +593,7 @@ def cmd_distill_eval(args: argparse.Namespace) -> int:
     config = EvalConfig(
         draft=args.draft, verifier=args.verifier, k=args.eval_k, per_category=args.eval_per_category,
         max_tokens=args.eval_max_tokens, temperatures=tuple(float(t) for t in args.eval_temperatures.split(",")),
-        dtype=args.eval_dtype, device=args.device or "cpu", out=args.eval_out, seed=args.seed,
+        dtype=args.eval_dtype, device=args.device or EvalConfig.device, out=args.eval_out, seed=args.seed,
     )
     print_results(evaluate_draft(config))
     return 0
@@ -645,9 +670,10 @@ def add_traffic_command(sub) -> None:
 def cmd_traffic(args: argparse.Namespace) -> int:
     from datetime import datetime, timezone
 
-    from specserve.online.traffic_store import open_store, sqlite_path
     from specserve.server.auth import APIKey
     from specserve.server.traffic_log import default_data_dir, default_store_url
+    from specserve.traffic import open_store
+    from specserve.traffic.url import sqlite_path
 
     url = args.store or default_store_url(default_data_dir())
     path = sqlite_path(url)

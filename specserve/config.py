@@ -20,8 +20,10 @@ def default_device() -> str:
 class CacheConfig:
     block_size: int = 16
     """Tokens per KV block."""
-    kv_cache_memory: int = 2 << 30
-    """Bytes for the KV pools of both models together; sets the number of blocks."""
+    kv_cache_memory: int = 1 << 30
+    """Bytes for the KV pools of both models together; sets the number of blocks. 1 GiB: what `specserve serve`
+    has always reserved (about 20k tokens of SmolLM2-135M in float32, verifier and draft), within the CPU
+    deployment's memory limit; a GPU server sets more (--kv-cache-memory)."""
     num_blocks: int | None = None
     """Exact number of KV blocks (overrides kv_cache_memory; tests use tiny pools)."""
     enable_prefix_caching: bool = True
@@ -112,7 +114,7 @@ class EngineConfig:
     (few-row matmuls as weight @ input.T, no copy). 'off': never."""
     batch_invariant: bool = False
     """Batch-invariant numerics (CUDA): every matmul, RMSNorm and attention call computes a row the same way
-    whatever its batch (fixed-tile Triton kernels, kernels/batch_invariant.py), so a request's tokens do
+    whatever its batch (fixed-tile Triton kernels, specserve/kernels/batch_invariant.py), so a request's tokens do
     not depend on k or on the other requests it was batched with, in bf16 too. Slower than cuBLAS; replaces
     upcast matmuls. On the CPU only under TRITON_INTERPRET=1 (tests): use float32 there instead."""
     cache: CacheConfig = field(default_factory=CacheConfig)

@@ -11,16 +11,16 @@ import pytest
 import torch
 from tiny_models import PROMPTS, greedy
 
-import kernels.batch_invariant as bi
-from kernels.batch_invariant import (
+import specserve.kernels.batch_invariant as bi
+from specserve import LLM, SamplingParams
+from specserve.config import CacheConfig, EngineConfig
+from specserve.engine.model_runner import ModelRunner, TokenRun
+from specserve.kernels.batch_invariant import (
     batch_invariant_linear,
     batch_invariant_rms_norm,
     linear_reference,
     rms_norm_reference,
 )
-from specserve import LLM, SamplingParams
-from specserve.config import CacheConfig, EngineConfig
-from specserve.engine.model_runner import ModelRunner, TokenRun
 from specserve.model.batch_invariant import BatchInvariantLinear, enable_batch_invariant, is_batch_invariant
 from specserve.model.loader import load_model
 from specserve.model.upcast import enable_upcast

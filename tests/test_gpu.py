@@ -12,12 +12,12 @@ from fastapi.testclient import TestClient
 from test_paged_attention import TOLERANCE, paged_case
 from tiny_models import PROMPTS, greedy
 
-from kernels import paged_decode_attention, paged_decode_attention_reference, paged_decode_attention_triton
-from kernels.batch_invariant import batch_invariant_linear, linear_reference
 from specserve import LLM, SamplingParams
 from specserve.config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
 from specserve.engine.cuda_graphs import GraphShapes, graph_shapes
 from specserve.engine.engine import LLMEngine
+from specserve.kernels import paged_decode_attention, paged_decode_attention_reference, paged_decode_attention_triton
+from specserve.kernels.batch_invariant import batch_invariant_linear, linear_reference
 from specserve.model.attention import AttentionMetadata
 from specserve.server import AsyncEngine, build_app
 

@@ -36,9 +36,9 @@ from specserve.engine.engine import LLMEngine
 from specserve.engine.proposer import DraftProposer
 from specserve.model.eagle import EagleHead
 from specserve.online import registry
-from specserve.online.draft_watcher import DraftWatchConfig, DraftWatcher
 from specserve.server import AsyncEngine, build_app
 from specserve.server.async_engine import ShuttingDownError
+from specserve.server.draft_watcher import DraftWatchConfig, DraftWatcher
 
 MODEL = "tiny"
 NEVER = 3600.0

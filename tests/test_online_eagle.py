@@ -27,11 +27,11 @@ from specserve.model.loader import load_model
 from specserve.online import registry
 from specserve.online.eagle_student import EagleExample, EagleStudent
 from specserve.online.examples import is_heldout
-from specserve.online.traffic_record import TrafficRecord
-from specserve.online.traffic_store import open_store
 from specserve.online.trainer import OnlineTrainer
 from specserve.online.trainer_config import OnlineTrainerConfig
 from specserve.online.trainer_state import STATE_FILE, TrainerState
+from specserve.traffic import open_store
+from specserve.traffic.record import TrafficRecord
 
 M = 8
 NUM_RECORDS = 32

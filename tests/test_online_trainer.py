@@ -27,11 +27,11 @@ from specserve.online import registry
 from specserve.online.evaluation import evaluate, expected_acceptance
 from specserve.online.examples import is_heldout, prepare, rejected_positions
 from specserve.online.standalone_student import load_draft
-from specserve.online.traffic_record import TrafficRecord
-from specserve.online.traffic_store import open_store
 from specserve.online.trainer import OnlineTrainer, trainer_command
 from specserve.online.trainer_config import OnlineTrainerConfig
 from specserve.online.trainer_state import STATE_FILE, TrainerState
+from specserve.traffic import open_store
+from specserve.traffic.record import TrafficRecord
 
 M = 8
 NUM_RECORDS = 40

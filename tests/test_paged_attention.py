@@ -16,11 +16,11 @@ import sys
 import pytest
 import torch
 
-import kernels.paged_attention as pa_module
-from kernels import paged_decode_attention, paged_decode_attention_reference, paged_decode_attention_triton
+import specserve.kernels.paged_attention as pa_module
 from specserve.config import EngineConfig
 from specserve.engine.cuda_graphs import CudaGraphs, GraphShapes, graph_shapes
 from specserve.engine.model_runner import ModelRunner, TokenRun
+from specserve.kernels import paged_decode_attention, paged_decode_attention_reference, paged_decode_attention_triton
 from specserve.model.attention import AttentionMetadata, paged_attention
 from specserve.model.loader import load_model
 
@@ -179,7 +179,7 @@ AOT_COMPILE = """
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import kernels.paged_attention as pa
+import specserve.kernels.paged_attention as pa
 
 kernel = pa._paged_decode_attention_kernel
 names = kernel.arg_names

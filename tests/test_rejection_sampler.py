@@ -1,4 +1,4 @@
-"""Tests for kernels.rejection_sampler: hand tables, invariants, statistics, Triton parity.
+"""Tests for specserve.kernels.rejection_sampler: hand tables, invariants, statistics, Triton parity.
 
 Tiers:
   a. hand-made tables with known answers, run on every available implementation;
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-import kernels.rejection_sampler as rs_module
-from kernels import (
+import specserve.kernels.rejection_sampler as rs_module
+from specserve.kernels import (
     PLACEHOLDER_TOKEN_ID,
     rejection_sample,
     rejection_sample_reference,

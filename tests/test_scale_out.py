@@ -27,9 +27,9 @@ from postgres_server import free_port
 from tiny_models import PROMPTS
 
 from specserve.online import registry
-from specserve.online.traffic_store import open_store
 from specserve.online.trainer import STATE_FILE, trainer_command
 from specserve.server.auth import APIKey
+from specserve.traffic import open_store
 
 TOKENS = 16
 """Generated tokens per request (ignore_eos: exactly this many)."""

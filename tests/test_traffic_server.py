@@ -14,10 +14,10 @@ from tiny_models import CORPUS
 from specserve.cli import main
 from specserve.config import CacheConfig, EngineConfig
 from specserve.engine.engine import LLMEngine
-from specserve.online.traffic_store import open_store
 from specserve.server import AsyncEngine, build_app
 from specserve.server.auth import AccessConfig, APIKey
 from specserve.server.traffic_log import TrafficLog
+from specserve.traffic import open_store
 
 MODEL = "tiny"
 TOPM = 5

@@ -17,15 +17,11 @@ import pytest
 import torch
 from postgres_server import free_port
 
-from specserve.online.traffic_record import TrafficRecord, encode
-from specserve.online.traffic_store import (
-    SQLITE_MIGRATIONS,
-    SQLiteTrafficStore,
-    TrafficStore,
-    describe,
-    migrate_sqlite,
-    open_store,
-)
+from specserve.traffic import open_store
+from specserve.traffic.record import TrafficRecord, encode
+from specserve.traffic.sqlite_store import SQLITE_MIGRATIONS, SQLiteTrafficStore, migrate_sqlite
+from specserve.traffic.store import TrafficStore
+from specserve.traffic.url import describe
 
 DAY = 86400.0
 
@@ -293,7 +289,7 @@ def test_record_validation():
 def test_postgres_migration_from_schema_version_1(postgres):
     import psycopg
 
-    from specserve.online.postgres_store import POSTGRES_MIGRATIONS, migrate_postgres
+    from specserve.traffic.postgres_store import POSTGRES_MIGRATIONS, migrate_postgres
 
     url = postgres.new_database()
     old = record(seed=5)

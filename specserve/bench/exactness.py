@@ -18,7 +18,7 @@ import json
 import os
 import time
 
-from specserve.bench.prompts import CATEGORIES, DEFAULT_PROMPTS_FILE, load_prompts
+from specserve.evaluation.prompts import CATEGORIES, DEFAULT_PROMPTS_FILE, load_prompts
 
 
 def add_exactness_args(p: argparse.ArgumentParser) -> None:

@@ -84,8 +84,8 @@ def run(args: argparse.Namespace) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda asked for, but torch.cuda.is_available() is False")
 
-    from kernels import rejection_sample_reference, rejection_sample_triton
-    from kernels import rejection_sampler as rs_module
+    from specserve.kernels import rejection_sample_reference, rejection_sample_triton
+    from specserve.kernels import rejection_sampler as rs_module
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)

@@ -28,7 +28,6 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from specserve.bench.acceptance import acceptance_summary, spec_counts
 from specserve.bench.options import (
     LATENCY_PRESETS,
     add_latency_args,
@@ -37,9 +36,11 @@ from specserve.bench.options import (
     resolve_presets,
     resolve_verifier,
 )
-from specserve.bench.prompts import BenchPrompt, load_prompts
-from specserve.bench.report import environment, plot_grouped_bars, plot_lines, ratio, table, write_json
-from specserve.bench.systems import (
+from specserve.bench.report import environment, plot_grouped_bars, plot_lines, table, write_json
+from specserve.config import SpeculativeConfig
+from specserve.evaluation.acceptance import acceptance_summary, ratio, spec_counts
+from specserve.evaluation.prompts import BenchPrompt, load_prompts
+from specserve.evaluation.systems import (
     HFSystem,
     LlamaCppSystem,
     OursSystem,
@@ -48,7 +49,6 @@ from specserve.bench.systems import (
     llama_cpp_available,
     synchronize,
 )
-from specserve.config import SpeculativeConfig
 
 SPEC_PREFIX = "ours-spec-"
 ADAPTIVE = "ours-spec-adaptive"  # the draft model only

@@ -16,7 +16,7 @@ import time
 import httpx
 from tqdm.auto import tqdm
 
-from specserve.bench.report import ratio
+from specserve.evaluation.acceptance import ratio
 
 WARMUP_TOKENS = 8
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from urllib.parse import urlsplit
 
-from specserve.bench.prompts import CATEGORIES, DEFAULT_PROMPTS_FILE
+from specserve.evaluation.prompts import CATEGORIES, DEFAULT_PROMPTS_FILE
 
 DTYPES = ["auto", "bfloat16", "float32", "float16"]
 STAND_IN_DRAFT_LAYERS = 4

@@ -111,7 +111,7 @@ def add_profile_args(p: argparse.ArgumentParser) -> None:
 
 def llama_cpp_system(args: argparse.Namespace, verifier: str, longest: int):
     """llama.cpp on the verifier's GGUF for --llamacpp, or None (off, or auto without the package or the file)."""
-    from specserve.bench.systems import LlamaCppSystem, llama_cpp_available
+    from specserve.evaluation.systems import LlamaCppSystem, llama_cpp_available
     from specserve.model.default_models import default_gguf, default_verifier
 
     if args.llamacpp == "off" or (args.llamacpp == "auto" and not llama_cpp_available()):

@@ -13,10 +13,6 @@ import time
 from pathlib import Path
 
 
-def ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b else None
-
-
 def fmt(value, digits: int = 2) -> str:
     if value is None:
         return "-"

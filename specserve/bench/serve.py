@@ -28,8 +28,9 @@ import numpy as np
 from specserve.bench.load import run_level, served_model, speculation_counters, speculation_delta, warm_up
 from specserve.bench.local_server import LocalServer, wait_healthy
 from specserve.bench.options import SERVE_PRESETS, add_serve_args, resolve_draft, resolve_presets, resolve_verifier
-from specserve.bench.prompts import category_of, load_questions, select
-from specserve.bench.report import environment, plot_lines, ratio, table, write_json
+from specserve.bench.report import environment, plot_lines, table, write_json
+from specserve.evaluation.acceptance import ratio
+from specserve.evaluation.prompts import category_of, load_questions, select
 
 MODES = ("spec", "plain")
 URL_MODE = "server"  # the one mode of a --url run

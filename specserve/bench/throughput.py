@@ -16,9 +16,10 @@ from dataclasses import asdict
 from tqdm.auto import tqdm
 
 from specserve.bench.options import THROUGHPUT_PRESETS, add_throughput_args, resolve_presets, resolve_verifier
-from specserve.bench.prompts import load_prompts
-from specserve.bench.report import environment, ratio, table, write_json
-from specserve.bench.systems import HFSystem, OursSystem
+from specserve.bench.report import environment, table, write_json
+from specserve.evaluation.acceptance import ratio
+from specserve.evaluation.prompts import load_prompts
+from specserve.evaluation.systems import HFSystem, OursSystem
 
 TARGET_BATCH_1 = 1.3  # ours batch 1 / HF batch 1
 TARGET_BATCH_N = 4.0  # ours batch --batch (8 in the target) / HF batch 1

@@ -224,7 +224,8 @@ def traffic_examples(url: str, max_records: int | None, max_prompt_tokens: int, 
     which is the loss row predicting response token i. Prompts keep their last ``max_prompt_tokens``
     tokens, responses (and their rows) their first ``max_new_tokens``; records without output are skipped.
     """
-    from specserve.online.traffic_store import open_store, sqlite_path
+    from specserve.traffic import open_store
+    from specserve.traffic.url import sqlite_path
 
     path = sqlite_path(url)
     if path is not None and not os.path.isfile(path):

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
-from specserve.bench.acceptance import acceptance_summary, spec_counts
-from specserve.bench.prompts import CATEGORIES, load_prompts
-from specserve.bench.systems import OursSystem
+from specserve.evaluation.acceptance import acceptance_summary, spec_counts
+from specserve.evaluation.prompts import CATEGORIES, load_prompts
+from specserve.evaluation.systems import OursSystem
 
 
 @dataclass(frozen=True)

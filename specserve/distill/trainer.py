@@ -52,7 +52,7 @@ from specserve.distill.data import (
 )
 from specserve.distill.losses import LOSSES, TopM, distill_loss
 from specserve.distill.student import StudentSpec, build_student, save_student
-from specserve.online.traffic_store import describe
+from specserve.traffic.url import describe
 
 COST_CONTEXT, COST_WARMUP, COST_REPS = 128, 3, 20
 

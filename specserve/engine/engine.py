@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoTokenizer, GenerationConfig
 
-from kernels import rejection_sample
 from specserve.config import EngineConfig
 from specserve.engine import drafts
 from specserve.engine.cuda_graphs import graph_shapes
@@ -38,6 +37,7 @@ from specserve.engine.sampler import draw_exponential, draw_uniform, sampling_pr
 from specserve.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from specserve.engine.speculation_length import SpeculationLengthPolicy
 from specserve.engine.trace import SpecStep, TraceRecorder
+from specserve.kernels import rejection_sample
 from specserve.model.batch_invariant import enable_batch_invariant
 from specserve.model.llama import LlamaModel
 from specserve.model.loader import load_model, resolve_dtype

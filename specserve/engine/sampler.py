@@ -1,7 +1,7 @@
 """Sampler: logits to the probabilities requests sample from, and the random draws they use.
 
 Temperature, top-k and top-p turn a row of logits into the distribution the request samples
-from; the rejection sampler in `kernels/` then draws tokens from it (for plain decoding it is
+from; the rejection sampler in `specserve/kernels/` then draws tokens from it (for plain decoding it is
 the same kernel with zero draft tokens). Randomness comes from each request's own generator, so
 a seeded request is reproducible whatever it is batched with. Knows nothing about models or KV.
 """

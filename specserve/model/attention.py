@@ -11,7 +11,7 @@ written (`context_len`). The metadata built once per step serves every layer:
 * `mask` is the causal mask of the padded `[batch, query, context]` problem.
 
 On CUDA, a batch whose queries are all short (decode, verification of k draft tokens, small
-prefill chunks) skips the dense gather and the mask: `kernels.paged_decode_attention` reads the
+prefill chunks) skips the dense gather and the mask: `specserve.kernels.paged_decode_attention` reads the
 pool through `context_slots` directly, given where each request's queries start (`query_start`)
 and how long its context is (`context_lens`). The CPU, and long prefills anywhere, take the torch
 path above.
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels import paged_decode_attention
+from specserve.kernels import paged_decode_attention
 
 # Longest query of a batch that still goes through the decode kernel on CUDA: verification passes
 # are at most 33 tokens (k <= 32); beyond this a prefill chunk is better served by the dense path.

@@ -1,7 +1,7 @@
 """Batch-invariant mode: a model whose every row is computed the same way however the engine batches it.
 
 `enable_batch_invariant(model)` swaps, in place, the modules whose reductions a library would pick
-by problem shape for ones built on `kernels.batch_invariant` (fixed-tile matmul, one-program-per-row
+by problem shape for ones built on `specserve.kernels.batch_invariant` (fixed-tile matmul, one-program-per-row
 RMSNorm); the model marks itself (`model.batch_invariant`) so the model runner sends every attention
 call, prefill included, through the paged Triton kernel with one fixed query tile (see
 `specserve.model.attention.AttentionMetadata.build`). Everything else a forward does is elementwise
@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels.batch_invariant import batch_invariant_linear, batch_invariant_rms_norm
+from specserve.kernels.batch_invariant import batch_invariant_linear, batch_invariant_rms_norm
 from specserve.model.eagle import EagleHead
 from specserve.model.llama import LlamaModel, RMSNorm
 from specserve.model.upcast import Linear

@@ -1,3 +1,3 @@
-"""Online distillation: the traffic log of served requests (``traffic_record``, ``traffic_store``,
-``postgres_store``), the trainer that learns the draft from it, and the registry that publishes drafts.
+"""Online distillation: the trainer that learns the draft from the traffic log (``specserve.traffic``), and
+the registry that publishes the drafts it makes.
 """

@@ -37,8 +37,8 @@ from specserve.model.loader import load_model
 from specserve.online.examples import Example, chunks, prepare
 
 if TYPE_CHECKING:
-    from specserve.online.traffic_record import TrafficRecord
     from specserve.online.trainer_config import OnlineTrainerConfig
+    from specserve.traffic.record import TrafficRecord
 
 
 @dataclass

@@ -18,7 +18,7 @@ import torch
 from specserve.distill.losses import TopM
 
 if TYPE_CHECKING:
-    from specserve.online.traffic_record import TrafficRecord
+    from specserve.traffic.record import TrafficRecord
 
 
 @dataclass

@@ -21,8 +21,8 @@ from specserve.online.evaluation import evaluate
 from specserve.online.examples import Example, collate, prepare
 
 if TYPE_CHECKING:
-    from specserve.online.traffic_record import TrafficRecord
     from specserve.online.trainer_config import OnlineTrainerConfig
+    from specserve.traffic.record import TrafficRecord
 
 
 def load_draft(path: str, vocab_size: int, device: torch.device) -> LlamaForCausalLM:

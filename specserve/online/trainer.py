@@ -61,7 +61,7 @@ from specserve.online.trainer_state import STATE_FILE, TrainerState
 logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
-    from specserve.online.traffic_record import TrafficRecord
+    from specserve.traffic.record import TrafficRecord
 
 LOCK_FILE = "trainer.lock"
 
@@ -93,7 +93,7 @@ class OnlineTrainer:
     """Loads the current draft and the trainer state at construction; `run()` trains until a stop condition."""
 
     def __init__(self, config: OnlineTrainerConfig) -> None:
-        from specserve.online.traffic_store import open_store
+        from specserve.traffic import open_store
 
         self.config = config
         self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))

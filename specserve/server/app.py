@@ -64,9 +64,9 @@ from specserve.server.protocol import (
 )
 
 if TYPE_CHECKING:
-    from specserve.online.draft_watcher import DraftWatcher
-    from specserve.online.trainer_process import TrainerProcess
+    from specserve.server.draft_watcher import DraftWatcher
     from specserve.server.traffic_log import TrafficLog
+    from specserve.server.trainer_process import TrainerProcess
 
 MAX_N = 64
 """Most choices one request may ask for (each is an engine request)."""

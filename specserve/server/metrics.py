@@ -30,9 +30,9 @@ from specserve.server.extraction import ExtractionMonitor
 from specserve.server.limits import RateLimiter
 
 if TYPE_CHECKING:
-    from specserve.online.draft_watcher import DraftWatcher
-    from specserve.online.trainer_process import TrainerProcess
+    from specserve.server.draft_watcher import DraftWatcher
     from specserve.server.traffic_log import TrafficLog
+    from specserve.server.trainer_process import TrainerProcess
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,

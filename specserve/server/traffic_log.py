@@ -2,7 +2,7 @@
 
 ``record`` runs on the event loop, as a finished output is observed: it wraps the trace in a
 TrafficRecord (sharing its tensors, no copy) and appends it to the store, which never waits on the
-database (the store's writer thread does the I/O; see ``online.traffic_store``). Nothing here runs
+database (the store's writer thread does the I/O; see ``specserve.traffic.store``). Nothing here runs
 on the engine thread. Whether a request is logged at all (logging on, its key not opted out) is
 the caller's decision.
 
@@ -18,8 +18,10 @@ import os
 import sqlite3
 
 from specserve.engine.trace import RequestTrace
-from specserve.online.traffic_record import TrafficRecord
-from specserve.online.traffic_store import TrafficStore, describe, open_store
+from specserve.traffic import open_store
+from specserve.traffic.record import TrafficRecord
+from specserve.traffic.store import TrafficStore
+from specserve.traffic.url import describe
 
 logger = logging.getLogger(__name__)
 

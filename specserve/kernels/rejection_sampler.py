@@ -45,7 +45,7 @@ lowest token id, as ``torch.argmax`` does.
 Example (request 0 is greedy, request 1 is sampled; the randomness is fixed by hand)::
 
     >>> import torch
-    >>> from kernels import rejection_sample
+    >>> from specserve.kernels import rejection_sample
     >>> target_probs = torch.tensor([  # [batch=2, max_k + 1=3, vocab=4]
     ...     [[0.1, 0.6, 0.2, 0.1], [0.5, 0.1, 0.3, 0.1], [0.1, 0.1, 0.1, 0.7]],
     ...     [[0.1, 0.6, 0.2, 0.1], [0.5, 0.1, 0.3, 0.1], [0.1, 0.1, 0.1, 0.7]],

@@ -1,4 +1,4 @@
-"""TrafficStore: where the traffic log's records live, written off the serving path; its SQLite backend.
+"""TrafficStore: where the traffic log's records live, written off the serving path; what every backend shares.
 
 Threads. ``append`` is called from any thread (the server's event loop) and never waits on the
 database: it puts the record into a bounded buffer or, when the buffer is full, drops it and counts
@@ -11,32 +11,30 @@ records wait in the buffer up to its bound and then are dropped. The retention p
 seconds. ``read``, ``count``, ``delete_key``, ``prune`` and ``summary`` are for the trainer and the
 command line: any thread, on a connection of their own.
 
-Schema: ``traffic_records`` (one row a record; arrays as little-endian blobs, see
-``traffic_record``), ``traffic_totals`` (the record count and byte total, kept by triggers so
-neither needs a table scan) and ``traffic_schema_version``. The project migrates it: opening a store
-applies the missing ``MIGRATIONS`` in order, in one transaction; a database written by a newer
-specserve is refused. Record ids come from AUTOINCREMENT, so they increase and are never reused
-after deletions: a reader that remembers the last id it saw misses nothing.
+Schema: ``traffic_records`` (one row a record; arrays as little-endian blobs, see ``record``),
+``traffic_totals`` (the record count and byte total, kept by triggers so neither needs a table scan)
+and ``traffic_schema_version``. The project migrates it: opening a store applies the missing
+migrations of its backend in order (``apply_migrations``), in one transaction; a database written by
+a newer specserve is refused. Record ids come from AUTOINCREMENT (SQLite) or BIGSERIAL (PostgreSQL),
+so they increase and are never reused after deletions: a reader that remembers the last id it saw
+misses nothing.
 
-URLs: ``sqlite:///abs/path.db`` (the path after ``sqlite://``), a plain file path (SQLite), or
-``postgresql://user:password@host/db`` (``postgres_store``, needs ``specserve[postgres]``).
+Backends (``sqlite_store``, ``postgres_store``) supply connections and their SQL dialect; ``open_store``
+(the package) picks one from a URL.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
-import sqlite3
 import threading
 import time
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit, urlunsplit
 
-from specserve.online.traffic_record import EncodedRecord, TrafficRecord, decode, encode
+from specserve.traffic.record import EncodedRecord, TrafficRecord, decode, encode
 
 logger = logging.getLogger(__name__)
 
@@ -59,35 +57,24 @@ SELECT = (
     "SELECT record_id, created_at, key_id, draft_version, m, prompt_ids, output_ids, topm_ids, topm_logprobs, "
     "steps FROM traffic_records"
 )
-
-SQLITE_MIGRATIONS: tuple[tuple[str, ...], ...] = (
-    (  # 1: the records
-        """CREATE TABLE traffic_records (
-            record_id INTEGER PRIMARY KEY AUTOINCREMENT,
-            created_at REAL NOT NULL,
-            key_id TEXT NOT NULL,
-            draft_version TEXT NOT NULL,
-            m INTEGER NOT NULL,
-            prompt_ids BLOB NOT NULL,
-            output_ids BLOB NOT NULL,
-            topm_ids BLOB NOT NULL,
-            topm_logprobs BLOB NOT NULL,
-            steps TEXT NOT NULL)""",
-        "CREATE INDEX traffic_records_created_at ON traffic_records (created_at)",
-    ),
-    (  # 2: record sizes and running totals (bounds without table scans); per-key deletion by index
-        "ALTER TABLE traffic_records ADD COLUMN nbytes INTEGER NOT NULL DEFAULT 0",
-        "UPDATE traffic_records SET nbytes = length(prompt_ids) + length(output_ids) + length(topm_ids) "
-        "+ length(topm_logprobs) + length(steps) + length(key_id) + length(draft_version)",
-        "CREATE INDEX traffic_records_key_id ON traffic_records (key_id)",
-        "CREATE TABLE traffic_totals (id INTEGER PRIMARY KEY CHECK (id = 1), records INTEGER NOT NULL, "
-        "bytes INTEGER NOT NULL)",
-        "INSERT INTO traffic_totals SELECT 1, COUNT(*), COALESCE(SUM(nbytes), 0) FROM traffic_records",
-        "CREATE TRIGGER traffic_totals_insert AFTER INSERT ON traffic_records BEGIN "
-        "UPDATE traffic_totals SET records = records + 1, bytes = bytes + NEW.nbytes; END",
-        "CREATE TRIGGER traffic_totals_delete AFTER DELETE ON traffic_records BEGIN "
-        "UPDATE traffic_totals SET records = records - 1, bytes = bytes - OLD.nbytes; END",
-    ),
+BACKOFF_MIN, BACKOFF_MAX = 0.1, 10.0
+"""Seconds the writer waits after a failed write: doubling from the first to the second."""
+COLUMNS = (
+    "created_at",
+    "key_id",
+    "draft_version",
+    "m",
+    "prompt_ids",
+    "output_ids",
+    "topm_ids",
+    "topm_logprobs",
+    "steps",
+    "nbytes",
+)
+"""The columns a write fills: EncodedRecord's fields (and its size)."""
+SELECT = (
+    "SELECT record_id, created_at, key_id, draft_version, m, prompt_ids, output_ids, topm_ids, topm_logprobs, "
+    "steps FROM traffic_records"
 )
 
 
@@ -151,47 +138,6 @@ def _decode_row(row: tuple) -> TrafficRecord:
     """A row of SELECT (record_id first); blobs may come back as memoryview, made bytes here."""
     record_id, created_at, key_id, draft_version, m, *blobs, steps = row
     return decode(EncodedRecord(created_at, key_id, draft_version, m, *map(bytes, blobs), steps), record_id)
-
-
-def describe(url: str) -> str:
-    """``url`` with any password replaced by ``***``: safe to log and print."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
-def open_store(url: str, **options) -> TrafficStore:
-    """The store ``url`` names (see the module docstring); ``options`` are StoreConfig's fields.
-
-    SQLite creates the file (and its directory) and raises if it cannot; PostgreSQL only checks the
-    URL here and keeps trying to connect in the background while it buffers.
-    """
-    config = StoreConfig(**options)
-    path = sqlite_path(url)
-    if path is not None:
-        return SQLiteTrafficStore(path, config)
-    from specserve.online.postgres_store import PostgresTrafficStore
-
-    return PostgresTrafficStore(url, config)
-
-
-def sqlite_path(url: str) -> str | None:
-    """The SQLite file ``url`` names; None for a PostgreSQL URL; ValueError for anything else."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url
-    if scheme == "sqlite":
-        if not rest:
-            raise ValueError(f"traffic store URL {url!r} names no file; write sqlite:///absolute/path.db")
-        return "/" + rest.lstrip("/") if rest.startswith("/") else rest
-    if scheme in ("postgresql", "postgres"):
-        return None
-    raise ValueError(
-        f"traffic store URL {describe(url)!r} has scheme {scheme!r}; use sqlite:///path.db, a file path or "
-        "postgresql://user:password@host/db"
-    )
 
 
 class TrafficStore:
@@ -462,60 +408,6 @@ class TrafficStore:
         raise NotImplementedError
 
 
-class SQLiteTrafficStore(TrafficStore):
-    """The embedded default: one SQLite file in WAL mode (readers never block the writer, nor it them)."""
-
-    BUSY_TIMEOUT_MS = 5000
-    """How long a statement waits for another connection's write lock before failing (then retried)."""
-
-    def __init__(self, path: str, config: StoreConfig) -> None:
-        super().__init__(f"sqlite://{os.path.abspath(path)}", config)
-        self.path = os.path.abspath(path)
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        self._conn = self._connect()
-        try:
-            migrate_sqlite(self._conn)
-            self._writer = self._connect()
-        except BaseException:
-            self._conn.close()
-            raise
-        self._start()
-
-    def _connect(self) -> sqlite3.Connection:
-        # autocommit mode: transactions are explicit (BEGIN IMMEDIATE takes the write lock up front)
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        conn.execute(f"PRAGMA busy_timeout = {self.BUSY_TIMEOUT_MS}")
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if mode.lower() != "wal":
-            raise ValueError(f"traffic store {self.path}: SQLite refused WAL mode (journal_mode is {mode!r})")
-        conn.execute("PRAGMA synchronous = NORMAL")  # WAL: a crash loses at most the last commits, never corrupts
-        return conn
-
-    @contextmanager
-    def _caller(self) -> Iterator[sqlite3.Connection]:
-        with self._caller_lock:
-            yield self._conn
-
-    @contextmanager
-    def _transaction(self, conn: sqlite3.Connection) -> Iterator[None]:
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:  # also after a failed COMMIT, which leaves the transaction open
-                conn.execute("ROLLBACK")
-            raise
-
-    def _writer_connection(self) -> sqlite3.Connection:
-        return self._writer
-
-    def _close_connections(self) -> None:
-        self._writer.close()
-        with self._caller_lock:
-            self._conn.close()
-
-
 def apply_migrations(conn, migrations: list, target: int, placeholder: str) -> int:
     """The schema steps both backends share, inside the caller's transaction: read the version, refuse a newer
     schema, run the missing migrations up to `target`, record the version. `placeholder`: '?' or '%s'."""
@@ -536,16 +428,3 @@ def apply_migrations(conn, migrations: list, target: int, placeholder: str) -> i
     else:
         conn.execute(f"UPDATE traffic_schema_version SET version = {placeholder}", (new,))
     return new
-
-
-def migrate_sqlite(conn: sqlite3.Connection, target: int = len(SQLITE_MIGRATIONS)) -> int:
-    """Bring the schema up to version ``target`` (default: the newest), in one transaction; returns the version."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        version = apply_migrations(conn, SQLITE_MIGRATIONS, target, "?")
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-    return version

@@ -2,7 +2,7 @@
 and one trainer reads all of it.
 
 The API, the writer thread, the bounded buffer and the retention rules are the SQLite store's
-(``traffic_store``); what differs:
+(``store``); what differs:
 
 - The database may be unreachable at any time, startup included. Opening the store only checks the
   URL and tries one connection (a warning if it fails); the writer connects, and migrates, when it
@@ -23,8 +23,9 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from specserve.online.traffic_record import EncodedRecord
-from specserve.online.traffic_store import COLUMNS, StoreConfig, TrafficStore, apply_migrations, describe
+from specserve.traffic.record import EncodedRecord
+from specserve.traffic.store import COLUMNS, StoreConfig, TrafficStore, apply_migrations
+from specserve.traffic.url import describe
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ Contract (the words below are used by the reference, the kernel and their tests)
 Example (one request, two queries verifying one draft token, a 3-position context)::
 
     >>> import torch
-    >>> from kernels import paged_decode_attention
+    >>> from specserve.kernels import paged_decode_attention
     >>> k_cache = torch.eye(4)[:, None, :]  # [num_slots=4, num_kv_heads=1, head_dim=4]
     >>> v_cache = torch.arange(4.0)[:, None, None].expand(4, 1, 4).contiguous()  # slot s holds the value s
     >>> q = torch.zeros(2, 1, 4)  # [num_tokens=2, num_heads=1, head_dim=4]: uniform attention
@@ -276,7 +276,7 @@ def kernel_config(
     ``block_n`` defaults to 32 context positions per loop trip, 16 in fp32: with 8 warps ptxas then
     keeps the sm_90 tiles up to head_dim 128 in registers. ``fixed_tile`` (batch-invariant mode): the
     largest query tile whatever ``max_query``, so a row is computed by the same tile shape in a decode
-    step, a verification pass and a prefill (see kernels/batch_invariant.py); under the interpreter the
+    step, a verification pass and a prefill (see batch_invariant.py); under the interpreter the
     dots are then explicit products and sums, whose rounding does not depend on a row's place in the tile.
     """
     if block_n is None:

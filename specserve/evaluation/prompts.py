@@ -1,4 +1,5 @@
-"""Spec-Bench prompts for the benchmarks: first turns, chat-templated, N per category, chosen deterministically.
+"""Spec-Bench prompts for the benchmarks and held-out evaluation: first turns, chat-templated, N per category,
+chosen deterministically.
 
 Knows the file's layout and the category grouping (MT-Bench's eight sub-categories count as one,
 "mt_bench"). Knows nothing about models beyond the tokenizer that applies the chat template.

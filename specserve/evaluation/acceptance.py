@@ -6,8 +6,12 @@ measured cost ratios. Knows nothing about engines, timing or prompts.
 
 from __future__ import annotations
 
-from specserve.bench.report import ratio
 from specserve.engine.speculation_length import expected_speedup
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    """a / b, or None when either is unknown or b is 0."""
+    return a / b if a is not None and b else None
 
 
 def spec_counts(steps: list[tuple[int, int, int]]) -> dict:

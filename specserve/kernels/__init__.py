@@ -1,11 +1,11 @@
 """Custom kernels for specserve: the speculative-decoding rejection sampler and paged decode attention."""
 
-from kernels.paged_attention import (
+from specserve.kernels.paged_attention import (
     paged_decode_attention,
     paged_decode_attention_reference,
     paged_decode_attention_triton,
 )
-from kernels.rejection_sampler import (
+from specserve.kernels.rejection_sampler import (
     PLACEHOLDER_TOKEN_ID,
     rejection_sample,
     rejection_sample_reference,

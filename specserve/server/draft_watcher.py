@@ -37,7 +37,7 @@ Several replicas may watch one registry (a shared volume): each checks and swaps
 nothing there. A CURRENT naming a version directory this replica cannot see yet (a shared filesystem
 that lags) is waited for, not refused.
 
-Knows nothing about HTTP, training, or how versions are written (``registry`` does).
+Knows nothing about HTTP, training, or how versions are written (``specserve.online.registry`` does).
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ def synchronize(device: str) -> None:
 
 
 def kv_blocks_for(num_tokens: int, block_size: int, batch: int = 1) -> int:
-    """KV blocks for `batch` sequences of up to `num_tokens` tokens each (the pool is sized for the job, not 2 GiB)."""
+    """KV blocks for `batch` sequences of up to `num_tokens` tokens each (the pool is sized for the job)."""
     return batch * (-(-num_tokens // block_size) + 1)
 
 
