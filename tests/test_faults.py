@@ -16,7 +16,6 @@ import random
 import shutil
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
+from polling import wait_until
 
 from specserve.cli import main
 from specserve.config import CacheConfig, EngineConfig, SchedulerConfig
@@ -45,15 +45,6 @@ def make_engine(tiny, num_blocks: int = 128, max_num_seqs: int = 32) -> LLMEngin
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs),
     )
     return LLMEngine(config)
-
-
-def wait_until(predicate, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 @contextmanager

@@ -18,12 +18,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from polling import wait_until
 from safetensors.torch import load_file, save_file
 from test_eagle import build_head
 from tiny_models import PROMPTS, build_llama, build_tokenizer, greedy
@@ -164,15 +164,6 @@ def generate(async_engine: AsyncEngine, prompts: list[str], tokens: int, tag: st
         return await asyncio.gather(*(_collect(async_engine, p, f"{tag}-{i}", tokens) for i, p in enumerate(prompts)))
 
     return list(asyncio.run(asyncio.wait_for(run(), timeout=300)))
-
-
-def wait_until(predicate, timeout: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 def shutdown(async_engine: AsyncEngine) -> None:

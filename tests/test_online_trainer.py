@@ -16,6 +16,7 @@ import time
 
 import pytest
 import torch
+from polling import wait_until
 from tiny_models import CORPUS
 
 from specserve import SamplingParams
@@ -451,9 +452,7 @@ def test_killing_the_trainer_leaves_a_verifiable_current_version_and_the_traffic
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     try:
-        deadline = time.monotonic() + 300
-        while registry.current(publish) is None and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: registry.current(publish) is not None or proc.poll() is not None, timeout=300)
         assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
         assert registry.current(publish) is not None, "the trainer published nothing in 300 s"
         proc.send_signal(signal.SIGKILL)

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 
 import httpx
+from polling import wait_until
 from postgres_server import free_port
 from tiny_models import PROMPTS
 
@@ -38,15 +39,6 @@ DOWN_REQUESTS = 3
 STARTUP_S, PUBLISH_S, SWAP_S, ARRIVE_S = 300.0, 600.0, 120.0, 120.0
 """Bounds on the waits: a replica answering /health, the first published version, both replicas serving it, the
 buffered records written once PostgreSQL is back."""
-
-
-def wait_until(predicate, timeout: float, interval: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
 
 
 def scrape(url: str) -> dict[tuple[str, frozenset], float]:

@@ -14,7 +14,6 @@ import os
 import signal
 import socket
 import threading
-import time
 from collections.abc import Iterator
 
 import httpx
@@ -22,6 +21,7 @@ import openai
 import pytest
 import uvicorn
 from fastapi.testclient import TestClient
+from polling import wait_until
 
 from specserve import SamplingParams
 from specserve.config import CacheConfig, EngineConfig, SpeculativeConfig
@@ -41,15 +41,6 @@ def make_engine(tiny, draft: bool, num_blocks: int = 64) -> LLMEngine:
     config = EngineConfig(verifier=tiny["llama"], dtype="float32",
                           cache=CacheConfig(num_blocks=num_blocks, block_size=4), speculative=speculative)
     return LLMEngine(config)
-
-
-def wait_until(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 def events(text: str) -> list[str]:

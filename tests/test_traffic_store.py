@@ -15,6 +15,7 @@ import time
 
 import pytest
 import torch
+from polling import wait_until
 from postgres_server import free_port
 
 from specserve.online.traffic_record import TrafficRecord, encode
@@ -55,15 +56,6 @@ def assert_same(stored: TrafficRecord, original: TrafficRecord) -> None:
     assert stored.steps == original.steps
     assert (stored.draft_version, stored.key_id) == (original.draft_version, original.key_id)
     assert stored.created_at == pytest.approx(original.created_at, abs=1e-6)
-
-
-def wait_until(predicate, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
