@@ -432,6 +432,7 @@ def test_manifests_match_the_kubernetes_schemas(directory):
             assert "coreos.com" in doc["apiVersion"], f"no schema for {doc['apiVersion']} {doc['kind']}"
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(shutil.which("kubeconform") is None, reason="kubeconform is not installed")
 def test_kubeconform():
     files = [str(p) for p in K8S_FILES if not p.name.endswith(".patch.yaml")]
@@ -450,6 +451,7 @@ def docker_daemon() -> bool:
     return subprocess.run(["docker", "info"], capture_output=True, timeout=30).returncode == 0
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(not docker_daemon(), reason="no docker daemon")
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
 def test_docker_build_check(path):
@@ -468,6 +470,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.integration
 @pytest.mark.slow  # four fresh interpreters (two torchrun agents, two workers) importing torch: ~1 min
 def test_distill_job_recipe_runs_as_two_nodes(tiny, tmp_path):
     """The Job's torchrun argv, node 0 and node 1 on this machine (gloo on the CPU), on the tiny verifier."""

@@ -25,6 +25,8 @@ from specserve.server import AsyncEngine, build_app
 from specserve.server.auth import AccessConfig
 from specserve.server.limits import LimitsConfig
 
+pytestmark = pytest.mark.integration  # a live uvicorn server for the whole module
+
 KEY, ADMIN = "sk-fuzz-client-key", "sk-fuzz-admin-key"
 MAX_EXAMPLES = 50
 

@@ -306,6 +306,7 @@ def test_a_current_naming_a_version_not_visible_yet_is_waited_for_not_refused(ti
 # ---- EAGLE versions ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_an_eagle_version_is_swapped_in_while_requests_stream_and_outputs_stay_exact(
     tiny, eagle_heads, long_reference, tmp_path
 ):
@@ -481,6 +482,7 @@ def _healthy(url: str) -> bool:
         return False
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the trainer process through /proc")
 def test_killing_the_trainer_leaves_serving_running_and_it_is_restarted(tiny, tmp_path):
     """`specserve serve --online-distill` on tiny models; the trainer is SIGKILLed after it has read traffic."""
@@ -539,6 +541,7 @@ def test_killing_the_trainer_leaves_serving_running_and_it_is_restarted(tiny, tm
 # ---- the demonstration, reduced -----------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_the_online_distillation_demo_runs_end_to_end(tmp_path):
     """bench/online_distill.py on tiny random models: a minute of traffic, one latency round; a few minutes."""

@@ -369,6 +369,7 @@ def test_a_candidate_short_of_the_margin_is_not_published(tiny, traffic, tmp_pat
     assert len({round(e["current"], 6) for e in result.evaluations}) == 1
 
 
+@pytest.mark.integration
 def test_the_trainer_trains_a_budget_per_record_then_evaluates_and_idles(tiny, traffic, tmp_path):
     url = write_store(str(tmp_path / "traffic.db"), traffic)
     publish = str(tmp_path / "registry")
@@ -442,6 +443,7 @@ def test_the_trainer_follows_a_rollback_of_current(tiny, traffic, tmp_path):
     assert registry.current(publish) == v1 and result.published == []
 
 
+@pytest.mark.integration
 def test_killing_the_trainer_leaves_a_verifiable_current_version_and_the_traffic(tiny, traffic, tmp_path):
     url = write_store(str(tmp_path / "traffic.db"), traffic)
     with open_store(url) as store:

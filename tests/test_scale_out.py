@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 
 import httpx
+import pytest
 from polling import wait_until
 from postgres_server import free_port
 from tiny_models import PROMPTS
@@ -31,6 +32,8 @@ from specserve.online import registry
 from specserve.online.traffic_store import open_store
 from specserve.online.trainer import STATE_FILE, trainer_command
 from specserve.server.auth import APIKey
+
+pytestmark = pytest.mark.integration  # subprocesses and a PostgreSQL server
 
 TOKENS = 16
 """Generated tokens per request (ignore_eos: exactly this many)."""

@@ -398,6 +398,7 @@ def async_client(url: str) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("stream", [True, False])
 def test_client_disconnect_frees_kv_blocks(live, stream):
     url, engine = live
@@ -420,6 +421,7 @@ SEEDED = {"temperature": 1.0, "seed": 11, "max_tokens": 10, "extra_body": {"igno
 MESSAGES = [{"role": "user", "content": "Hello"}]
 
 
+@pytest.mark.integration
 def test_openai_client_sync(sync_client):
     client = sync_client
     assert [m.id for m in client.models.list()] == [MODEL]
@@ -453,6 +455,7 @@ async def _stream_text(client: openai.AsyncOpenAI, prompt: str, chat: bool, **kw
     return "".join([ch.text async for chunk in stream for ch in chunk.choices])
 
 
+@pytest.mark.integration
 def test_openai_client_async(live):
     async def scenario() -> None:
         async with async_client(live[0]) as client:
@@ -464,6 +467,7 @@ def test_openai_client_async(live):
     asyncio.run(asyncio.wait_for(scenario(), timeout=120))
 
 
+@pytest.mark.integration
 def test_concurrent_streams_match_sequential(live):
     url, engine = live
     prompts = [f"{word} {i}" for i, word in enumerate(["The", "Speculative", "def", "Natalia"] * 4)]
@@ -482,6 +486,7 @@ def test_concurrent_streams_match_sequential(live):
     assert wait_until(lambda: engine.kv.num_free_blocks == engine.num_blocks)
 
 
+@pytest.mark.integration
 def test_serving_goes_on_after_errors(live, sync_client):
     url, _ = live
     headers = {"Authorization": f"Bearer {API_KEY}"}
@@ -495,6 +500,7 @@ def test_serving_goes_on_after_errors(live, sync_client):
 
 
 
+@pytest.mark.integration
 def test_sigterm_drains_and_exits_zero(tiny):
     """run_server in this (main) thread, a client in another: SIGTERM mid-stream, the stream still finishes."""
     engine = make_engine(tiny, draft=False)

@@ -211,6 +211,7 @@ def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
     return float(chisquare(obs.numpy(), exp.numpy()).pvalue)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("k", [2])
 def test_sampled_speculation_keeps_the_verifier_distribution(tiny, k):
     """Token 2 is the first token a speculative step emits (token 1 comes from the prefill step)."""

@@ -58,7 +58,7 @@ def assert_same(stored: TrafficRecord, original: TrafficRecord) -> None:
     assert stored.created_at == pytest.approx(original.created_at, abs=1e-6)
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.integration)])
 def store_url(request, tmp_path) -> str:
     if request.param == "sqlite":
         return f"sqlite://{tmp_path}/traffic.db"
