@@ -304,6 +304,10 @@ def test_engine_failure_is_a_500_and_serving_goes_on(served):
 def test_metrics_export_speculation(tiny):
     with TestClient(build_app(AsyncEngine(make_engine(tiny, draft=True)), MODEL)) as client:
         complete(client, prompt=PROMPT, max_tokens=5, **GREEDY)
+        # the engine thread hands a step's outputs over before it publishes that step's metrics (AsyncEngine:
+        # _publish after the outputs): a scrape right after the response may see the step before
+        finished = 'specserve_requests_finished_total{finish_reason="length"}'
+        assert wait_until(lambda: scrape(client.get("/metrics").text)[finished] >= 1, timeout=10)
         samples = scrape(client.get("/metrics").text)
     draft = f'draft_version="{tiny["draft"]}",source="draft"'  # prometheus_client sorts the labels
     ngram = 'draft_version="none",source="ngram"'  # hybrid: prompt lookup proposes too, without a draft model
@@ -318,7 +322,7 @@ def test_metrics_export_speculation(tiny):
     assert samples[f'specserve_draft_version{{version="{tiny["draft"]}"}}'] == 1
     assert samples['specserve_kv_cache_usage_ratio{model="verifier"}'] == \
         samples['specserve_kv_cache_usage_ratio{model="draft"}']
-    assert samples['specserve_requests_finished_total{finish_reason="length"}'] >= 1
+    assert samples[finished] == 1
     assert samples["specserve_generation_tokens_total"] == 5
     assert samples["specserve_prompt_tokens_total"] == 8
     assert samples["specserve_time_to_first_token_seconds_count"] == 1
