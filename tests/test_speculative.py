@@ -152,7 +152,7 @@ def test_adaptive_k_policy_weighs_acceptance_against_measured_costs():
     missed = policy_run(steps, accepted=False, verify_slope=0.05, draft_cost=0.1)
     assert 0 < sum(missed) < 0.05 * steps
     late = [i for i, k in enumerate(missed) if k and i > steps // 4]
-    assert all(missed[i] == 1 for i in late)  # a probe is one token
+    assert len(late) >= 2 and all(missed[i] == 1 for i in late)  # a probe is one token
     assert all(b - a >= MAX_PROBE_INTERVAL for a, b in zip(late, late[1:]))  # failed probes back off
     # every draft accepted, but a CPU-like verifier (n tokens cost n steps) and a draft at 0.9 of a step:
     # drafting never pays, so only probes draft (an accepted probe keeps them at the shortest interval)
