@@ -16,9 +16,11 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -504,10 +506,18 @@ def test_distill_job_recipe_runs_as_two_nodes(tiny, tmp_path):
             text=True,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # a process group per node: the agent and its worker stop together
         )
         for rank in range(job["spec"]["completions"])
     ]
-    logs = [node.communicate(timeout=600)[0] for node in nodes]
+    deadline = time.monotonic() + 600
+    try:
+        logs = [node.communicate(timeout=max(1.0, deadline - time.monotonic()))[0] for node in nodes]
+    finally:  # a node whose peer is gone waits on a barrier or a collective for many minutes: stop it with the test
+        for node in nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+                node.communicate()
     assert [node.returncode for node in nodes] == [0, 0], "\n".join(log[-3000:] for log in logs)
     record = json.loads((out / "distill.json").read_text())
     assert record["world_size"] == 2 and record["status"] == "finished"
