@@ -39,11 +39,14 @@ postgresql:
 			|| echo "make: could not install postgresql: the PostgreSQL tests will skip"; \
 	fi
 
+# everything (CI): the real-model (slow), integration and, where there is one, GPU tests included
 test: install postgresql
 	$(PY) -m pytest -q -rs --durations=15
 
+# the unit tests on tiny models: no server, subprocess or PostgreSQL, nothing over a few seconds; under 2 minutes
+# on two busy cores
 test-fast: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not integration"
 
 lint: install
 	$(VENV)/bin/ruff check specserve tests bench

@@ -38,3 +38,10 @@ def postgres():
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: needs the real SmolLM2 model (minutes on a CPU)")
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped without one")
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that takes the `postgres` fixture starts a PostgreSQL server: it is an integration test."""
+    for item in items:
+        if "postgres" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.integration)

@@ -50,6 +50,7 @@ def test_linear_rows_are_the_same_bits_in_any_launch(bias):
     assert torch.equal(batch_invariant_linear(x[:12].view(3, 4, 100), w, b), full[:12].view(3, 4, 150))
 
 
+@pytest.mark.integration
 def test_a_library_matmul_is_not_invariant_here_which_is_why_the_kernel_exists():
     """The motivation, measured: F.linear of one row alone and inside a larger product differ in the last bits
     (if some build of torch ever made them equal, the kernel would still be right, so this only reports)."""
@@ -88,6 +89,7 @@ def armed(path: str, dtype: str) -> torch.nn.Module:
     return model
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_a_tokens_logits_are_the_same_bits_alone_in_verification_and_in_a_batch(tiny, dtype):
     """Position p of a sequence: decoded alone (1 row), verified among k + 1 rows, and in a step shared with a
@@ -141,6 +143,7 @@ def test_batch_invariance_and_upcast_matmuls_do_not_mix(tiny):
 # ---- the engine ----------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_greedy_speculation_in_bf16_equals_plain_with_batch_invariance(tiny):
     """bf16, where the default kernels round a 1-row and a (k + 1)-row pass differently: with batch-invariant
     kernels speculation (fixed and adaptive k) reproduces plain greedy decoding, batched or alone."""
@@ -156,6 +159,7 @@ def test_greedy_speculation_in_bf16_equals_plain_with_batch_invariance(tiny):
         assert spec.engine.metrics.total_speculation().drafted_tokens > 0
 
 
+@pytest.mark.integration
 def test_seeded_sampling_alone_equals_batched_with_batch_invariance(tiny):
     cache = CacheConfig(num_blocks=256, block_size=4)
     spec = LLM(tiny["llama"], draft=tiny["draft"], dtype="bfloat16", num_speculative_tokens=2, cache=cache,

@@ -49,6 +49,7 @@ def quick_args(tiny, tmp_path, bench: str) -> list[str]:
     ]
 
 
+@pytest.mark.integration
 def test_latency_quick(tiny, tmp_path, capsys):
     assert main(quick_args(tiny, tmp_path, "latency") + ["--k", str(K), "--cost-reps", "2"]) == 0
     printed = capsys.readouterr().out
@@ -127,6 +128,7 @@ def test_throughput_of_splits_prefill_from_decoding():
     assert throughput_of([])["decode_tokens_per_s"] is None and throughput_of([])["ttft_s"] is None
 
 
+@pytest.mark.integration
 def test_serve_quick(tiny, tmp_path, capsys):
     # one fixed k on the spec server so that it drafts from its first step (the adaptive policy starts at k = 0);
     # a KV pool of ~10 MiB, not the default GiB, for a model this small

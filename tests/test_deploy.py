@@ -16,9 +16,11 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -432,6 +434,7 @@ def test_manifests_match_the_kubernetes_schemas(directory):
             assert "coreos.com" in doc["apiVersion"], f"no schema for {doc['apiVersion']} {doc['kind']}"
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(shutil.which("kubeconform") is None, reason="kubeconform is not installed")
 def test_kubeconform():
     files = [str(p) for p in K8S_FILES if not p.name.endswith(".patch.yaml")]
@@ -450,6 +453,7 @@ def docker_daemon() -> bool:
     return subprocess.run(["docker", "info"], capture_output=True, timeout=30).returncode == 0
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(not docker_daemon(), reason="no docker daemon")
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
 def test_docker_build_check(path):
@@ -468,6 +472,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.integration
 @pytest.mark.slow  # four fresh interpreters (two torchrun agents, two workers) importing torch: ~1 min
 def test_distill_job_recipe_runs_as_two_nodes(tiny, tmp_path):
     """The Job's torchrun argv, node 0 and node 1 on this machine (gloo on the CPU), on the tiny verifier."""
@@ -501,10 +506,18 @@ def test_distill_job_recipe_runs_as_two_nodes(tiny, tmp_path):
             text=True,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # a process group per node: the agent and its worker stop together
         )
         for rank in range(job["spec"]["completions"])
     ]
-    logs = [node.communicate(timeout=600)[0] for node in nodes]
+    deadline = time.monotonic() + 600
+    try:
+        logs = [node.communicate(timeout=max(1.0, deadline - time.monotonic()))[0] for node in nodes]
+    finally:  # a node whose peer is gone waits on a barrier or a collective for many minutes: stop it with the test
+        for node in nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+                node.communicate()
     assert [node.returncode for node in nodes] == [0, 0], "\n".join(log[-3000:] for log in logs)
     record = json.loads((out / "distill.json").read_text())
     assert record["world_size"] == 2 and record["status"] == "finished"

@@ -108,6 +108,7 @@ def test_seeded_sampling_is_reproducible_with_fixed_k(models, prompts):
     assert alone == again == batch[1].token_ids
 
 
+@pytest.mark.integration
 def test_streamed_equals_not_streamed_through_the_server(models):
     """The case first reported: a chat request at temperature 0 with a seed, through the default server."""
     verifier, draft = models

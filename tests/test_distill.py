@@ -298,6 +298,7 @@ def small_config(verifier: str, prompt_file, out, **kw) -> DistillConfig:
     return DistillConfig(**args)
 
 
+@pytest.mark.integration
 def test_distillation_raises_agreement_and_serves_as_draft(tiny, bigram_verifier, prompt_file, tmp_path):
     out = str(tmp_path / "draft")
     result = distill(small_config(bigram_verifier, prompt_file, out))
@@ -351,6 +352,7 @@ def _worker(rank: int, world: int, port: int, config: DistillConfig) -> None:
         f.write(result.weights_sha256)
 
 
+@pytest.mark.integration
 @pytest.mark.slow  # two fresh interpreters importing torch and transformers: ~40 s on two busy cores
 def test_two_process_run_writes_one_checkpoint(tiny, prompt_file, tmp_path):
     import torch.multiprocessing as mp

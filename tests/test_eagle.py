@@ -127,6 +127,7 @@ def test_head_reads_the_verifiers_true_features(tiny, heads):
         torch.testing.assert_close(feats, every[start : start + feats.shape[0]], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("which", ["full", "trimmed"])
 def test_sampled_speculation_with_eagle_keeps_the_verifier_distribution(tiny, heads, which):
     pytest.importorskip("scipy")

@@ -63,6 +63,7 @@ def config(verifier: str, data: str, out, **kw) -> EagleConfig:
     return EagleConfig(**args)
 
 
+@pytest.mark.integration
 def test_eagle_head_learns_and_serves(tiny, bigram_verifier, prompt_file, tmp_path):  # noqa: F811
     out = tmp_path / "head"
     result = train_eagle(config(bigram_verifier, prompt_file, out))
@@ -110,6 +111,7 @@ def _worker(rank: int, world: int, port: int, cfg: EagleConfig, result_dir: str)
     torch.save(result["head"].state_dict(), os.path.join(result_dir, f"rank{rank}.pt"))
 
 
+@pytest.mark.integration
 @pytest.mark.slow  # two fresh interpreters importing torch and transformers
 def test_two_ranks_train_one_head(bigram_verifier, prompt_file, tmp_path):  # noqa: F811
     import torch.multiprocessing as mp
@@ -205,6 +207,7 @@ def test_unrolled_steps_are_what_drafting_computes(tiny):
     torch.testing.assert_close(unrolled[0], plain, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.integration
 def test_unrolled_training_learns_and_reports_each_position(bigram_verifier, prompt_file, tmp_path):  # noqa: F811
     out = tmp_path / "head"
     train_eagle(config(bigram_verifier, prompt_file, out, unroll_steps=3, eval_depth=4))
@@ -222,6 +225,7 @@ def test_unrolled_training_learns_and_reports_each_position(bigram_verifier, pro
     assert (out / "distill.png").exists() and (out / "training_state.pt").exists()
 
 
+@pytest.mark.integration
 def test_resume_continues_as_if_never_stopped(bigram_verifier, prompt_file, tmp_path, monkeypatch):  # noqa: F811
     kw = dict(unroll_steps=2, eval_depth=2, steps=30, eval_every=10)
     whole = train_eagle(config(bigram_verifier, prompt_file, tmp_path / "whole", **kw))
@@ -254,6 +258,7 @@ def test_resume_continues_as_if_never_stopped(bigram_verifier, prompt_file, tmp_
         train_eagle(config(bigram_verifier, prompt_file, tmp_path / "empty", resume=True, **kw))
 
 
+@pytest.mark.integration
 def test_budget_stops_training(bigram_verifier, prompt_file, tmp_path):  # noqa: F811
     result = train_eagle(config(bigram_verifier, prompt_file, tmp_path / "head", max_minutes=0.0, unroll_steps=2))
     assert result["steps"] == 0

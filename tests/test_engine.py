@@ -183,6 +183,7 @@ def test_stop_string_is_held_back_while_streaming(llm):
     assert stop == "question: wh" and streamed == "the "
 
 
+@pytest.mark.integration
 def test_random_operations_leak_no_blocks(tiny):
     llm = LLM(
         tiny["llama"],

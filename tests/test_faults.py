@@ -16,7 +16,6 @@ import random
 import shutil
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
+from polling import wait_until
 
 from specserve.cli import main
 from specserve.config import CacheConfig, EngineConfig, SchedulerConfig
@@ -45,15 +45,6 @@ def make_engine(tiny, num_blocks: int = 128, max_num_seqs: int = 32) -> LLMEngin
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs),
     )
     return LLMEngine(config)
-
-
-def wait_until(predicate, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 @contextmanager
@@ -118,6 +109,7 @@ def _hang_up_raw(url: str, body: dict) -> None:
         s.sendall(head + payload)
 
 
+@pytest.mark.integration
 def test_clients_vanishing_at_random_points_leak_nothing(tiny):
     engine = make_engine(tiny)
     rng = random.Random(7)
@@ -193,6 +185,7 @@ def _assert_engine_error(r: httpx.Response, needle: str) -> None:
     assert error["type"] == "internal_server_error" and error["code"] == "engine_error" and needle in error["message"]
 
 
+@pytest.mark.integration
 def test_a_request_failing_on_the_engine_thread_fails_alone(tiny, monkeypatch):
     """The engine raises while taking one request in; the streams already running finish untouched."""
     engine = make_engine(tiny)
@@ -214,6 +207,7 @@ def test_a_request_failing_on_the_engine_thread_fails_alone(tiny, monkeypatch):
         assert wait_until(lambda: holds_nothing(engine, async_engine))
 
 
+@pytest.mark.integration
 def test_a_request_failing_mid_generation_fails_alone(tiny, monkeypatch):
     """A detokenizer that breaks on one request's third token: that request gets a 500 (non-streaming) or an
     error event (streaming); the requests sharing its batch, and those queued behind it, complete."""
@@ -244,6 +238,7 @@ def test_a_request_failing_mid_generation_fails_alone(tiny, monkeypatch):
 # ---- KV exhaustion ------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_kv_exhaustion_preempts_instead_of_failing(tiny):
     """24 blocks of 4 tokens; six requests of 8 + 60 tokens need 18 blocks each: they take turns."""
     engine = make_engine(tiny, num_blocks=24)
@@ -305,6 +300,7 @@ def _soak_module():
     return module
 
 
+@pytest.mark.integration
 def test_soak_reduced(tiny):
     """bench/soak.py's client, reduced for CI: 16 streaming clients for 10 s. No request fails, the KV pool
     is empty afterwards, and resident memory does not run away (a generous bound: this process holds the

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 
 import pytest
 import schemathesis
 import uvicorn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from polling import wait_until
 from schemathesis import GenerationMode
 
 from specserve.config import CacheConfig, EngineConfig
@@ -24,6 +24,8 @@ from specserve.engine.engine import LLMEngine
 from specserve.server import AsyncEngine, build_app
 from specserve.server.auth import AccessConfig
 from specserve.server.limits import LimitsConfig
+
+pytestmark = pytest.mark.integration  # a live uvicorn server for the whole module
 
 KEY, ADMIN = "sk-fuzz-client-key", "sk-fuzz-admin-key"
 MAX_EXAMPLES = 50
@@ -46,10 +48,7 @@ def live(tiny):
     server = uvicorn.Server(uvicorn.Config(app, log_level="critical"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert server.started
+    assert wait_until(lambda: server.started, timeout=30), "uvicorn did not start"
     yield f"http://127.0.0.1:{sock.getsockname()[1]}", engine
     server.should_exit = True
     thread.join(timeout=30)

@@ -18,12 +18,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from polling import wait_until
 from safetensors.torch import load_file, save_file
 from test_eagle import build_head
 from tiny_models import PROMPTS, build_llama, build_tokenizer, greedy
@@ -166,15 +166,6 @@ def generate(async_engine: AsyncEngine, prompts: list[str], tokens: int, tag: st
     return list(asyncio.run(asyncio.wait_for(run(), timeout=300)))
 
 
-def wait_until(predicate, timeout: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
-
-
 def shutdown(async_engine: AsyncEngine) -> None:
     asyncio.run(async_engine.shutdown())
 
@@ -315,6 +306,7 @@ def test_a_current_naming_a_version_not_visible_yet_is_waited_for_not_refused(ti
 # ---- EAGLE versions ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_an_eagle_version_is_swapped_in_while_requests_stream_and_outputs_stay_exact(
     tiny, eagle_heads, long_reference, tmp_path
 ):
@@ -490,6 +482,7 @@ def _healthy(url: str) -> bool:
         return False
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the trainer process through /proc")
 def test_killing_the_trainer_leaves_serving_running_and_it_is_restarted(tiny, tmp_path):
     """`specserve serve --online-distill` on tiny models; the trainer is SIGKILLed after it has read traffic."""
@@ -548,6 +541,7 @@ def test_killing_the_trainer_leaves_serving_running_and_it_is_restarted(tiny, tm
 # ---- the demonstration, reduced -----------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_the_online_distillation_demo_runs_end_to_end(tmp_path):
     """bench/online_distill.py on tiny random models: a minute of traffic, one latency round; a few minutes."""

@@ -64,6 +64,7 @@ def test_greedy_equals_plain(tiny, method, draft, k):
     assert spec.engine.kv.num_free_blocks == spec.engine.num_blocks
 
 
+@pytest.mark.integration
 def test_sampled_ngram_keeps_the_verifier_distribution(tiny):
     """Token 2 of many seeded requests, some proposed by prompt lookup (mostly rejected on a random
     model: the accept branch of one-hot drafts is covered statistically in the kernel tests)."""

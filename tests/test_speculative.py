@@ -8,12 +8,20 @@ import math
 import pytest
 import torch
 import transformers
+from kv_accounting import make_request
 from tiny_models import PROMPTS, greedy
 
 from specserve import LLM, SamplingParams
 from specserve.config import CacheConfig, SchedulerConfig, SpeculativeConfig
 from specserve.engine.proposal import SpecSource
-from specserve.engine.speculation_length import AcceptanceRate, expected_speedup
+from specserve.engine.speculation_length import (
+    FIRST_PROBE_INTERVAL,
+    MAX_PROBE_INTERVAL,
+    MIN_SEEN,
+    AcceptanceRate,
+    SpeculationLengthPolicy,
+    expected_speedup,
+)
 
 
 def make(tiny, draft: str | None, k: int | None, **kw) -> LLM:
@@ -97,21 +105,63 @@ def test_seeded_sampling_is_reproducible_with_fixed_k(tiny):
     assert alone == again == batched[1].token_ids
 
 
-def test_adaptive_k_falls_back_to_plain_when_drafts_miss(tiny):
-    spec = make(tiny, tiny["draft"], None)
-    policy = spec.engine.spec_policy
-    policy.initial_cost_ratio = 0.9  # pretend drafting is expensive, whatever the timings say
-    policy.cost_per_draft_token = lambda batch, source="draft": 0.9
-    spec.generate(PROMPTS, greedy(60))
+def test_adaptive_k_falls_back_to_plain_when_drafts_miss(tiny, plain, tmp_path):
+    # a draft whose logits are all 0 proposes token 0 (argmax's first index) every time; the verifier's greedy
+    # output never has it, so every draft token is rejected, whatever the timings
+    draft = transformers.AutoModelForCausalLM.from_pretrained(tiny["draft"], dtype=torch.float32)
+    with torch.no_grad():
+        draft.lm_head.weight.zero_()
+    draft.save_pretrained(tmp_path)
+    expected = [c.token_ids for c in plain.generate(PROMPTS, greedy(60))]
+    assert not any(0 in ids for ids in expected)
+    spec = make(tiny, str(tmp_path), None)  # adaptive k: the real policy on the engine's own timings
+    assert [c.token_ids for c in spec.generate(PROMPTS, greedy(60))] == expected
     stats = spec.engine.metrics.total_speculation()
     generated = spec.engine.metrics.generation_tokens
+    assert stats.drafted_tokens > 0 and stats.accepted_tokens == 0
+    # with no draft accepted, k > 0 costs more than it yields on any machine: after the prior's first tries
     # only the occasional probe drafts a token
     assert stats.drafted_tokens < 0.25 * generated
 
 
-def test_speculation_length_policy_maths():
-    from specserve.engine.speculation_length import SpeculationLengthPolicy
+def policy_run(steps: int, accepted: bool, verify_slope: float, draft_cost: float) -> list[int]:
+    """The k a SpeculationLengthPolicy picks for one decoding request over `steps` steps, fed what the engine
+    would measure: a plain verifier step of t(n) = 10 ms (1 + verify_slope (n - 1)) for n tokens, a draft step
+    of draft_cost plain steps, and every draft token accepted or every one rejected."""
+    policy = SpeculationLengthPolicy(SpeculativeConfig(draft="x"), initial_cost_ratio=draft_cost, ngram=None)
+    request = make_request("r", [1, 2, 3], max_tokens=10**6)
+    ks = []
+    for _ in range(steps):
+        choice = policy(request, 1)
+        k = choice.k if choice is not None else 0
+        ks.append(k)
+        policy.observe_step(k + 1, 0.01 * (1 + verify_slope * k))
+        if k:
+            policy.observe_draft_step(0.01 * draft_cost)
+        policy.observe(request, choice, k if accepted else 0)
+    return ks
 
+
+def test_adaptive_k_policy_weighs_acceptance_against_measured_costs():
+    steps = 600
+    # a GPU at batch 1: verifying more tokens is nearly free, the draft costs a tenth of a verifier step
+    accepted = policy_run(steps, accepted=True, verify_slope=0.05, draft_cost=0.1)
+    assert accepted[:MIN_SEEN] == [0] * MIN_SEEN  # the plain step is timed before anyone drafts
+    assert sum(accepted) / steps > 6  # and then the longest k pays: up to max_speculative_tokens (8)
+    # the same costs, every draft rejected: back to plain decoding, probes ever rarer
+    missed = policy_run(4 * MAX_PROBE_INTERVAL, accepted=False, verify_slope=0.05, draft_cost=0.1)
+    assert 0 < sum(missed) < 0.05 * len(missed)
+    late = [i for i, k in enumerate(missed) if k and i > MAX_PROBE_INTERVAL // 2]
+    assert len(late) >= 2 and all(missed[i] == 1 for i in late)  # a probe is one token
+    assert all(b - a >= MAX_PROBE_INTERVAL for a, b in zip(late, late[1:]))  # failed probes back off
+    # every draft accepted, but a CPU-like verifier (n tokens cost n steps) and a draft at 0.9 of a step:
+    # drafting never pays, so only probes draft (an accepted probe keeps them at the shortest interval)
+    costly = policy_run(steps, accepted=True, verify_slope=1.0, draft_cost=0.9)
+    assert set(costly) == {0, 1}
+    assert sum(costly) <= steps / FIRST_PROBE_INTERVAL
+
+
+def test_speculation_length_policy_maths():
     assert expected_speedup(0.0, 3, 0.1) < 1.0
     policy = SpeculationLengthPolicy(SpeculativeConfig(draft="x"), initial_cost_ratio=0.1, ngram=None)
     assert policy.best(0.0, 8, 1, SpecSource.DRAFT) == (1.0, 0)  # untimed: each draft costs c0 = 0.1
@@ -161,6 +211,7 @@ def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
     return float(chisquare(obs.numpy(), exp.numpy()).pvalue)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("k", [2])
 def test_sampled_speculation_keeps_the_verifier_distribution(tiny, k):
     """Token 2 is the first token a speculative step emits (token 1 comes from the prefill step)."""

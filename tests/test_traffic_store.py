@@ -15,6 +15,7 @@ import time
 
 import pytest
 import torch
+from polling import wait_until
 from postgres_server import free_port
 
 from specserve.traffic import open_store
@@ -53,16 +54,7 @@ def assert_same(stored: TrafficRecord, original: TrafficRecord) -> None:
     assert stored.created_at == pytest.approx(original.created_at, abs=1e-6)
 
 
-def wait_until(predicate, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.integration)])
 def store_url(request, tmp_path) -> str:
     if request.param == "sqlite":
         return f"sqlite://{tmp_path}/traffic.db"
