@@ -144,3 +144,21 @@ def test_sampled_speculation_with_eagle_keeps_the_verifier_distribution(tiny, he
     stats = spec.engine.metrics.total_speculation()
     assert 0.02 < stats.acceptance_rate < 0.95, stats.acceptance_rate
     assert chi_square_pvalue(counts, exact) > 1e-3
+
+
+def test_a_prefix_cache_hit_gives_the_head_what_it_had_the_first_time(tiny, heads):
+    """A head catches up on the verifier's features, which a prefix hit skips computing: the hit counts only as far
+    as the head's own KV is cached too (marked once the head has caught up past a block), so the head proposes
+    what it proposed without the hit, and a seeded sample with a fixed k is the same again and in a batch."""
+    spec = make(tiny, heads["full"], 3)
+    assert spec.engine.scheduler.hit_needs_draft_kv
+    sampled = SamplingParams(max_tokens=24, temperature=0.9, seed=3, ignore_eos=True)
+    prompt = PROMPTS[1] * 3  # several full blocks
+    first = spec.generate([prompt], sampled)[0].token_ids
+    hits = spec.engine.kv.prefix_hit_blocks
+    again = spec.generate([prompt], sampled)[0].token_ids
+    assert spec.engine.kv.prefix_hit_blocks > hits  # the second run did hit the cache
+    batched = spec.generate([PROMPTS[0], prompt, PROMPTS[2]], [greedy(10), sampled, greedy(5)])[1].token_ids
+    assert first == again == batched
+    nocache = make(tiny, heads["full"], 3, cache=CacheConfig(num_blocks=256, block_size=4, enable_prefix_caching=False))
+    assert nocache.generate([prompt], sampled)[0].token_ids == first

@@ -37,6 +37,7 @@ def feature_rows(request: Request, first: int, last: int, hidden: int, device) -
 
 class EagleProposer(DraftProposer):
     recompute_accepted = True  # accepted draft positions are re-run with the verifier's true features
+    reads_verifier_features = True
 
     def catchup_features(self, items: list[ProposeItem]) -> torch.Tensor:
         """[catch-up tokens, hidden]: f_{h-1} .. f_{T-2} of every request (h: the head's counter)."""

@@ -138,6 +138,7 @@ class LLMEngine:
             if self.proposer is not None and isinstance(self.proposer.runner.model, LlamaModel):
                 self.proposer.runner.capture_cuda_graphs(shapes)  # an EAGLE head runs eagerly
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len, self.spec_policy)
+        self.scheduler.hit_needs_draft_kv = self.proposer is not None and self.proposer.reads_verifier_features
         self.metrics = EngineMetrics()
         self.requests: dict[str, Request] = {}
         self.eos_token_ids = eos_token_ids(config.verifier, self.tokenizer)
@@ -218,6 +219,7 @@ class LLMEngine:
         drafts.check_fits(draft_model, self.draft_slot, version)
         drafts.arm(draft_model, self.upcast, self.config.batch_invariant)
         self.proposer = drafts.make_proposer(draft_model, self.num_blocks, self.config.cache.block_size)
+        self.scheduler.hit_needs_draft_kv = self.proposer.reads_verifier_features
         self.kv.invalidate_draft()
         self.block_last_features.clear()
         for r in self.requests.values():

@@ -23,6 +23,7 @@ class KVCacheManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.req_blocks: dict[str, list[int]] = {}
         self.req_hashes: dict[str, list[bytes]] = {}  # hashes of the request's cached full blocks
+        self.req_draft_marked: dict[str, int] = {}  # how many of them cache_finalised has marked draft-valid
         self.prefix_hit_blocks = 0
         self.prefix_queried_blocks = 0
 
@@ -101,8 +102,18 @@ class KVCacheManager:
             h = hash_block(parent, tokens[i * self.block_size : (i + 1) * self.block_size])
             self.pool.cache(blocks[i], h, draft_valid=(i + 1) * self.block_size <= num_draft_finalised)
             hashes.append(h)
+        # a block cached before the draft caught up on it (a prompt: the draft catches up at the first decode
+        # step) vouches for the draft's KV once the draft has written it
+        marked = self.req_draft_marked.get(request.request_id, 0)
+        num_draft_full = min(num_draft_finalised // self.block_size, len(hashes))
+        for i in range(marked, num_draft_full):
+            block = self.pool.blocks[blocks[i]]
+            if block.block_hash == hashes[i]:
+                block.draft_valid = True
+        self.req_draft_marked[request.request_id] = max(marked, num_draft_full)
 
     def free(self, request: Request) -> None:
         blocks = self.req_blocks.pop(request.request_id, [])
         self.req_hashes.pop(request.request_id, None)
+        self.req_draft_marked.pop(request.request_id, None)
         self.pool.release(list(reversed(blocks)))

@@ -18,6 +18,7 @@ from specserve.engine.proposal import Proposal, ProposeItem
 
 class NgramProposer:
     recompute_accepted = False  # no KV of its own
+    reads_verifier_features = False
 
     def __init__(self, min_n: int = 2, max_n: int = 4) -> None:
         if not 1 <= min_n <= max_n:

@@ -69,6 +69,10 @@ class Proposal:
 class Proposer(Protocol):
     recompute_accepted: bool
     """Whether the proposer re-runs accepted draft tokens (an EAGLE head, with the verifier's true features)."""
+    reads_verifier_features: bool
+    """Whether the proposer catches up on the verifier's features of every position (an EAGLE head): then a
+    prefix-cache hit is only worth what the draft's own KV covers, since the verifier computes no features
+    for the positions it skips."""
 
     def propose(self, items: list[ProposeItem]) -> Proposal:
         """Draft tokens for every item (k >= 1 each); the requests are not changed."""

@@ -22,6 +22,7 @@ from specserve.engine.sampler import sampling_probs
 
 class DraftProposer:
     recompute_accepted = False  # the draft's KV of accepted draft tokens stays valid (see EagleProposer)
+    reads_verifier_features = False
 
     def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner

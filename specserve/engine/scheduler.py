@@ -77,6 +77,9 @@ class Scheduler:
         self.kv = kv
         self.max_model_len = max_model_len
         self.speculation_length = speculation_length
+        self.hit_needs_draft_kv = False
+        """A prefix-cache hit counts only as far as the draft's KV is cached too (the engine sets it for a draft
+        that reads the verifier's features: past its own KV it would need features nobody computed)."""
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -132,6 +135,8 @@ class Scheduler:
         while self.waiting and len(self.running) < self.config.max_num_seqs and budget > 0:
             request = self.waiting[0]
             blocks, num_cached, num_draft_cached = self.kv.find_cached_prefix(request)
+            if self.hit_needs_draft_kv:
+                blocks, num_cached = blocks[: num_draft_cached // self.kv.block_size], num_draft_cached
             request.num_computed_tokens = num_cached
             num_new = min(request.num_tokens - num_cached, budget)
             if not self.kv.allocate(request, num_new, blocks):
