@@ -499,25 +499,31 @@ def test_distill_job_recipe_runs_as_two_nodes(tiny, tmp_path):
     ]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "torch.distributed.run"]
-    nodes = [
-        subprocess.Popen(
-            launch + expand(args, {"JOB_COMPLETION_INDEX": str(rank)}),
-            env=env,
-            text=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # a process group per node: the agent and its worker stop together
-        )
-        for rank in range(job["spec"]["completions"])
-    ]
+    # each node logs to a file, not a pipe: a pipe read only after node 0 ends fills up while node 1 writes, and
+    # node 1 then blocks on its write while node 0 waits for it at a barrier
+    log_paths = [tmp_path / f"node{rank}.log" for rank in range(job["spec"]["completions"])]
+    nodes = []
+    for rank, log_path in enumerate(log_paths):
+        with open(log_path, "w") as log:
+            nodes.append(
+                subprocess.Popen(
+                    launch + expand(args, {"JOB_COMPLETION_INDEX": str(rank)}),
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,  # a process group per node: the agent and its worker stop together
+                )
+            )
     deadline = time.monotonic() + 600
     try:
-        logs = [node.communicate(timeout=max(1.0, deadline - time.monotonic()))[0] for node in nodes]
+        for node in nodes:
+            node.wait(timeout=max(1.0, deadline - time.monotonic()))
     finally:  # a node whose peer is gone waits on a barrier or a collective for many minutes: stop it with the test
         for node in nodes:
             if node.poll() is None:
                 os.killpg(node.pid, signal.SIGKILL)
-                node.communicate()
+                node.wait()
+    logs = [p.read_text() for p in log_paths]
     assert [node.returncode for node in nodes] == [0, 0], "\n".join(log[-3000:] for log in logs)
     record = json.loads((out / "distill.json").read_text())
     assert record["world_size"] == 2 and record["status"] == "finished"
