@@ -54,11 +54,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="On CUDA, capture small decode/verification passes of both models as CUDA graphs at start "
                    "(default on; ignored on the CPU).")
     g.add_argument("--upcast-matmuls", choices=["auto", "on", "off"], default=engine["upcast_matmuls"],
-                   help="Run matmuls over 3+ rows (prefill, verifying k drafts) in fp32 on an fp32 copy of the "
-                   "weights, keeping bf16 for single-row decode steps; few-row matmuls as weight @ input.T, which "
-                   "MKL runs faster. auto (default): on for bfloat16/float16 on a CPU without native bf16 (no "
-                   "AVX512-BF16/AMX), where a bf16 matmul costs about one weight pass per row (2x weight memory), "
-                   "and for float32 on any CPU (the weight @ input.T form alone, from one row; no copy).")
+                   help="CPU matmul paths. On a CPU without native bf16 (no AVX512-BF16/AMX), bfloat16/float16 "
+                   "matmuls over 3+ rows (prefill, verifying k drafts) run in fp32 on an fp32 copy of the weights "
+                   "(2x weight memory), single-row decode steps keep bf16. float32 weights, and bfloat16 ones on a "
+                   "CPU with native bf16, are packed once into oneDNN's blocked layout and every matmul runs on it, "
+                   "from one row (each row the same bits whatever the row count; one more packed copy of the "
+                   "weights). auto (default): all of this where it applies; on: the same; off: plain F.linear.")
     g.add_argument("--batch-invariant", action="store_true", default=engine["batch_invariant"],
                    help="CUDA only: batch-invariant numerics. Every matmul, RMSNorm and attention call runs on "
                    "fixed-tile Triton kernels, so each token's logits are the same bits whether it is decoded "

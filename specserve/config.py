@@ -108,10 +108,10 @@ class EngineConfig:
     """On CUDA: capture the verifier's and the draft's small decode/verification passes as CUDA graphs at
     start and replay them, so a decode step launches no kernels from Python. Ignored on the CPU."""
     upcast_matmuls: str = "auto"
-    """'on': matmuls over 3+ rows (prefill, verification) run in fp32 on an fp32 copy of the weights (2x
-    weight memory); single-row ones keep the bf16 weights. 'auto': on for bf16/fp16 on a CPU without
-    native bf16 (AVX512-BF16/AMX), where a bf16 matmul's time grows with its rows, and for fp32 on any CPU
-    (few-row matmuls as weight @ input.T, no copy). 'off': never."""
+    """CPU matmul paths (specserve/model/upcast.py). 'on': bf16/fp16 matmuls over 3+ rows (prefill,
+    verification) run in fp32 on an fp32 copy of the weights on a CPU without native bf16; fp32 weights, and
+    bf16 ones on a CPU with native bf16 (AVX512-BF16/AMX), run every matmul on a oneDNN-packed copy, from one
+    row. 'auto': on wherever one of these applies (every CPU but fp16 on one with native bf16). 'off': never."""
     batch_invariant: bool = False
     """Batch-invariant numerics (CUDA): every matmul, RMSNorm and attention call computes a row the same way
     whatever its batch (fixed-tile Triton kernels, specserve/kernels/batch_invariant.py), so a request's tokens do

@@ -12,10 +12,11 @@ from specserve.config import CacheConfig, EngineConfig
 from specserve.engine.model_runner import ModelRunner, TokenRun
 from specserve.model import upcast
 from specserve.model.loader import load_model
-from specserve.model.upcast import Linear, UpcastWeight, enable_upcast, linear, upcast_default
+from specserve.model.upcast import Linear, UpcastWeight, enable_upcast, linear, packing_available, upcast_default
 
 
-def test_linear_runs_multi_row_inputs_on_the_fp32_copy():
+def test_linear_runs_multi_row_inputs_on_the_fp32_copy(monkeypatch):
+    monkeypatch.setattr(upcast, "cpu_has_native_bf16", lambda: False)  # the AVX2 CPU this path is for
     torch.manual_seed(0)
     w, b = torch.randn(48, 32).bfloat16(), torch.randn(48).bfloat16()
     holder = UpcastWeight()
@@ -58,8 +59,9 @@ def test_auto_is_on_for_half_weights_on_a_cpu_without_native_bf16(monkeypatch):
     assert upcast_default("auto", torch.float32, "cpu")  # the skinny form only, on the weights as they are
     assert not upcast_default("auto", torch.bfloat16, "cuda")
     assert not upcast_default("off", torch.bfloat16, "cpu") and upcast_default("on", torch.float32, "cuda")
-    monkeypatch.setattr(upcast, "cpu_has_native_bf16", lambda: True)
-    assert not upcast_default("auto", torch.bfloat16, "cpu")
+    monkeypatch.setattr(upcast, "cpu_has_native_bf16", lambda: True)  # bf16 is packed as it is, not upcast
+    assert upcast_default("auto", torch.bfloat16, "cpu") == packing_available()
+    assert not upcast_default("auto", torch.float16, "cpu")
     with pytest.raises(ValueError, match="'sometimes'"):
         upcast_default("sometimes", torch.bfloat16, "cpu")
     with pytest.raises(ValueError, match="upcast_matmuls"):
@@ -128,3 +130,20 @@ def test_a_weight_made_under_inference_mode_can_be_upcast():
         x = torch.randn(5, 32).bfloat16()
         y = linear(x, w, None, UpcastWeight())
     torch.testing.assert_close(y.float(), F.linear(x.float(), w.float()), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.skipif(not packing_available(), reason="no oneDNN packed linear in this torch build")
+def test_bf16_on_a_cpu_with_native_bf16_is_packed_in_bf16(monkeypatch):
+    """With AVX512-BF16/AMX the bf16 weights are packed as they are (no fp32 copy), from one row (padded to two),
+    and each row's output is the same bits whatever the number of rows."""
+    monkeypatch.setattr(upcast, "cpu_has_native_bf16", lambda: True)
+    assert upcast_default("auto", torch.bfloat16, "cpu")
+    torch.manual_seed(0)
+    w, b = (torch.randn(96, 576) * 0.05).bfloat16(), torch.randn(96).bfloat16()
+    x = torch.randn(12, 576).bfloat16()
+    holder = UpcastWeight()
+    alone = torch.cat([linear(x[i : i + 1], w, b, holder) for i in range(12)])
+    assert holder.packed is not None and holder.weight is None and alone.dtype == torch.bfloat16
+    torch.testing.assert_close(alone.float(), F.linear(x.float(), w.float(), b.float()), rtol=2e-2, atol=2e-2)
+    for rows in range(2, 13):
+        assert torch.equal(linear(x[:rows], w, b, holder), alone[:rows])
