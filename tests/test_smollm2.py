@@ -81,8 +81,8 @@ def test_greedy_matches_hf_generate(verifier, prompts, dtype):
     """bf16 matmuls throughout, as HF (upcast matmuls round prefill and verification differently). On a CPU with
     native bf16 (AVX512-BF16/AMX) the kernels oneDNN picks depend on the matrix shapes, and ours fuses q/k/v and
     gate/up where HF runs them apart, so the outputs may part, but only at a near-tie of HF's own logits: up to
-    the first difference the tokens are equal, and there our token is one of HF's best two, within bf16 rounding of each other
-    (in bf16 they can tie exactly, and argmax takes the lower id)."""
+    the first difference the tokens are equal, and there our token is one of HF's best two, within bf16 rounding
+    of each other (in bf16 they can tie exactly, and argmax takes the lower id)."""
     llm = LLM(verifier, dtype=dtype, cache=CacheConfig(num_blocks=256), upcast_matmuls="off")
     hf = hf_model(verifier, getattr(torch, dtype))
     params = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
