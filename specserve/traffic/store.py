@@ -57,25 +57,6 @@ SELECT = (
     "SELECT record_id, created_at, key_id, draft_version, m, prompt_ids, output_ids, topm_ids, topm_logprobs, "
     "steps FROM traffic_records"
 )
-BACKOFF_MIN, BACKOFF_MAX = 0.1, 10.0
-"""Seconds the writer waits after a failed write: doubling from the first to the second."""
-COLUMNS = (
-    "created_at",
-    "key_id",
-    "draft_version",
-    "m",
-    "prompt_ids",
-    "output_ids",
-    "topm_ids",
-    "topm_logprobs",
-    "steps",
-    "nbytes",
-)
-"""The columns a write fills: EncodedRecord's fields (and its size)."""
-SELECT = (
-    "SELECT record_id, created_at, key_id, draft_version, m, prompt_ids, output_ids, topm_ids, topm_logprobs, "
-    "steps FROM traffic_records"
-)
 
 
 @dataclass(frozen=True)
