@@ -22,7 +22,6 @@ from specserve.config import EngineConfig
 from specserve.engine import drafts
 from specserve.engine.cuda_graphs import graph_shapes
 from specserve.engine.detokenizer import IncrementalDetokenizer
-from specserve.engine.eagle_proposer import EagleProposer
 from specserve.engine.kv_cache_manager import KVCacheManager
 from specserve.engine.logprobs import TokenLogprobs, prompt_rows, token_logprobs
 from specserve.engine.metrics import EngineMetrics
@@ -262,7 +261,7 @@ class LLMEngine:
             num_prompt_rows.append(m)
             runs.append(TokenRun(tokens, r.num_computed_tokens, self.kv.blocks_of(r.request_id), num_logits))
         t0 = time.perf_counter()
-        eagle = isinstance(self.proposer, EagleProposer)
+        eagle = self.proposer is not None and self.proposer.reads_verifier_features
         out = self.runner.run(runs, keep_features=eagle)
         logits = out.logits  # [sum of num_logits, vocab]
         prompt_logits = {}  # per request scoring its prompt: [rows, vocab]
