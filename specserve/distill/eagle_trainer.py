@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from specserve.distill.eagle_data import TeacherSequence, draft_vocabulary, teacher_data
 from specserve.distill.eagle_state import load_state, restore_rng, save_state
 from specserve.distill.eagle_unroll import UnrolledHead, evaluate_chained, masked_row_losses, noisy, unrolled_losses
+from specserve.distill.optimizer import OptimizerConfig
 from specserve.distill.student import copy_tokenizer_files
 from specserve.distill.trainer import setup_distributed
 from specserve.model.attention import AttentionMetadata
@@ -128,6 +129,11 @@ class EagleConfig:
             raise ValueError("feature_weight and feature_noise must be >= 0 and lr > 0")
         if not 0.0 < self.unroll_decay <= 1.0:
             raise ValueError(f"unroll_decay must be in (0, 1], got {self.unroll_decay}")
+
+    @property
+    def optimizer_config(self) -> OptimizerConfig:
+        """No weight decay, gradient norms clipped at 1."""
+        return OptimizerConfig(self.lr, 0.0, self.warmup_fraction, 1.0)
 
 
 # ---- one batch ------------------------------------------------------------------------------------
@@ -357,7 +363,7 @@ def _draft_index(head: EagleHead, vocab: int) -> torch.Tensor:  # [vocab] draft 
 
 def _lr_at(config: EagleConfig, step: int) -> float:
     """Linear warmup, then cosine decay to 0; set by hand each step, so a resumed run needs no scheduler state."""
-    warmup = max(1, int(config.warmup_fraction * config.steps))
+    warmup = max(1, config.optimizer_config.warmup_steps(config.steps))
     if step < warmup:
         return config.lr * (step + 1) / warmup
     return config.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, config.steps - warmup))))
@@ -437,7 +443,7 @@ def _train_step(run: _EagleRun, model: torch.nn.Module, params: list, to_draft: 
         g["lr"] = _lr_at(config, run.step)
     run.opt.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    run.config.optimizer_config.clip(params)
     run.opt.step()
     run.step += 1
     return {"loss": loss, "feat": feat, "kl": kl, "kl_steps": kl_steps}
@@ -512,7 +518,7 @@ def train_eagle(config: EagleConfig) -> dict:
     if d.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(unrolled)
     params = [p for p in head.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    opt = config.optimizer_config.adamw(params)
     eval_batches = [make_batch(held_out[i : i + 8], to_draft, d.device) for i in range(0, len(held_out), 8)]
     run = _EagleRun(
         config, config_record, verifier_dir, head, opt, rng, train, held_out, eval_batches, coverage, teacher_seconds

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import statistics
 import tempfile
@@ -51,6 +50,7 @@ from specserve.distill.data import (
     traffic_examples,
 )
 from specserve.distill.losses import LOSSES, TopM, distill_loss
+from specserve.distill.optimizer import OptimizerConfig
 from specserve.distill.student import StudentSpec, build_student, save_student
 from specserve.traffic.url import describe
 
@@ -143,6 +143,10 @@ class DistillConfig:
             raise ValueError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
         if not 0.0 <= self.warmup_fraction < 1.0:
             raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+
+    @property
+    def optimizer_config(self) -> OptimizerConfig:
+        return OptimizerConfig(self.lr, self.weight_decay, self.warmup_fraction, self.max_grad_norm)
 
 
 @dataclass
@@ -522,9 +526,9 @@ def _train(run: _Run, model: nn.Module, teacher: RowLogits | None, pad_id: int) 
     loader = DataLoader(
         run.train, batch_size=config.batch_size, sampler=sampler, collate_fn=lambda xs: collate(xs, pad_id)
     )
-    optimizer = torch.optim.AdamW(run.student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    warmup = math.floor(config.warmup_fraction * config.steps)
-    schedule = get_cosine_schedule_with_warmup(optimizer, warmup, config.steps)
+    opt_config = config.optimizer_config
+    optimizer = opt_config.adamw(run.student.parameters())
+    schedule = get_cosine_schedule_with_warmup(optimizer, opt_config.warmup_steps(config.steps), config.steps)
 
     _evaluate_and_save(run, 0, final=False)
     bar = tqdm(total=config.steps, desc="distill", disable=not (config.progress and d.main))
@@ -546,7 +550,7 @@ def _train(run: _Run, model: nn.Module, teacher: RowLogits | None, pad_id: int) 
             )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(run.student.parameters(), config.max_grad_norm)
+            opt_config.clip(run.student.parameters())
             optimizer.step()
             schedule.step()
             step += 1
