@@ -367,3 +367,20 @@ def test_two_process_run_writes_one_checkpoint(tiny, prompt_file, tmp_path):
     # both ranks end with identical weights (DDP averaged every step's gradients)
     digests = [(tmp_path / f"rank{r}.sha256").read_text() for r in range(2)]
     assert digests[0] == digests[1] and len(digests[0]) == 64
+
+
+def test_every_trainer_builds_its_optimizer_from_one_config(prompt_file):
+    from specserve.distill.eagle_trainer import EagleConfig
+    from specserve.distill.optimizer import OptimizerConfig
+    from specserve.online.trainer_config import OnlineTrainerConfig
+
+    assert DistillConfig(data=(prompt_file,), out="o").optimizer_config == OptimizerConfig(5e-4, 0.0, 0.05, 1.0)
+    assert EagleConfig(data=(prompt_file,), out="o").optimizer_config == OptimizerConfig(1e-3, 0.0, 0.03, 1.0)
+    online = OnlineTrainerConfig(traffic="t.db", publish="p", verifier="v")
+    assert online.optimizer_config == OptimizerConfig(5e-4, 0.0, 0.0, 1.0)
+    opt = OptimizerConfig(2e-3, 0.1, 0.25, 0.5)
+    adamw = opt.adamw([torch.nn.Parameter(torch.ones(2))])
+    assert adamw.defaults["lr"] == 2e-3 and adamw.defaults["weight_decay"] == 0.1
+    assert opt.warmup_steps(10) == 2
+    with pytest.raises(ValueError, match="lr"):
+        OptimizerConfig(0.0)

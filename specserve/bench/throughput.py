@@ -36,21 +36,8 @@ def groups_of(items: list, size: int) -> list[tuple[list, int]]:
     return out
 
 
-def run(args: argparse.Namespace) -> int:
-    import transformers
-    from transformers import AutoTokenizer
-
-    from specserve.engine.engine import eos_token_ids
-
-    transformers.logging.set_verbosity_error()
-    resolve_presets(args, THROUGHPUT_PRESETS)
-    verifier = resolve_verifier(args)
-    tokenizer = AutoTokenizer.from_pretrained(verifier)
-    prompts = load_prompts(tokenizer, args.prompts_per_category, args.categories, args.prompts_file)
-    max_seq_len = max(len(p.token_ids) for p in prompts) + args.max_tokens + 1
-    eos = sorted(eos_token_ids(verifier, tokenizer))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-
+def _systems(args: argparse.Namespace, verifier: str, eos: list[int], pad: int, max_seq_len: int):
+    """Our plain engine, and HF `generate` unless --no-hf (then None)."""
     print("loading ours-plain", file=sys.stderr, flush=True)
     ours = OursSystem(
         "ours-plain",
@@ -67,7 +54,10 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_hf:
         print("loading hf-plain", file=sys.stderr, flush=True)
         hf = HFSystem("hf-plain", verifier, None, args.dtype, args.device, eos, pad)
+    return ours, hf
 
+
+def _warm_up(args: argparse.Namespace, ours: OursSystem, hf: HFSystem | None, prompts: list) -> None:
     print("warm-up", file=sys.stderr, flush=True)
     warm = min(WARMUP_TOKENS, args.max_tokens)
     ours.run(prompts[0].token_ids, 0.0, warm, 0, ignore_eos=True)
@@ -75,6 +65,11 @@ def run(args: argparse.Namespace) -> int:
         hf.run(prompts[0].token_ids, 0.0, warm, 0, ignore_eos=True)
     ours.run_batch([p.token_ids for p in groups_of(prompts, args.batch)[0][0]], warm)
 
+
+def _measure(
+    args: argparse.Namespace, ours: OursSystem, hf: HFSystem | None, prompts: list
+) -> tuple[list[dict], list[dict]]:
+    """(batch-1 runs of every system on every prompt, our --batch runs of every group)."""
     single: list[dict] = []
     batched: list[dict] = []
     bar = tqdm(total=len(prompts), desc="throughput", unit="prompt")
@@ -105,17 +100,22 @@ def run(args: argparse.Namespace) -> int:
                 )
             bar.update(1)
     bar.close()
+    return single, batched
 
-    def tokens_per_s(records: list[dict]) -> float | None:
-        seconds = sum(r["seconds"] for r in records)
-        return sum(r["output_tokens"] for r in records) / seconds if seconds else None
 
-    ours_1 = tokens_per_s([r for r in single if r["system"] == "ours-plain"])
-    hf_1 = tokens_per_s([r for r in single if r["system"] == "hf-plain"]) if hf is not None else None
-    ours_b = tokens_per_s(batched)
+def _tokens_per_s(records: list[dict]) -> float | None:
+    seconds = sum(r["seconds"] for r in records)
+    return sum(r["output_tokens"] for r in records) / seconds if seconds else None
+
+
+def _summary(batch: int, single: list[dict], batched: list[dict], with_hf: bool) -> dict:
+    """The three tokens/s figures, their ratios and whether the targets are met."""
+    ours_1 = _tokens_per_s([r for r in single if r["system"] == "ours-plain"])
+    hf_1 = _tokens_per_s([r for r in single if r["system"] == "hf-plain"]) if with_hf else None
+    ours_b = _tokens_per_s(batched)
     r1, rb = ratio(ours_1, hf_1), ratio(ours_b, hf_1)
-    summary = {
-        "batch": args.batch,
+    return {
+        "batch": batch,
         "ours_batch_1_tokens_per_s": ours_1,
         "hf_batch_1_tokens_per_s": hf_1,
         "ours_batch_n_tokens_per_s": ours_b,
@@ -125,10 +125,16 @@ def run(args: argparse.Namespace) -> int:
         "targets": {"ours_batch_1_over_hf_batch_1": TARGET_BATCH_1, "ours_batch_8_over_hf_batch_1": TARGET_BATCH_N},
         "targets_met": {
             "batch_1": r1 >= TARGET_BATCH_1 if r1 is not None else None,
-            "batch_8": rb >= TARGET_BATCH_N if rb is not None and args.batch == 8 else None,
+            "batch_8": rb >= TARGET_BATCH_N if rb is not None and batch == 8 else None,
         },
     }
-    print(f"\nplain greedy decoding, {args.max_tokens} tokens per prompt (ignore_eos), {len(prompts)} prompts")
+
+
+def _print_summary(args: argparse.Namespace, summary: dict, num_prompts: int) -> None:
+    ours_1, hf_1 = summary["ours_batch_1_tokens_per_s"], summary["hf_batch_1_tokens_per_s"]
+    ours_b = summary["ours_batch_n_tokens_per_s"]
+    r1, rb = summary["ours_batch_1_over_hf_batch_1"], summary["ours_batch_n_over_hf_batch_1"]
+    print(f"\nplain greedy decoding, {args.max_tokens} tokens per prompt (ignore_eos), {num_prompts} prompts")
     print(
         table(
             ["system", "batch", "tok/s"],
@@ -148,6 +154,10 @@ def run(args: argparse.Namespace) -> int:
         )
         print(f"ours batch {args.batch} / HF batch 1 = {rb:.2f}x ({target})")
 
+
+def _write(
+    args: argparse.Namespace, verifier: str, prompts: list, summary: dict, single: list[dict], batched: list[dict]
+) -> None:
     config = {k: v for k, v in vars(args).items() if k not in ("func", "command", "bench")}
     config.update(verifier=verifier)
     write_json(
@@ -167,6 +177,29 @@ def run(args: argparse.Namespace) -> int:
         },
     )
     print(f"\nwrote {args.out}")
+
+
+def run(args: argparse.Namespace) -> int:
+    import transformers
+    from transformers import AutoTokenizer
+
+    from specserve.engine.engine import eos_token_ids
+
+    transformers.logging.set_verbosity_error()
+    resolve_presets(args, THROUGHPUT_PRESETS)
+    verifier = resolve_verifier(args)
+    tokenizer = AutoTokenizer.from_pretrained(verifier)
+    prompts = load_prompts(tokenizer, args.prompts_per_category, args.categories, args.prompts_file)
+    max_seq_len = max(len(p.token_ids) for p in prompts) + args.max_tokens + 1
+    eos = sorted(eos_token_ids(verifier, tokenizer))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+
+    ours, hf = _systems(args, verifier, eos, pad, max_seq_len)
+    _warm_up(args, ours, hf, prompts)
+    single, batched = _measure(args, ours, hf, prompts)
+    summary = _summary(args.batch, single, batched, hf is not None)
+    _print_summary(args, summary, len(prompts))
+    _write(args, verifier, prompts, summary, single, batched)
     return 0
 
 

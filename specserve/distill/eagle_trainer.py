@@ -41,6 +41,8 @@ from tqdm.auto import tqdm
 from specserve.distill.eagle_data import TeacherSequence, draft_vocabulary, teacher_data
 from specserve.distill.eagle_state import load_state, restore_rng, save_state
 from specserve.distill.eagle_unroll import UnrolledHead, evaluate_chained, masked_row_losses, noisy, unrolled_losses
+from specserve.distill.optimizer import OptimizerConfig
+from specserve.distill.student import copy_tokenizer_files
 from specserve.distill.trainer import setup_distributed
 from specserve.model.attention import AttentionMetadata
 from specserve.model.eagle import EagleHead, load_eagle
@@ -127,6 +129,11 @@ class EagleConfig:
             raise ValueError("feature_weight and feature_noise must be >= 0 and lr > 0")
         if not 0.0 < self.unroll_decay <= 1.0:
             raise ValueError(f"unroll_decay must be in (0, 1], got {self.unroll_decay}")
+
+    @property
+    def optimizer_config(self) -> OptimizerConfig:
+        """No weight decay, gradient norms clipped at 1."""
+        return OptimizerConfig(self.lr, 0.0, self.warmup_fraction, 1.0)
 
 
 # ---- one batch ------------------------------------------------------------------------------------
@@ -308,10 +315,181 @@ def _initial_head(config: EagleConfig, verifier, verifier_dir: str, train, token
     return EagleHead(verifier, draft_vocab).to(d.device)
 
 
+@dataclass
+class _EagleRun:
+    """One EAGLE training run: what the steps change (head, optimizer, data order, history) and what a
+    checkpoint writes beside them."""
+
+    config: EagleConfig
+    config_record: dict
+    verifier_dir: str
+    head: EagleHead
+    opt: torch.optim.Optimizer
+    rng: random.Random
+    """Shuffles the data order; saved with the training state."""
+    train: list[TeacherSequence]
+    held_out: list[TeacherSequence]
+    eval_batches: list[HeadBatch]
+    coverage: float
+    """Share of held-out positions whose verifier top-1 is in the draft vocabulary."""
+    teacher_seconds: float
+    history: list[dict] = field(default_factory=list)
+    best: dict = field(default_factory=lambda: {"accepted_tokens": -1.0})
+    order: list[int] = field(default_factory=list)
+    """Indices into `train` still to be drawn this epoch (popped from the end)."""
+    step: int = 0
+    prior_seconds: float = 0.0
+    """Training seconds of the runs this one resumes."""
+    tokens_seen: int = 0
+    """Training tokens read so far, over all ranks."""
+    train_started: float = 0.0
+
+
+def _split_data(data: list[TeacherSequence], eval_fraction: float, rng: random.Random):
+    """(held_out, train): `data` shuffled by `rng`, the first share held out."""
+    rng.shuffle(data)
+    n_eval = max(1, round(eval_fraction * len(data)))
+    held_out, train = data[:n_eval], data[n_eval:]
+    if not train:
+        raise ValueError(f"only {len(data)} sequences: too few to train and hold some out")
+    return held_out, train
+
+
+def _draft_index(head: EagleHead, vocab: int) -> torch.Tensor:  # [vocab] draft id of each token, -1 outside
+    to_draft = torch.full((vocab,), -1, dtype=torch.int64)
+    to_draft[head.draft_vocab.cpu()] = torch.arange(head.draft_vocab_size)
+    return to_draft
+
+
+def _lr_at(config: EagleConfig, step: int) -> float:
+    """Linear warmup, then cosine decay to 0; set by hand each step, so a resumed run needs no scheduler state."""
+    warmup = max(1, config.optimizer_config.warmup_steps(config.steps))
+    if step < warmup:
+        return config.lr * (step + 1) / warmup
+    return config.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, config.steps - warmup))))
+
+
+def _resume(run: _EagleRun, state: dict | None, main: bool) -> None:
+    if state is not None:
+        run.head.load_state_dict(state["head"])
+        run.opt.load_state_dict(state["optimizer"])
+        run.step, run.order, run.history, run.best = state["step"], state["order"], state["history"], state["best"]
+        restore_rng(state, run.rng)
+        if main:
+            print(f"specserve: resuming {run.config.out} at step {run.step}", flush=True)
+    run.prior_seconds = max((h.get("train_seconds", 0.0) for h in run.history), default=0.0)
+    run.tokens_seen = max((h.get("tokens_seen", 0) for h in run.history), default=0)
+
+
+def _report(run: _EagleRun) -> dict:
+    """distill.json."""
+    head, train, held_out = run.head, run.train, run.held_out
+    return {
+        "draft_type": "eagle",
+        "config": run.config_record,
+        "verifier": os.path.abspath(run.verifier_dir),
+        "sequences": {"train": len(train), "held_out": len(held_out)},
+        "train_tokens": int(sum(s.token_ids.numel() for s in train)),
+        "held_out_tokens": int(sum(s.token_ids.numel() for s in held_out)),
+        "draft_vocab_size": head.draft_vocab_size,
+        "held_out_top1_in_draft_vocab": run.coverage,
+        "head_parameters": sum(p.numel() for p in head.parameters()),
+        "teacher_seconds": run.teacher_seconds,
+        "train_seconds": run.prior_seconds + time.time() - run.train_started,
+        "best": run.best,
+        "history": run.history,
+    }
+
+
+def _checkpoint(run: _EagleRun, step: int, with_state: bool = True) -> None:
+    """Evaluate on the held-out batches; write the head if it is the best so far, the training state
+    (unless `with_state` is False), distill.json and its plot."""
+    config, head = run.config, run.head
+    head.eval()
+    result = {"step": step, **evaluate_chained(head, run.eval_batches, config.eval_depth)}
+    result["train_seconds"] = run.prior_seconds + time.time() - run.train_started
+    result["tokens_seen"] = run.tokens_seen
+    head.train()
+    run.history.append(result)
+    if result["accepted_tokens"] > run.best["accepted_tokens"]:
+        run.best = result
+        head.save(config.out, run.verifier_dir, {"trained_steps": step})
+        copy_tokenizer_files(run.verifier_dir, config.out)
+    if with_state:
+        save_state(
+            config.out, head=head, optimizer=run.opt, step=step, rng=run.rng, order=run.order, history=run.history,
+            best=run.best, config=run.config_record,
+        )  # fmt: skip
+    with open(os.path.join(config.out, "distill.json"), "w") as f:
+        json.dump(_report(run), f, indent=2)
+    _plot(config.out, run.history)
+
+
+def _train_step(run: _EagleRun, model: torch.nn.Module, params: list, to_draft: torch.Tensor, d) -> dict:
+    """One optimizer step on the next `batch_size` training sequences; returns its losses."""
+    config = run.config
+    if len(run.order) < config.batch_size:
+        run.order = list(range(len(run.train)))
+        run.rng.shuffle(run.order)
+    picked = [run.train[run.order.pop()] for _ in range(config.batch_size)]
+    batch = make_batch(picked, to_draft, d.device)
+    run.tokens_seen += sum(s.token_ids.numel() for s in picked) * d.world
+    predicted = model(
+        batch.input_ids, batch.positions, noisy(batch.in_features, config.feature_noise), batch.seq_lens
+    )  # [unroll_steps, tokens, hidden]
+    feat, kl, kl_steps = unrolled_losses(run.head, batch, predicted, config.unroll_decay)
+    loss = config.feature_weight * feat + kl
+    for g in run.opt.param_groups:
+        g["lr"] = _lr_at(config, run.step)
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    run.config.optimizer_config.clip(params)
+    run.opt.step()
+    run.step += 1
+    return {"loss": loss, "feat": feat, "kl": kl, "kl_steps": kl_steps}
+
+
+def _train_loop(run: _EagleRun, model: torch.nn.Module, params: list, to_draft: torch.Tensor, d, resumed: bool) -> bool:
+    """Steps until `steps` or `max_minutes`, evaluating every `eval_every` (rank 0; also before the first step
+    of a fresh run); False if Ctrl-C stopped it mid-step."""
+    config = run.config
+    bar = tqdm(total=config.steps, initial=run.step, desc="eagle head", disable=not (config.progress and d.main))
+    run.head.train()
+    clean = True  # the loop stopped at a step boundary (not by Ctrl-C mid-step)
+    try:
+        if d.main and not resumed:
+            _checkpoint(run, 0)
+        while run.step < config.steps:
+            if config.max_minutes is not None and time.time() - run.train_started > 60 * config.max_minutes:
+                break
+            out = _train_step(run, model, params, to_draft, d)
+            loss, kl = out["loss"], out["kl"]
+            if d.main:
+                run.history.append(
+                    {
+                        "step": run.step,
+                        "loss": loss.item(),
+                        "feature_loss": out["feat"].item(),
+                        "kl": kl.item(),
+                        "kl_at": out["kl_steps"],
+                        "tokens_seen": run.tokens_seen,
+                    }  # fmt: skip
+                )
+                bar.set_postfix(loss=f"{loss.item():.3f}", kl=f"{kl.item():.3f}")
+                bar.update(1)
+                if run.step % config.eval_every == 0:
+                    _checkpoint(run, run.step)
+    except KeyboardInterrupt:
+        clean = False
+        if d.main:
+            print("interrupted: keeping the best head so far (and the training state of the last evaluation)")
+    finally:
+        bar.close()
+    return clean
+
+
 def train_eagle(config: EagleConfig) -> dict:
     from transformers import AutoTokenizer
-
-    from specserve.distill.student import copy_tokenizer_files
 
     d = setup_distributed(config.device)
     verifier_dir = config.verifier
@@ -330,14 +508,9 @@ def train_eagle(config: EagleConfig) -> dict:
     vocab = verifier.arch.vocab_size
 
     rng = random.Random(config.seed)
-    rng.shuffle(data)
-    n_eval = max(1, round(config.eval_fraction * len(data)))
-    held_out, train = data[:n_eval], data[n_eval:]
-    if not train:
-        raise ValueError(f"only {len(data)} sequences: too few to train and hold some out")
+    held_out, train = _split_data(data, config.eval_fraction, rng)
     head = _initial_head(config, verifier, verifier_dir, train, tokenizer, d)
-    to_draft = torch.full((vocab,), -1, dtype=torch.int64)
-    to_draft[head.draft_vocab.cpu()] = torch.arange(head.draft_vocab_size)
+    to_draft = _draft_index(head, vocab)
     coverage = sum((to_draft[s.topm_ids[:, 0].long()] >= 0).float().mean().item() for s in held_out) / len(held_out)
 
     unrolled = UnrolledHead(head, config.unroll_steps)
@@ -345,116 +518,18 @@ def train_eagle(config: EagleConfig) -> dict:
     if d.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(unrolled)
     params = [p for p in head.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-    warmup = max(1, int(config.warmup_fraction * config.steps))
-
-    def lr_at(step: int) -> float:  # set by hand each step, so a resumed run needs no scheduler state
-        if step < warmup:
-            return config.lr * (step + 1) / warmup
-        return config.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, config.steps - warmup))))
-
+    opt = config.optimizer_config.adamw(params)
     eval_batches = [make_batch(held_out[i : i + 8], to_draft, d.device) for i in range(0, len(held_out), 8)]
-    history: list[dict] = []
-    best = {"accepted_tokens": -1.0}
-    order: list[int] = []
-    step = 0
-    if state is not None:
-        head.load_state_dict(state["head"])
-        opt.load_state_dict(state["optimizer"])
-        step, order, history, best = state["step"], state["order"], state["history"], state["best"]
-        restore_rng(state, rng)
-        if d.main:
-            print(f"specserve: resuming {config.out} at step {step}", flush=True)
-    prior_seconds = max((h.get("train_seconds", 0.0) for h in history), default=0.0)
-    tokens_seen = max((h.get("tokens_seen", 0) for h in history), default=0)  # training tokens read so far
+    run = _EagleRun(
+        config, config_record, verifier_dir, head, opt, rng, train, held_out, eval_batches, coverage, teacher_seconds
+    )
+    _resume(run, state, d.main)
     os.makedirs(config.out, exist_ok=True)
 
-    def checkpoint(step: int, with_state: bool = True) -> None:
-        nonlocal best
-        head.eval()
-        result = {"step": step, **evaluate_chained(head, eval_batches, config.eval_depth)}
-        result["train_seconds"] = prior_seconds + time.time() - train_started
-        result["tokens_seen"] = tokens_seen
-        head.train()
-        history.append(result)
-        if result["accepted_tokens"] > best["accepted_tokens"]:
-            best = result
-            head.save(config.out, verifier_dir, {"trained_steps": step})
-            copy_tokenizer_files(verifier_dir, config.out)
-        if with_state:
-            save_state(
-                config.out, head=head, optimizer=opt, step=step, rng=rng, order=order, history=history, best=best,
-                config=config_record,
-            )  # fmt: skip
-        report = {
-            "draft_type": "eagle",
-            "config": config_record,
-            "verifier": os.path.abspath(verifier_dir),
-            "sequences": {"train": len(train), "held_out": len(held_out)},
-            "train_tokens": int(sum(s.token_ids.numel() for s in train)),
-            "held_out_tokens": int(sum(s.token_ids.numel() for s in held_out)),
-            "draft_vocab_size": head.draft_vocab_size,
-            "held_out_top1_in_draft_vocab": coverage,
-            "head_parameters": sum(p.numel() for p in head.parameters()),
-            "teacher_seconds": teacher_seconds,
-            "train_seconds": prior_seconds + time.time() - train_started,
-            "best": best,
-            "history": history,
-        }
-        with open(os.path.join(config.out, "distill.json"), "w") as f:
-            json.dump(report, f, indent=2)
-        _plot(config.out, history)
-
-    train_started = time.time()  # max_minutes counts this run's training, resumed or not
-    bar = tqdm(total=config.steps, initial=step, desc="eagle head", disable=not (config.progress and d.main))
-    head.train()
-    clean = True  # the loop stopped at a step boundary (not by Ctrl-C mid-step)
-    try:
-        if d.main and state is None:
-            checkpoint(0)
-        while step < config.steps:
-            if config.max_minutes is not None and time.time() - train_started > 60 * config.max_minutes:
-                break
-            if len(order) < config.batch_size:
-                order = list(range(len(train)))
-                rng.shuffle(order)
-            picked = [train[order.pop()] for _ in range(config.batch_size)]
-            batch = make_batch(picked, to_draft, d.device)
-            tokens_seen += sum(s.token_ids.numel() for s in picked) * d.world
-            predicted = model(
-                batch.input_ids, batch.positions, noisy(batch.in_features, config.feature_noise), batch.seq_lens
-            )  # [unroll_steps, tokens, hidden]
-            feat, kl, kl_steps = unrolled_losses(head, batch, predicted, config.unroll_decay)
-            loss = config.feature_weight * feat + kl
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            step += 1
-            if d.main:
-                history.append(
-                    {
-                        "step": step,
-                        "loss": loss.item(),
-                        "feature_loss": feat.item(),
-                        "kl": kl.item(),
-                        "kl_at": kl_steps,
-                        "tokens_seen": tokens_seen,
-                    }  # fmt: skip
-                )
-                bar.set_postfix(loss=f"{loss.item():.3f}", kl=f"{kl.item():.3f}")
-                bar.update(1)
-                if step % config.eval_every == 0:
-                    checkpoint(step)
-    except KeyboardInterrupt:
-        clean = False
-        if d.main:
-            print("interrupted: keeping the best head so far (and the training state of the last evaluation)")
-    finally:
-        bar.close()
+    run.train_started = time.time()  # max_minutes counts this run's training, resumed or not
+    clean = _train_loop(run, model, params, to_draft, d, resumed=state is not None)
+    history, step = run.history, run.step
     if d.main and (not history or history[-1].get("step") != step or "agreement" not in history[-1]):
-        checkpoint(step, with_state=clean)  # after Ctrl-C the state on disk stays the last evaluation's
+        _checkpoint(run, step, with_state=clean)  # after Ctrl-C the state on disk stays the last evaluation's
     d.barrier()
-    return {"out": config.out, "steps": step, "best": best, "head": head}
+    return {"out": config.out, "steps": step, "best": run.best, "head": head}

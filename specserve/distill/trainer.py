@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import statistics
 import tempfile
@@ -51,6 +50,7 @@ from specserve.distill.data import (
     traffic_examples,
 )
 from specserve.distill.losses import LOSSES, TopM, distill_loss
+from specserve.distill.optimizer import OptimizerConfig
 from specserve.distill.student import StudentSpec, build_student, save_student
 from specserve.traffic.url import describe
 
@@ -143,6 +143,10 @@ class DistillConfig:
             raise ValueError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
         if not 0.0 <= self.warmup_fraction < 1.0:
             raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+
+    @property
+    def optimizer_config(self) -> OptimizerConfig:
+        return OptimizerConfig(self.lr, self.weight_decay, self.warmup_fraction, self.max_grad_norm)
 
 
 @dataclass
@@ -376,38 +380,206 @@ def _record(config: DistillConfig, verifier: str, extra: dict) -> str:
     return json.dumps({"config": c, "verifier": os.path.abspath(verifier), **extra}, indent=2)
 
 
-def distill(config: DistillConfig) -> DistillResult:
-    from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
+@dataclass
+class _Run:
+    """What one distillation run's evaluations and checkpoints read: fixed once training starts, but `history`
+    and `losses` (the train losses since the last evaluation)."""
+
+    config: DistillConfig
+    verifier: str
+    d: Dist
+    examples: list[Example]
+    train: list[Example]
+    held_out: list[Example]
+    student_lm: nn.Module
+    student: RowLogits
+    eval_batches: list[Batch]
+    teacher_argmax: list[torch.Tensor]  # per eval batch: [rows]
+    cost: dict | None
+    t_start: float
+    t_generated: float
+    history: list[dict] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+
+
+def _resolve_verifier(config: DistillConfig, d: Dist) -> str:
+    if config.verifier is not None:
+        return config.verifier
+    from specserve.model.default_models import default_verifier
+
+    if d.main:  # converts the GGUF once; the other ranks wait for it
+        default_verifier()
+    d.barrier()
+    return default_verifier()
+
+
+def _examples(config: DistillConfig, verifier: str, tokenizer, d: Dist) -> list[Example]:
+    if config.traffic:  # every rank reads it all; the sampler shards it
+        return traffic_examples(config.traffic, config.max_prompts, config.max_prompt_tokens, config.max_new_tokens)
+    return _teacher_examples(config, verifier, tokenizer, d)
+
+
+def _teacher(config: DistillConfig, verifier: str, d: Dist) -> RowLogits | None:
+    """The frozen verifier as a RowLogits; None for traffic examples, which bring their teacher."""
+    if config.traffic:
+        return None
+    from transformers import AutoModelForCausalLM
 
     from specserve.model.loader import resolve_dtype
 
+    teacher = AutoModelForCausalLM.from_pretrained(verifier, dtype=resolve_dtype(config.teacher_dtype))
+    return RowLogits(teacher.to(d.device).eval().requires_grad_(False))
+
+
+def _eval_set(
+    held_out: list[Example], teacher: RowLogits | None, batch_size: int, pad_id: int, device: torch.device
+) -> tuple[list[Batch], list[torch.Tensor]]:
+    """The held-out batches and, per batch, the teacher's argmax at its rows ([rows])."""
+    eval_batches: list[Batch] = []
+    teacher_argmax: list[torch.Tensor] = []
+    for i in range(0, len(held_out), batch_size):
+        b = collate(held_out[i : i + batch_size], pad_id).to(device)
+        eval_batches.append(b)
+        if b.teacher is not None:  # the logged top-m is sorted: its first id is the teacher's argmax
+            teacher_argmax.append(b.teacher.ids[:, 0])
+            continue
+        with torch.no_grad():
+            teacher_argmax.append(teacher(b.input_ids, b.attention_mask, b.rows).argmax(-1))
+    return eval_batches, teacher_argmax
+
+
+def _target(batch: Batch, teacher: RowLogits | None, top_m: int) -> torch.Tensor | TopM:
+    """What the student matches at the batch's rows: the logged top-m, or the teacher's logits ([rows, vocab])."""
+    if batch.teacher is not None:  # logged by the server, most likely first: keep the first m
+        m = top_m or batch.teacher.ids.shape[1]
+        return TopM(batch.teacher.ids[:, :m], batch.teacher.logprobs[:, :m])
+    with torch.no_grad():
+        t_logits = teacher(batch.input_ids, batch.attention_mask, batch.rows)  # [rows, vocab]
+    return TopM.from_logits(t_logits, top_m) if top_m else t_logits
+
+
+STUDENT_CONFIG_KEYS = (
+    "num_hidden_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "vocab_size",
+    "tie_word_embeddings",
+)
+
+
+def _progress_record(run: _Run, step: int, agreement: float, final: bool) -> str:
+    """distill.json after `step` steps."""
+    return _record(
+        run.config,
+        run.verifier,
+        {
+            "status": "finished" if final else "in progress",
+            "steps_done": step,
+            "world_size": run.d.world,
+            "num_prompts_answered": len(run.examples),
+            "num_train_examples": len(run.train),
+            "num_held_out_examples": len(run.held_out),
+            "num_train_response_tokens": sum(len(e.response_ids) for e in run.train),
+            "num_held_out_response_tokens": sum(len(e.response_ids) for e in run.held_out),
+            "student_config": {k: getattr(run.student_lm.config, k) for k in STUDENT_CONFIG_KEYS},
+            "student_parameters": sum(p.numel() for p in run.student_lm.parameters()),
+            "initial_agreement": run.history[0]["held_out_agreement"],
+            "final_agreement": agreement if final else None,
+            "agreement": "held-out share of response positions where student argmax == teacher argmax",
+            "cost_ratio": run.cost,
+            "history": run.history,
+            "teacher_generation_s": run.t_generated - run.t_start,
+        },
+    )
+
+
+def _evaluate_and_save(run: _Run, step: int, final: bool) -> None:
+    """Rank 0: held-out agreement into the history, printed, and the checkpoint with distill.json written."""
+    if not run.d.main:
+        return
+    agreement = greedy_agreement(run.student, run.eval_batches, run.teacher_argmax)
+    entry = {
+        "step": step,
+        "held_out_agreement": agreement,
+        "train_loss": sum(run.losses) / len(run.losses) if run.losses else None,
+        "elapsed_s": time.perf_counter() - run.t_start,
+    }
+    run.losses = []
+    run.history.append(entry)
+    loss_text = f"{entry['train_loss']:.4f}" if entry["train_loss"] is not None else "-"
+    tqdm.write(
+        f"[distill] step {step}: held-out greedy agreement {agreement:.4f}, train loss {loss_text}, "
+        f"c = {run.cost['c']:.3f}"
+    )
+    record = _progress_record(run, step, agreement, final)
+    save_student(run.student_lm, run.verifier, run.config.out, {"distill.json": record})
+
+
+def _train(run: _Run, model: nn.Module, teacher: RowLogits | None, pad_id: int) -> int:
+    """The optimizer steps, evaluating every `eval_every`; returns the steps taken."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    config, d = run.config, run.d
+    sampler = DistributedSampler(run.train, num_replicas=d.world, rank=d.rank, shuffle=True, seed=config.seed)
+    loader = DataLoader(
+        run.train, batch_size=config.batch_size, sampler=sampler, collate_fn=lambda xs: collate(xs, pad_id)
+    )
+    opt_config = config.optimizer_config
+    optimizer = opt_config.adamw(run.student.parameters())
+    schedule = get_cosine_schedule_with_warmup(optimizer, opt_config.warmup_steps(config.steps), config.steps)
+
+    _evaluate_and_save(run, 0, final=False)
+    bar = tqdm(total=config.steps, desc="distill", disable=not (config.progress and d.main))
+    step, epoch = 0, 0
+    while step < config.steps:
+        sampler.set_epoch(epoch)
+        for batch in loader:
+            batch = batch.to(d.device)
+            target = _target(batch, teacher, config.teacher_top_m)
+            s_logits = model(batch.input_ids, batch.attention_mask, batch.rows)  # [rows, vocab]
+            loss = distill_loss(
+                s_logits,
+                target,
+                config.loss,
+                config.temperature,
+                config.jsd_beta,
+                batch.labels,
+                config.hard_label_weight,
+            )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            opt_config.clip(run.student.parameters())
+            optimizer.step()
+            schedule.step()
+            step += 1
+            run.losses.append(loss.item())
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{schedule.get_last_lr()[0]:.2e}")
+            if step == config.steps:
+                break
+            if config.eval_every and step % config.eval_every == 0:
+                _evaluate_and_save(run, step, final=False)
+        epoch += 1
+    bar.close()
+    return step
+
+
+def distill(config: DistillConfig) -> DistillResult:
+    from transformers import AutoTokenizer
+
     d = setup_distributed(config.device)
     try:
-        verifier = config.verifier
-        if verifier is None:
-            from specserve.model.default_models import default_verifier
-
-            if d.main:  # converts the GGUF once; the other ranks wait for it
-                verifier = default_verifier()
-            d.barrier()
-            verifier = default_verifier()
+        verifier = _resolve_verifier(config, d)
         t_start = time.perf_counter()
         tokenizer = AutoTokenizer.from_pretrained(verifier)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-        if config.traffic:  # every rank reads it all; the sampler shards it
-            examples = traffic_examples(
-                config.traffic, config.max_prompts, config.max_prompt_tokens, config.max_new_tokens
-            )
-        else:
-            examples = _teacher_examples(config, verifier, tokenizer, d)
+        examples = _examples(config, verifier, tokenizer, d)
         train, held_out = _split(examples, config.eval_fraction, config.seed)
         t_generated = time.perf_counter()
 
-        teacher = None  # traffic examples bring their teacher
-        if not config.traffic:
-            teacher = AutoModelForCausalLM.from_pretrained(verifier, dtype=resolve_dtype(config.teacher_dtype))
-            teacher = RowLogits(teacher.to(d.device).eval().requires_grad_(False))
+        teacher = _teacher(config, verifier, d)
         student_lm = build_student(verifier, config.student, config.seed).to(d.device)
         if config.traffic:
             check_vocabulary(examples, student_lm.config.vocab_size, f"traffic store {describe(config.traffic)}")
@@ -418,130 +590,24 @@ def distill(config: DistillConfig) -> DistillResult:
 
             model = DistributedDataParallel(student, device_ids=[d.device.index] if d.device.type == "cuda" else None)
 
-        cost = None
-        eval_batches: list[Batch] = []
-        teacher_argmax: list[torch.Tensor] = []
+        cost, eval_batches, teacher_argmax = None, [], []
         if d.main:
             with tempfile.TemporaryDirectory() as tmp:
                 save_student(student_lm, verifier, os.path.join(tmp, "student"))
                 cost = measure_cost_ratio(verifier, os.path.join(tmp, "student"), str(d.device))
-            for i in range(0, len(held_out), config.batch_size):
-                b = collate(held_out[i : i + config.batch_size], pad_id).to(d.device)
-                eval_batches.append(b)
-                if b.teacher is not None:  # the logged top-m is sorted: its first id is the teacher's argmax
-                    teacher_argmax.append(b.teacher.ids[:, 0])
-                    continue
-                with torch.no_grad():
-                    teacher_argmax.append(teacher(b.input_ids, b.attention_mask, b.rows).argmax(-1))
+            eval_batches, teacher_argmax = _eval_set(held_out, teacher, config.batch_size, pad_id, d.device)
 
-        sampler = DistributedSampler(train, num_replicas=d.world, rank=d.rank, shuffle=True, seed=config.seed)
-        loader = DataLoader(
-            train, batch_size=config.batch_size, sampler=sampler, collate_fn=lambda xs: collate(xs, pad_id)
-        )
-        optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        warmup = math.floor(config.warmup_fraction * config.steps)
-        schedule = get_cosine_schedule_with_warmup(optimizer, warmup, config.steps)
-
-        history: list[dict] = []
-        state = {"losses": []}
-
-        def evaluate_and_save(step: int, final: bool) -> None:
-            if not d.main:
-                return
-            agreement = greedy_agreement(student, eval_batches, teacher_argmax)
-            losses = state["losses"]
-            entry = {
-                "step": step,
-                "held_out_agreement": agreement,
-                "train_loss": sum(losses) / len(losses) if losses else None,
-                "elapsed_s": time.perf_counter() - t_start,
-            }
-            state["losses"] = []
-            history.append(entry)
-            loss_text = f"{entry['train_loss']:.4f}" if entry["train_loss"] is not None else "-"
-            tqdm.write(
-                f"[distill] step {step}: held-out greedy agreement {agreement:.4f}, train loss {loss_text}, "
-                f"c = {cost['c']:.3f}"
-            )
-            record = _record(
-                config,
-                verifier,
-                {
-                    "status": "finished" if final else "in progress",
-                    "steps_done": step,
-                    "world_size": d.world,
-                    "num_prompts_answered": len(examples),
-                    "num_train_examples": len(train),
-                    "num_held_out_examples": len(held_out),
-                    "num_train_response_tokens": sum(len(e.response_ids) for e in train),
-                    "num_held_out_response_tokens": sum(len(e.response_ids) for e in held_out),
-                    "student_config": {
-                        k: getattr(student_lm.config, k)
-                        for k in (
-                            "num_hidden_layers",
-                            "hidden_size",
-                            "num_attention_heads",
-                            "num_key_value_heads",
-                            "intermediate_size",
-                            "vocab_size",
-                            "tie_word_embeddings",
-                        )
-                    },
-                    "student_parameters": sum(p.numel() for p in student_lm.parameters()),
-                    "initial_agreement": history[0]["held_out_agreement"],
-                    "final_agreement": agreement if final else None,
-                    "agreement": "held-out share of response positions where student argmax == teacher argmax",
-                    "cost_ratio": cost,
-                    "history": history,
-                    "teacher_generation_s": t_generated - t_start,
-                },
-            )
-            save_student(student_lm, verifier, config.out, {"distill.json": record})
-
-        evaluate_and_save(0, final=False)
-        bar = tqdm(total=config.steps, desc="distill", disable=not (config.progress and d.main))
-        step, epoch = 0, 0
-        while step < config.steps:
-            sampler.set_epoch(epoch)
-            for batch in loader:
-                batch = batch.to(d.device)
-                if batch.teacher is not None:  # logged by the server, most likely first: keep the first m
-                    m = config.teacher_top_m or batch.teacher.ids.shape[1]
-                    target = TopM(batch.teacher.ids[:, :m], batch.teacher.logprobs[:, :m])
-                else:
-                    with torch.no_grad():
-                        t_logits = teacher(batch.input_ids, batch.attention_mask, batch.rows)  # [rows, vocab]
-                    target = TopM.from_logits(t_logits, config.teacher_top_m) if config.teacher_top_m else t_logits
-                s_logits = model(batch.input_ids, batch.attention_mask, batch.rows)  # [rows, vocab]
-                loss = distill_loss(
-                    s_logits,
-                    target,
-                    config.loss,
-                    config.temperature,
-                    config.jsd_beta,
-                    batch.labels,
-                    config.hard_label_weight,
-                )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(student.parameters(), config.max_grad_norm)
-                optimizer.step()
-                schedule.step()
-                step += 1
-                state["losses"].append(loss.item())
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{schedule.get_last_lr()[0]:.2e}")
-                if step == config.steps:
-                    break
-                if config.eval_every and step % config.eval_every == 0:
-                    evaluate_and_save(step, final=False)
-            epoch += 1
-        bar.close()
-        evaluate_and_save(step, final=True)
+        run = _Run(
+            config, verifier, d, examples, train, held_out, student_lm, student, eval_batches, teacher_argmax, cost,
+            t_start, t_generated,
+        )  # fmt: skip
+        step = _train(run, model, teacher, pad_id)
+        _evaluate_and_save(run, step, final=True)
         d.barrier()  # the other ranks leave only once rank 0 has written the checkpoint
         digest = weights_digest(student)
         if not d.main:
             return DistillResult(config.out, None, None, None, [], digest)
+        history = run.history
         return DistillResult(
             config.out, history[0]["held_out_agreement"], history[-1]["held_out_agreement"], cost, history, digest
         )

@@ -159,7 +159,7 @@ class OnlineTrainer:
         draft = self.kind.load(source)
         self.student = draft.train()
         self.current = self.kind.frozen_copy(draft)
-        self.optimizer = torch.optim.AdamW(draft.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay)
+        self.optimizer = self.config.optimizer_config.adamw(draft.parameters())
         return retyped
 
     def follow_registry(self) -> None:
@@ -263,7 +263,7 @@ class OnlineTrainer:
         loss = self.kind.loss(self.student, picked)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.student.parameters(), c.max_grad_norm)
+        c.optimizer_config.clip(self.student.parameters())
         self.optimizer.step()
         self.state.steps += 1
         self.budget -= 1.0

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from specserve.distill.losses import LOSSES
+from specserve.distill.optimizer import OptimizerConfig
 
 
 @dataclass(frozen=True)
@@ -126,3 +127,8 @@ class OnlineTrainerConfig:
             raise ValueError(f"nice must be in [0, 19], got {self.nice}")
         if not 0.0 < self.gpu_memory_fraction <= 1.0:
             raise ValueError(f"gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction}")
+
+    @property
+    def optimizer_config(self) -> OptimizerConfig:
+        """A constant learning rate: no warmup, no schedule."""
+        return OptimizerConfig(self.lr, self.weight_decay, 0.0, self.max_grad_norm)
