@@ -1,4 +1,5 @@
-"""The cheap small-batch forward: fused projections, oneDNN-packed fp32 weights, the attention view and fold.
+"""The cheap small-batch forward: fused projections, oneDNN-packed fp32 weights (the fallback where no C compiler
+builds our own kernel, tests/test_cpu_linear.py), the attention view and fold.
 
 Fused q/k/v and gate/up projections concatenate weights along output rows, which leaves every output's
 reduction as it was: the fused products are the separate ones, bit for bit. The packed fp32 path
@@ -16,13 +17,20 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from specserve.engine.model_runner import ModelRunner, TokenRun
+from specserve.model import upcast
 from specserve.model.attention import AttentionMetadata, paged_attention
 from specserve.model.loader import load_model
-from specserve.model.upcast import UpcastWeight, enable_upcast, linear, packs
+from specserve.model.upcast import UpcastWeight, enable_upcast, linear, packing_available
 
 needs_packing = pytest.mark.skipif(
-    not packs(torch.zeros(1, 1)), reason="no oneDNN packed linear in this torch build: fp32 takes the skinny form"
+    not packing_available(), reason="no oneDNN packed linear in this torch build: fp32 takes the skinny form"
 )
+
+
+@pytest.fixture
+def without_c_kernel(monkeypatch):
+    """fp32 weights take oneDNN's packed copy, as where no C compiler built specserve/kernels/cpu_linear.c."""
+    monkeypatch.setattr(upcast, "runs_cpu_kernel", lambda weight: False)
 
 
 @pytest.mark.parametrize("armed", [False, True], ids=["F.linear", "upcast"])
@@ -48,7 +56,7 @@ def test_fused_projections_are_the_separate_ones_bit_for_bit(tiny, name, armed):
 
 
 @needs_packing
-def test_packed_linear_is_f_linear_within_fp32_rounding():
+def test_packed_linear_is_f_linear_within_fp32_rounding(without_c_kernel):
     torch.manual_seed(0)
     w, b = torch.randn(48, 32), torch.randn(48)
     for bias in (None, b):
@@ -67,7 +75,7 @@ def test_packed_linear_is_f_linear_within_fp32_rounding():
 
 @needs_packing
 @pytest.mark.parametrize("in_features", [576, 1536])  # SmolLM2's two reduction lengths
-def test_packed_rows_do_not_depend_on_how_many_rows_there_are(in_features):
+def test_packed_rows_do_not_depend_on_how_many_rows_there_are(in_features, without_c_kernel):
     torch.manual_seed(0)
     w = torch.randn(96, in_features) * 0.05
     x = torch.randn(16, in_features)

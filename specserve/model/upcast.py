@@ -10,17 +10,17 @@ weights: half the bytes to stream, the faster path there. The price is the fp32 
 per weight (540 MB for a 135M-parameter model).
 
 fp32 weights need no copy, but they are not streamed through F.linear: `auto` arms fp32 models on any CPU,
-and each weight is packed once into oneDNN's blocked layout (`torch.ops.mkldnn._reorder_linear_weight`), every
-matmul then running oneDNN's kernel on it. MKL's sgemm, what F.linear calls, repacks its operand on every call
-and, for 3 to 16 rows, picks a kernel that is compute-bound long before the weights stop streaming: on this
-project's 2-core AVX-512 machine (1 thread, one model's worth of SmolLM2-135M layers, 425 MB) F.linear takes
-26, 40, 39, 47 ms over 1, 2, 4, 8 rows, MKL's skinny form ([out, in] @ [in, rows]) 26, 19, 23, 52 ms, the
-packed oneDNN kernel 14, 14, 15, 19 ms, and a 512-token prefill 2.0 s against 0.8 s. The price is the packed
-copy: 4 bytes per weight (another 540 MB for a 135M-parameter fp32 model, output layer included). One row
-is padded to two: with that, every row's output is the same bits whatever the number of rows (1 to 40
-tried; oneDNN splits a 1536-long reduction differently for a single row), so a verification pass computes
-its linear layers exactly as the decode steps it replaces. Without oneDNN (or off the CPU) fp32 weights
-take the skinny form below from one row.
+and their matmuls run our own C kernel (specserve/kernels/cpu_linear.c, compiled at first use), which sums
+every output in one fixed order whatever the number of rows: a verification pass computes its linear layers
+exactly as the decode steps it replaces, and a prefill chunk its rows exactly as a decode step would. torch's
+kernels give one or the other: MKL's sgemm (what F.linear calls) sums a single row in another order than two or
+more, and from four rows picks a compute-bound kernel; oneDNN's packed kernel (`torch.ops.mkldnn.
+_reorder_linear_weight`) is row-invariant but streams a weight at half MKL's speed for one row. On this
+project's 2-core AVX-512 Xeon (2 threads, every linear layer of SmolLM2-135M, 590 MB, output layer included)
+over 1, 2, 4, 8, 16, 64 rows: F.linear 13.3, 13.5, 24.2, 33.1, 32.6, 73.0 ms; packed oneDNN 27.8, 28.3, 28.3,
+32.2, 39.1, 81.0 ms; the C kernel 14.5, 15.9, 17.5, 21.2, 30.6, 84.3 ms. Where no C compiler is found the packed
+oneDNN copy is the fallback (4 bytes more per weight; one row padded to two: oneDNN splits a 1536-long reduction
+differently for a single row), and without oneDNN (or off the CPU) fp32 weights take the skinny form below.
 
 bf16 weights on a CPU that computes bf16 natively (AVX512-BF16/AMX) are packed the same way, in bf16 (no fp32
 copy): on the 2-core Xeon a SmolLM2 forward over 1, 2, 4, 8 new tokens after 512 of context takes 36, 38, 38,
@@ -45,6 +45,8 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from specserve.kernels import cpu_linear
 
 MIN_ROWS = 3  # on the AVX2 machine 2 rows are faster in bf16, 3 or more (padded to 4) in fp32
 SKINNY_ROWS = 16  # up to this many rows (verification), the skinny-product form below
@@ -93,12 +95,21 @@ def packing_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
+def runs_cpu_kernel(weight: torch.Tensor) -> bool:
+    """Whether `linear` runs this weight through our row-invariant C kernel (specserve/kernels/cpu_linear.c): fp32
+    on the CPU, where a C compiler built it."""
+    return weight.dtype == torch.float32 and weight.device.type == "cpu" and cpu_linear.available()
+
+
 def packs(weight: torch.Tensor) -> bool:
-    """Whether `linear` runs this weight through a packed oneDNN copy: on the CPU, oneDNN present, fp32 weights,
-    or bf16 weights on a CPU that computes bf16 natively (AVX512-BF16/AMX; elsewhere bf16 is upcast instead)."""
+    """Whether `linear` runs this weight through a packed oneDNN copy: on the CPU, oneDNN present, fp32 weights
+    where our C kernel is not built, or bf16 weights on a CPU that computes bf16 natively (AVX512-BF16/AMX;
+    elsewhere bf16 is upcast instead)."""
     if weight.device.type != "cpu" or not packing_available():
         return False
-    return weight.dtype == torch.float32 or (weight.dtype == torch.bfloat16 and cpu_has_native_bf16())
+    if weight.dtype == torch.float32:
+        return not runs_cpu_kernel(weight)
+    return weight.dtype == torch.bfloat16 and cpu_has_native_bf16()
 
 
 class UpcastWeight:
@@ -138,12 +149,17 @@ def linear(
     upcast: UpcastWeight | None = None,
 ) -> torch.Tensor:  # [..., out] in x's dtype
     """F.linear, on `upcast`'s fp32 copy when it is armed and x has at least MIN_ROWS rows; fp32 weights from one
-    row, on their packed copy where oneDNN is present, else as they are in the skinny form."""
+    row, through our C kernel where it is built, else on their packed copy where oneDNN is present, else as they
+    are in the skinny form."""
     rows = x.numel() // max(x.shape[-1], 1)
-    trains = torch.is_grad_enabled() and weight.requires_grad
+    trains = torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)
     fp32 = weight.dtype == torch.float32  # nothing to upcast: only the packed or skinny form pays (from one row)
+    if upcast is None or trains:
+        return F.linear(x, weight, bias)
+    if fp32 and x.dtype == torch.float32 and runs_cpu_kernel(weight):
+        return cpu_linear.linear_f32(x, weight.contiguous(), None if bias is None else bias.contiguous())
     packed = packs(weight)  # fp32, or bf16 on a CPU with native bf16: packed in its own dtype, from one row
-    if upcast is None or trains or (rows < MIN_ROWS and not fp32 and not packed):
+    if rows < MIN_ROWS and not fp32 and not packed:
         return F.linear(x, weight, bias)
     if packed:
         upcast.prepare(weight, bias)

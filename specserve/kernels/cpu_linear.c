@@ -1,0 +1,102 @@
+/* y = x @ w.T (+ bias) in fp32 on the CPU, row-invariant: every output element is the same bits whatever the
+ * number of rows of x (1, a decode step; k + 1, a verification pass; hundreds, a prefill chunk).
+ *
+ * Each output y[m, n] is the dot product of x's row m and w's row n, summed in one fixed order that depends on
+ * nothing but K: sixteen lanes, lane j accumulating x[m, j + 16 i] * w[n, j + 16 i] over i in turn, then the
+ * sixteen lanes added pairwise (8 + 8, 4 + 4, 2 + 2, 1 + 1), then the K % 16 leftover terms one by one, then
+ * the bias. Tiling (how many rows of x and of w one tile takes, how tiles are split among threads) changes which
+ * products are computed together, never the order of one sum, so the bits do not change with it.
+ *
+ * Memory-bound for a few rows: a tile of four rows of w is streamed once and used for up to four rows of x while
+ * it sits in L1. Compiled by specserve/kernels/cpu_linear.py at first use (cc -O3 -march=native -fopenmp);
+ * GCC's vector extension is used instead of intrinsics so the same source builds for AVX-512, AVX2 or NEON.
+ */
+#include <string.h>
+
+typedef float v16 __attribute__((vector_size(64)));
+
+#define W_TILE 4 /* rows of w per tile */
+#if defined(__AVX512F__)
+#define X_TILE 4 /* rows of x per tile: 16 accumulators in 32 zmm registers */
+#else
+#define X_TILE 2 /* 8 accumulators, 16 ymm registers */
+#endif
+#define X_BLOCK 64 /* rows of x kept in cache while every tile of w passes over them (a prefill chunk) */
+
+static inline v16 load16(const float *p) {
+    v16 v;
+    memcpy(&v, p, sizeof v); /* an unaligned load */
+    return v;
+}
+
+/* The sixteen lanes in one fixed order. */
+static inline float lanes_sum(v16 a) {
+    float t[16], h[8], q[4];
+    memcpy(t, &a, sizeof t);
+    for (int j = 0; j < 8; j++) h[j] = t[j] + t[j + 8];
+    for (int j = 0; j < 4; j++) q[j] = h[j] + h[j + 4];
+    float p0 = q[0] + q[2], p1 = q[1] + q[3];
+    return p0 + p1;
+}
+
+/* y[m, n] for mb rows of x and nb rows of w (compile-time constants after inlining). */
+static inline __attribute__((always_inline)) void tile(const float *restrict x, long ldx, const float *restrict w,
+                                                       long K, const float *restrict bias, float *restrict y,
+                                                       long ldy, const int mb, const int nb) {
+    v16 acc[W_TILE][X_TILE];
+    for (int n = 0; n < nb; n++)
+        for (int m = 0; m < mb; m++) acc[n][m] = (v16){0};
+    const long k16 = K & ~15L;
+    for (long k = 0; k < k16; k += 16) {
+        v16 xv[X_TILE];
+        for (int m = 0; m < mb; m++) xv[m] = load16(x + m * ldx + k);
+        for (int n = 0; n < nb; n++) {
+            const v16 wv = load16(w + n * K + k);
+            for (int m = 0; m < mb; m++) acc[n][m] += wv * xv[m];
+        }
+    }
+    for (int n = 0; n < nb; n++) {
+        for (int m = 0; m < mb; m++) {
+            float s = lanes_sum(acc[n][m]);
+            for (long k = k16; k < K; k++) s += x[m * ldx + k] * w[n * K + k];
+            if (bias) s += bias[n];
+            y[m * ldy + n] = s;
+        }
+    }
+}
+
+/* One tile of w (nb rows) against mb rows of x, mb and nb at most their tile sizes. */
+static void tile_any(const float *x, long ldx, const float *w, long K, const float *bias, float *y, long ldy, int mb,
+                     int nb) {
+    if (nb == W_TILE) {
+        switch (mb) {
+#if X_TILE >= 4
+        case 4: tile(x, ldx, w, K, bias, y, ldy, 4, W_TILE); return;
+        case 3: tile(x, ldx, w, K, bias, y, ldy, 3, W_TILE); return;
+#endif
+        case 2: tile(x, ldx, w, K, bias, y, ldy, 2, W_TILE); return;
+        default: tile(x, ldx, w, K, bias, y, ldy, 1, W_TILE); return;
+        }
+    }
+    for (int n = 0; n < nb; n++) /* the last rows of w */
+        for (int m = 0; m < mb; m++)
+            tile(x + m * ldx, ldx, w + n * K, K, bias ? bias + n : 0, y + m * ldy + n, ldy, 1, 1);
+}
+
+/* x [M, K], w [N, K], bias [N] or NULL, y [M, N]; all row-major and contiguous. */
+void specserve_linear_f32(const float *x, long M, long K, const float *w, long N, const float *bias, float *y,
+                          int threads) {
+    const long tiles = (N + W_TILE - 1) / W_TILE;
+    for (long m0 = 0; m0 < M; m0 += X_BLOCK) {
+        const long m1 = M < m0 + X_BLOCK ? M : m0 + X_BLOCK;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+        for (long t = 0; t < tiles; t++) {
+            const long n0 = t * W_TILE;
+            const int nb = (int)(N - n0 < W_TILE ? N - n0 : W_TILE);
+            for (long m = m0; m < m1; m += X_TILE) {
+                const int mb = (int)(m1 - m < X_TILE ? m1 - m : X_TILE);
+                tile_any(x + m * K, K, w + n0 * K, K, bias ? bias + n0 : 0, y + m * N + n0, N, mb, nb);
+            }
+        }
+    }
+}

@@ -1,0 +1,142 @@
+"""A row-invariant fp32 linear layer for the CPU (`cpu_linear.c`), built with the system's C compiler at first use.
+
+Why: a decode step multiplies one row by every weight, a verification pass k + 1 rows. Speculation is exact only
+if each row's output is the same bits in both, and a verification pass nearly free only if k + 1 rows cost about
+what one does. Neither of torch's CPU kernels gives both on a small model: MKL's sgemm (F.linear) streams a
+weight fastest for one or two rows but takes another summation order for one row than for two or more, and a
+compute-bound one from four rows (2.5x one row at eight); oneDNN's packed kernel is row-invariant and flat up to
+eight rows but streams a weight at half MKL's speed for one row (SmolLM2-135M's layers on this project's 2-core
+Xeon: `specserve bench profile`). The C kernel sums each output in one fixed order (see its header) and streams
+each weight once for up to four rows at a time.
+
+The shared library is compiled once per source, compiler and CPU into ~/.cache/specserve/kernels
+(SPECSERVE_CACHE moves it) with `cc -O3 -march=native -fopenmp` and loaded with ctypes; it shares torch's OpenMP
+runtime, and its thread count follows `torch.get_num_threads()`. Where there is no compiler (or
+SPECSERVE_CPU_LINEAR=0) `available()` is False and callers keep torch's kernels.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_linear.c")
+FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-fPIC", "-shared"]
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("SPECSERVE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "specserve")
+    return Path(root) / "kernels"
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the CPU's model and flags."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [line for line in f if line.startswith(("model name", "flags", "Features", "CPU part"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _build(cc: str) -> Path:
+    """Compile the kernel unless a build for this source, compiler and CPU is cached; return the library."""
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, " ".join(FLAGS), _cpu_signature()]).encode())
+    target = _cache_dir() / f"cpu_linear-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # another process may build it at the same time
+        built = Path(tmp) / target.name
+        result = subprocess.run(
+            [cc, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True, timeout=300
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {result.stderr.strip()[-2000:]}")
+        os.replace(built, target)
+    return target
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("SPECSERVE_CPU_LINEAR", "1") == "0":
+        return None
+    cc = _compiler()
+    if cc is None:
+        log.warning("no C compiler found: the row-invariant CPU linear kernel is off (torch's kernels instead)")
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(cc)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        log.warning("the row-invariant CPU linear kernel could not be built (torch's kernels instead): %s", exc)
+        return None
+    fn = lib.specserve_linear_f32
+    fn.restype = None
+    fn.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_long,
+        ctypes.c_long,
+        ctypes.c_void_p,
+        ctypes.c_long,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_int,
+    ]
+    return lib
+
+
+def available() -> bool:
+    """Whether the kernel is built and loaded (compiling it on the first call)."""
+    return _library() is not None
+
+
+def linear_f32(
+    x: torch.Tensor,  # [..., in] fp32, CPU
+    weight: torch.Tensor,  # [out, in] fp32, CPU, contiguous
+    bias: torch.Tensor | None = None,  # [out] fp32, contiguous
+) -> torch.Tensor:  # [..., out] fp32
+    """x @ weight.T + bias, each row's output the same bits whatever the number of rows (needs `available()`)."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the CPU linear kernel is not available (see the log)")
+    if x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu":
+        raise TypeError("linear_f32 takes fp32 CPU tensors")
+    if not weight.is_contiguous() or (bias is not None and not bias.is_contiguous()):
+        raise ValueError("linear_f32 needs a contiguous weight and bias")
+    n, k = weight.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"input has {x.shape[-1]} features, the weight {k}")
+    x2 = x.reshape(-1, k).contiguous()
+    out = torch.empty(x2.shape[0], n, dtype=torch.float32)
+    if x2.shape[0]:
+        lib.specserve_linear_f32(
+            x2.data_ptr(),
+            x2.shape[0],
+            k,
+            weight.data_ptr(),
+            n,
+            None if bias is None else bias.data_ptr(),
+            out.data_ptr(),
+            torch.get_num_threads(),
+        )
+    return out.reshape(*x.shape[:-1], n)

@@ -1,0 +1,92 @@
+"""The row-invariant fp32 CPU linear kernel (specserve/kernels/cpu_linear.c) and its place in `upcast.linear`.
+
+The property the kernel exists for: a row's output is the same bits whatever the number of rows beside it, so
+a verification pass computes its linear layers exactly as the decode steps it replaces. Its accuracy is checked
+against float64 (it is at least as close as F.linear), and the engine's fp32 default is shown to take it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from specserve.kernels import cpu_linear
+from specserve.model import upcast
+from specserve.model.upcast import UpcastWeight, linear
+
+pytestmark = pytest.mark.skipif(not cpu_linear.available(), reason="no C compiler built the CPU linear kernel")
+
+# SmolLM2's reduction lengths, a tiny model's, and lengths that leave a tail after the 16-wide lanes
+SHAPES = [(576, 96), (1536, 40), (64, 192), (37, 11), (15, 7), (1, 3)]
+
+
+@pytest.mark.parametrize("in_features,out_features", SHAPES)
+def test_rows_do_not_depend_on_how_many_rows_there_are(in_features, out_features):
+    torch.manual_seed(0)
+    w, b = torch.randn(out_features, in_features) * 0.05, torch.randn(out_features)
+    x = torch.randn(140, in_features)  # more than one 64-row block of the kernel
+    for bias in (None, b):
+        every = cpu_linear.linear_f32(x, w, bias)
+        alone = torch.cat([cpu_linear.linear_f32(x[i : i + 1], w, bias) for i in range(20)])
+        assert torch.equal(alone, every[:20])
+        for start, rows in [(0, 2), (0, 3), (1, 4), (5, 5), (3, 8), (7, 9), (0, 17), (60, 70)]:
+            assert torch.equal(cpu_linear.linear_f32(x[start : start + rows], w, bias), every[start : start + rows])
+
+
+@pytest.mark.parametrize("in_features,out_features", SHAPES)
+def test_it_is_at_least_as_accurate_as_f_linear(in_features, out_features):
+    torch.manual_seed(1)
+    w, b, x = torch.randn(out_features, in_features), torch.randn(out_features), torch.randn(33, in_features)
+    exact = F.linear(x.double(), w.double(), b.double())
+    ours, theirs = cpu_linear.linear_f32(x, w, b), F.linear(x, w, b)
+    assert ours.dtype == torch.float32 and ours.shape == (33, out_features)
+    # a sum of in_features fp32 products: within a few ulps of the largest partial sum
+    bound = 4 * in_features * torch.finfo(torch.float32).eps * (x.abs() @ w.abs().t() + b.abs()).double()
+    assert ((ours.double() - exact).abs() <= bound).all()
+    assert (ours.double() - exact).abs().max() <= 2 * (theirs.double() - exact).abs().max() + 1e-6
+
+
+def test_leading_dims_empty_input_and_bad_arguments():
+    torch.manual_seed(2)
+    w = torch.randn(24, 32)
+    x = torch.randn(2, 5, 32)
+    y = cpu_linear.linear_f32(x, w)
+    assert y.shape == (2, 5, 24) and y.is_contiguous()
+    torch.testing.assert_close(y, F.linear(x, w), rtol=1e-5, atol=1e-5)
+    assert cpu_linear.linear_f32(torch.zeros(0, 32), w).shape == (0, 24)
+    strided = torch.randn(32, 10).t()  # a non-contiguous input is copied
+    torch.testing.assert_close(cpu_linear.linear_f32(strided, w), F.linear(strided, w), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="features"):
+        cpu_linear.linear_f32(torch.randn(3, 31), w)
+    with pytest.raises(TypeError):
+        cpu_linear.linear_f32(torch.randn(3, 32).double(), w)
+    with pytest.raises(ValueError, match="contiguous"):
+        cpu_linear.linear_f32(torch.randn(3, 32), torch.randn(32, 24).t())
+
+
+def test_upcast_linear_takes_it_for_fp32_weights_without_a_copy():
+    torch.manual_seed(3)
+    w, b = torch.randn(48, 32), torch.randn(48)
+    holder = UpcastWeight()
+    x = torch.randn(9, 32)
+    assert upcast.runs_cpu_kernel(w) and not upcast.packs(w)
+    assert torch.equal(linear(x, w, b, holder), cpu_linear.linear_f32(x, w, b))
+    assert holder.packed is None and holder.weight is None  # nothing prepared: the weight as it is
+    assert torch.equal(linear(x, w, b, None), F.linear(x, w, b))  # not armed (--upcast-matmuls off): F.linear
+    wg = w.clone().requires_grad_(True)
+    linear(x, wg, b, holder).sum().backward()  # under training: F.linear, so the gradient flows
+    assert wg.grad is not None and wg.grad.abs().sum() > 0
+
+
+def test_switched_off_by_the_environment(monkeypatch):
+    monkeypatch.setenv("SPECSERVE_CPU_LINEAR", "0")
+    cpu_linear._library.cache_clear()
+    try:
+        assert not cpu_linear.available()
+        with pytest.raises(RuntimeError, match="not available"):
+            cpu_linear.linear_f32(torch.randn(2, 4), torch.randn(3, 4))
+    finally:
+        monkeypatch.delenv("SPECSERVE_CPU_LINEAR")
+        cpu_linear._library.cache_clear()
+    assert cpu_linear.available()
