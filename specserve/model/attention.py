@@ -22,7 +22,7 @@ tables into slots.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -46,10 +46,20 @@ class AttentionMetadata:
     context_lens: torch.Tensor | None = None  # [batch] int64; decode kernel only
     batch_invariant: bool = False  # every call through the decode kernel with one fixed tile (any query length)
     context_start: int | None = None  # batch 1 whose context is the pool's slots from this one on, in order; else None
+    grouped_masks: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)  # by group: `grouped_mask`
 
     @property
     def uses_decode_kernel(self) -> bool:
         return self.query_start is not None
+
+    def grouped_mask(self, group: int) -> torch.Tensor | None:
+        """The mask with each query row repeated for the `group` query heads that share a KV head ([batch, 1,
+        group * max_query, max_context]), made once per step rather than once per layer."""
+        if self.mask is None:
+            return None
+        if group not in self.grouped_masks:
+            self.grouped_masks[group] = self.mask.repeat(1, 1, group, 1)
+        return self.grouped_masks[group]
 
     @staticmethod
     def build(
@@ -164,9 +174,8 @@ def paged_attention(
         # rounding then differs from HF's enough to flip a greedy near-tie on SmolLM2 (tests/test_smollm2.py).
         queries = queries.view(meta.batch, meta.max_query, kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
         queries = queries.reshape(meta.batch, kv_heads, group * meta.max_query, head_dim)
-        mask = None if meta.mask is None else meta.mask.repeat(1, 1, group, 1)
         out = F.scaled_dot_product_attention(
-            queries, keys, values, attn_mask=mask, scale=scale
+            queries, keys, values, attn_mask=meta.grouped_mask(group), scale=scale
         )  # [batch, num_kv_heads, group * max_query, head_dim]
         out = out.view(meta.batch, kv_heads, group, meta.max_query, head_dim).permute(0, 3, 1, 2, 4)
         out = out.reshape(meta.batch * meta.max_query, num_heads * head_dim)
