@@ -82,6 +82,7 @@ def test_upcast_linear_takes_it_for_fp32_weights_without_a_copy():
 def test_switched_off_by_the_environment(monkeypatch):
     monkeypatch.setenv("SPECSERVE_CPU_LINEAR", "0")
     cpu_linear._library.cache_clear()
+    cpu_linear._kernel.cache_clear()
     try:
         assert not cpu_linear.available()
         with pytest.raises(RuntimeError, match="not available"):
@@ -89,4 +90,5 @@ def test_switched_off_by_the_environment(monkeypatch):
     finally:
         monkeypatch.delenv("SPECSERVE_CPU_LINEAR")
         cpu_linear._library.cache_clear()
+        cpu_linear._kernel.cache_clear()
     assert cpu_linear.available()

@@ -189,7 +189,7 @@ def labelled(runner):
     kernel = cpu_linear.linear_f32  # a ctypes call, not an aten op: a range of its own, counted as one op
 
     def profiled_kernel(*a, **kw):
-        with torch.profiler.record_function("specserve::cpu_linear_f32"):
+        with torch.profiler.record_function("cpu_linear_f32"):
             return kernel(*a, **kw)
 
     cpu_linear.linear_f32 = profiled_kernel

@@ -21,6 +21,7 @@ typedef float v16 __attribute__((vector_size(64)));
 #else
 #define X_TILE 2 /* 8 accumulators, 16 ymm registers */
 #endif
+#define SERIAL_WORK (1L << 16) /* multiply-adds below which one thread does it all */
 #define X_BLOCK 64 /* rows of x kept in cache while every tile of w passes over them (a prefill chunk) */
 
 static inline v16 load16(const float *p) {
@@ -87,6 +88,7 @@ static void tile_any(const float *x, long ldx, const float *w, long K, const flo
 void specserve_linear_f32(const float *x, long M, long K, const float *w, long N, const float *bias, float *y,
                           int threads) {
     const long tiles = (N + W_TILE - 1) / W_TILE;
+    if (M * N * K < SERIAL_WORK) threads = 1; /* waking a second thread costs more than it saves */
     for (long m0 = 0; m0 < M; m0 += X_BLOCK) {
         const long m1 = M < m0 + X_BLOCK ? M : m0 + X_BLOCK;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)

@@ -10,7 +10,7 @@ Xeon: `specserve bench profile`). The C kernel sums each output in one fixed ord
 each weight once for up to four rows at a time.
 
 The shared library is compiled once per source, compiler and CPU into ~/.cache/specserve/kernels
-(SPECSERVE_CACHE moves it) with `cc -O3 -march=native -fopenmp` and loaded with ctypes; it shares torch's OpenMP
+(SPECSERVE_KERNEL_CACHE moves it) with `cc -O3 -march=native -fopenmp` and loaded with ctypes; it shares torch's OpenMP
 runtime, and its thread count follows `torch.get_num_threads()`. Where there is no compiler (or
 SPECSERVE_CPU_LINEAR=0) `available()` is False and callers keep torch's kernels.
 """
@@ -33,12 +33,15 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_linear.c")
+_F32 = torch.float32
 FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-fPIC", "-shared"]
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("SPECSERVE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "specserve")
-    return Path(root) / "kernels"
+    """Where built kernels are kept: $SPECSERVE_KERNEL_CACHE, else ~/.cache/specserve/kernels (not $SPECSERVE_CACHE,
+    which a container may mount read-only with the converted models)."""
+    explicit = os.environ.get("SPECSERVE_KERNEL_CACHE")
+    return Path(explicit) if explicit else Path.home() / ".cache" / "specserve" / "kernels"
 
 
 def _cpu_signature() -> str:
@@ -105,9 +108,15 @@ def _library() -> ctypes.CDLL | None:
     return lib
 
 
+@functools.cache
+def _kernel():
+    lib = _library()
+    return None if lib is None else lib.specserve_linear_f32
+
+
 def available() -> bool:
     """Whether the kernel is built and loaded (compiling it on the first call)."""
-    return _library() is not None
+    return _kernel() is not None
 
 
 def linear_f32(
@@ -115,28 +124,27 @@ def linear_f32(
     weight: torch.Tensor,  # [out, in] fp32, CPU, contiguous
     bias: torch.Tensor | None = None,  # [out] fp32, contiguous
 ) -> torch.Tensor:  # [..., out] fp32
-    """x @ weight.T + bias, each row's output the same bits whatever the number of rows (needs `available()`)."""
-    lib = _library()
-    if lib is None:
+    """x @ weight.T + bias, each row's output the same bits whatever the number of rows (needs `available()`).
+    Called ~120 times a forward: kept to a few microseconds of Python."""
+    kernel = _kernel()
+    if kernel is None:
         raise RuntimeError("the CPU linear kernel is not available (see the log)")
-    if x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu":
+    if x.dtype != _F32 or weight.dtype != _F32 or x.device.type != "cpu" or weight.device.type != "cpu":
         raise TypeError("linear_f32 takes fp32 CPU tensors")
-    if not weight.is_contiguous() or (bias is not None and not bias.is_contiguous()):
+    if not weight.is_contiguous() or (bias is not None and (bias.dtype != _F32 or not bias.is_contiguous())):
         raise ValueError("linear_f32 needs a contiguous weight and bias")
     n, k = weight.shape
-    if x.shape[-1] != k:
-        raise ValueError(f"input has {x.shape[-1]} features, the weight {k}")
-    x2 = x.reshape(-1, k).contiguous()
-    out = torch.empty(x2.shape[0], n, dtype=torch.float32)
-    if x2.shape[0]:
-        lib.specserve_linear_f32(
-            x2.data_ptr(),
-            x2.shape[0],
-            k,
-            weight.data_ptr(),
-            n,
-            None if bias is None else bias.data_ptr(),
-            out.data_ptr(),
-            torch.get_num_threads(),
-        )
-    return out.reshape(*x.shape[:-1], n)
+    shape = x.shape
+    if shape[-1] != k:
+        raise ValueError(f"input has {shape[-1]} features, the weight {k}")
+    x2 = x.reshape(-1, k)
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    rows = x2.shape[0]
+    out = torch.empty(rows, n)  # the default dtype is fp32 unless changed: checked below
+    if out.dtype != _F32:
+        out = out.float()
+    if rows:
+        kernel(x2.data_ptr(), rows, k, weight.data_ptr(), n, None if bias is None else bias.data_ptr(),
+               out.data_ptr(), torch.get_num_threads())
+    return out if len(shape) == 2 else out.view(*shape[:-1], n)
