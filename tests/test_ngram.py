@@ -215,14 +215,19 @@ def test_a_source_below_break_even_probes_and_backs_off():
     policy.observe(r, probe, 1)  # accepted: its interval stays at the first
     assert policy.probe_interval[other] == FIRST_PROBE_INTERVAL
     assert policy(r, 1) is None
-    # the back-off is engine-wide: a new request waits as long before probing the failing source
+    # the back-off is engine-wide, but a new request probes each source once on its own account (its text may
+    # suit a source that fails on others: a head good at math, poor at translation)
     fresh = decoding_request([1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2], "fresh")
+    for _ in range(FIRST_PROBE_INTERVAL - 1):
+        policy.observe(fresh, None, 0)
+    assert policy(fresh, 1) is None
+    policy.observe(fresh, None, 0)
+    probe = policy(fresh, 1)
+    assert probe.k == 1  # both are due for it, though `first` waits 32 steps engine-wide
+    policy.observe(fresh, probe, 0)
+    again = policy(fresh, 1)
+    assert again.k == 1 and again.source is not probe.source
+    policy.observe(fresh, again, 0)  # both failed for it too: from now on, the engine-wide intervals
     for _ in range(FIRST_PROBE_INTERVAL):
         policy.observe(fresh, None, 0)
-    probe = policy(fresh, 1)
-    assert probe.k == 1 and probe.source is other  # `first` waits 32 steps, for every request
-    policy.observe(fresh, probe, 0)  # now `other` fails too
-    for _ in range(FIRST_PROBE_INTERVAL):
-        policy.observe(fresh, None, 0)
-    probe = policy(fresh, 1)
-    assert probe.k == 1 and probe.source is first
+    assert policy(fresh, 1) is None

@@ -13,9 +13,10 @@ E(k) / (t(B (k + 1)) / t(B) + k c + o) for a batch of B, with the request's acce
 request whose context tail recurs can also propose from the match (c = 0, k at most the match's
 continuation); each source gets its best k and expected speedup from its own acceptance
 estimate, and the higher speedup proposes. k = 0 is plain decoding; a request held there probes
-with k = 1 now and then (engine-wide, a source's probes grow rarer while they fail), so its
-estimate can recover. The plain step every choice is priced against is timed before anyone
-drafts, and again whenever REFRESH_STEPS steps pass without one. A fixed k
+with k = 1 now and then (each request once per source on its own account, then engine-wide: a
+source's probes grow rarer while they fail), so its estimate can recover. The plain step every
+choice is priced against is timed before anyone drafts, and again whenever REFRESH_STEPS steps
+pass without one. A fixed k
 (`--num-speculative-tokens`) bypasses all of this: the n-gram match proposes whenever there is
 one, else the draft, always k tokens.
 
@@ -273,7 +274,12 @@ class SpeculationLengthPolicy:
         return (accepted + PRIOR_WEIGHT * prior) / (drafted + PRIOR_WEIGHT)
 
     def _probe_due(self, request: Request, source: SpecSource) -> bool:
-        return self.stats(request.request_id).steps_since.get(source, 0) >= self.probe_interval[source]
+        """A source this request has never tried is due after FIRST_PROBE_INTERVAL steps, whatever the engine-wide
+        back-off: acceptance depends on the text (the shipped head: ~0.5 on math, ~0.1 on translation), so a
+        source failing on other requests may still pay on this one. After that, the engine-wide interval."""
+        stats = self.stats(request.request_id)
+        interval = FIRST_PROBE_INTERVAL if source not in stats.counts else self.probe_interval[source]
+        return stats.steps_since.get(source, 0) >= interval
 
     def __call__(self, request: Request, num_running: int) -> SpecChoice | None:
         """This step's proposal for a decoding request; None: it decodes plainly."""
@@ -315,7 +321,7 @@ class SpeculationLengthPolicy:
         Updates the engine-wide rate of the source, the request's own counts, and the probe intervals.
         The probe interval is engine-wide, per source: a failed probe doubles it, an accepted token halves
         it, so a source that does not pay on this traffic (a weak draft) is probed ever more rarely, and
-        every new request does not pay for the same failed probes again."""
+        a new request pays for one probe of it (`_probe_due`), not for the same failed series again."""
         stats = self.stats(request.request_id)
         source = choice.source if choice is not None else None
         if choice is not None:
