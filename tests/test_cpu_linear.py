@@ -65,6 +65,53 @@ def test_leading_dims_empty_input_and_bad_arguments():
         cpu_linear.linear_f32(torch.randn(3, 32), torch.randn(32, 24).t())
 
 
+@pytest.mark.parametrize("in_features,out_features", [(64, 40), (37, 9), (576, 24)])
+def test_a_bf16_copy_of_bf16_numbers_gives_the_same_bits(in_features, out_features):
+    """A weight of bf16 numbers read from its bf16 copy (up to COMPACT_ROWS rows) gives the fp32 weight's bits,
+    on either side of the row threshold, so rows stay invariant across it."""
+    torch.manual_seed(in_features + out_features)
+    w = torch.randn(out_features, in_features).bfloat16().float()
+    b = torch.randn(out_features)
+    compact = cpu_linear.exact_bf16(w)
+    assert compact is not None and compact.dtype == torch.bfloat16 and torch.equal(compact.float(), w)
+    x = torch.randn(cpu_linear.COMPACT_ROWS + 9, in_features)
+    reference = cpu_linear.linear_f32(x, w, b)
+    for rows in [1, 2, 3, 5, 8, 9, 17, cpu_linear.COMPACT_ROWS, cpu_linear.COMPACT_ROWS + 1, len(x)]:
+        assert torch.equal(cpu_linear.linear_f32(x[:rows], w, b, compact), reference[:rows]), rows
+    for i in range(len(x)):
+        assert torch.equal(cpu_linear.linear_f32(x[i : i + 1], w, b, compact)[0], reference[i])
+
+
+def test_exact_bf16_refuses_numbers_bf16_cannot_hold():
+    w = torch.randn(8, 16).bfloat16().float()
+    assert cpu_linear.exact_bf16(w) is not None
+    w[3, 5] += 2.0**-20 * w[3, 5].abs()  # one number off the bf16 grid
+    assert cpu_linear.exact_bf16(w) is None
+    assert cpu_linear.exact_bf16(torch.randn(4, 4).double()) is None
+    nan = torch.zeros(2, 2)
+    nan[0, 0] = float("nan")
+    assert cpu_linear.exact_bf16(nan) is None  # a NaN is never equal: the fp32 weight is kept
+    with pytest.raises(ValueError, match="compact"):
+        cpu_linear.linear_f32(torch.randn(2, 16), w, None, torch.zeros(8, 16))  # fp32, not bf16
+
+
+def test_upcast_linear_reads_the_bf16_copy_of_a_bf16_checkpoint():
+    """The default verifier's case: a bf16 checkpoint run in fp32. The holder keeps a bf16 copy; a change of the
+    weight in place makes a fresh one."""
+    torch.manual_seed(4)
+    w, b = torch.randn(48, 32).bfloat16().float(), torch.randn(48)
+    holder = UpcastWeight()
+    x = torch.randn(5, 32)
+    assert torch.equal(linear(x, w, b, holder), cpu_linear.linear_f32(x, w, b))
+    assert holder.compact is not None and torch.equal(holder.compact.float(), w)
+    w.mul_(2)  # in place: still bf16 numbers, a new copy
+    assert torch.equal(linear(x, w, b, holder), cpu_linear.linear_f32(x, w, b))
+    assert torch.equal(holder.compact.float(), w)
+    w.add_(1e-4)  # now off the bf16 grid: no copy, the fp32 weight itself
+    assert torch.equal(linear(x, w, b, holder), cpu_linear.linear_f32(x, w, b))
+    assert holder.compact is None
+
+
 def test_upcast_linear_takes_it_for_fp32_weights_without_a_copy():
     torch.manual_seed(3)
     w, b = torch.randn(48, 32), torch.randn(48)
@@ -72,7 +119,8 @@ def test_upcast_linear_takes_it_for_fp32_weights_without_a_copy():
     x = torch.randn(9, 32)
     assert upcast.runs_cpu_kernel(w) and not upcast.packs(w)
     assert torch.equal(linear(x, w, b, holder), cpu_linear.linear_f32(x, w, b))
-    assert holder.packed is None and holder.weight is None  # nothing prepared: the weight as it is
+    assert holder.packed is None and holder.weight is None  # no copy: the weight as it is
+    assert holder.compact is None  # random fp32 numbers: no bf16 copy either
     assert torch.equal(linear(x, w, b, None), F.linear(x, w, b))  # not armed (--upcast-matmuls off): F.linear
     wg = w.clone().requires_grad_(True)
     linear(x, wg, b, holder).sum().backward()  # under training: F.linear, so the gradient flows

@@ -7,10 +7,14 @@
  * the bias. Tiling (how many rows of x and of w one tile takes, how tiles are split among threads) changes which
  * products are computed together, never the order of one sum, so the bits do not change with it.
  *
- * Memory-bound for a few rows: a tile of four rows of w is streamed once and used for up to four rows of x while
- * it sits in L1, and while one tile is computed the next is prefetched into L2. Without the prefetch the core
- * waits for memory and computes in turn: four rows cost 1.36x one row and eight 1.5x (all of SmolLM2-135M's
- * layers on this project's 2-core Xeon); with it 1.03x and 1.2x, and one row itself 9% less. Compiled by specserve/kernels/cpu_linear.py at first use (cc -O3 -march=native -fopenmp);
+ * Memory-bound for a few rows: a tile of four rows of w is streamed once and used for up to eight rows of x while
+ * it sits in L1 (four rows of w against four of x, or two against eight), and while one tile is computed the
+ * next is prefetched into L2. Without the prefetch the core waits for memory and computes in turn: four rows
+ * cost 1.36x one row and eight 1.5x (all of SmolLM2-135M's layers on this project's 2-core Xeon); with it
+ * 1.06x and 1.15x, and one row itself 10% less.
+ *
+ * specserve_linear_f32_bf16w takes w in bf16 where every fp32 weight is a bf16 number (a bf16 checkpoint run in
+ * fp32): widening is exact, so it gives the same bits from half the bytes (one row: 8.5 against 15.8 ms). Compiled by specserve/kernels/cpu_linear.py at first use (cc -O3 -march=native -fopenmp);
  * GCC's vector extension is used instead of intrinsics so the same source builds for AVX-512, AVX2 or NEON.
  */
 #include <string.h>
@@ -19,7 +23,9 @@ typedef float v16 __attribute__((vector_size(64)));
 
 #define W_TILE 4 /* rows of w per tile */
 #if defined(__AVX512F__)
-#define X_TILE 4 /* rows of x per tile: 16 accumulators in 32 zmm registers */
+/* rows of x per tile: four rows of w against up to four of x, or two against five to eight (at most 16
+ * accumulators in 32 zmm registers); the wider tile converts each bf16 weight once for eight rows */
+#define X_TILE 8
 #else
 #define X_TILE 2 /* 8 accumulators, 16 ymm registers */
 #endif
@@ -43,12 +49,37 @@ static inline float lanes_sum(v16 a) {
     return p0 + p1;
 }
 
-/* y[m, n] for mb rows of x and nb rows of w (compile-time constants after inlining); when `next` is not NULL,
- * the nb rows of w there are prefetched one cache line per row and step, alongside the loads. */
-static inline __attribute__((always_inline)) void tile(const float *restrict x, long ldx, const float *restrict w,
+/* A weight stored as bf16 holds numbers that fp32 holds exactly: widened (the 16 bits moved up, zeros below)
+ * they are the very fp32 values, so the products and sums below are the same bits as with the fp32 weight. */
+typedef unsigned short h16 __attribute__((vector_size(32)));
+typedef unsigned int u16 __attribute__((vector_size(64)));
+
+static inline v16 load16_bf16(const unsigned short *p) {
+    h16 h;
+    memcpy(&h, p, sizeof h);
+    const u16 u = __builtin_convertvector(h, u16) << 16;
+    v16 v;
+    memcpy(&v, &u, sizeof v);
+    return v;
+}
+
+static inline float bf16_value(unsigned short h) {
+    const unsigned u = (unsigned)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* y[m, n] for mb rows of x and nb rows of w (compile-time constants after inlining); w holds fp32 numbers, or
+ * bf16 ones when `half`. When `next` is not NULL, the nb rows of w there are prefetched alongside the loads. */
+static inline __attribute__((always_inline)) void tile(const float *restrict x, long ldx, const void *restrict w,
                                                        long K, const float *restrict bias, float *restrict y,
-                                                       long ldy, const int mb, const int nb, const float *next) {
-    v16 acc[W_TILE][X_TILE];
+                                                       long ldy, const int mb, const int nb, const void *next,
+                                                       const int half) {
+    const float *w32 = w;
+    const unsigned short *w16 = w;
+    const long row_bytes = K * (half ? 2 : 4);
+    v16 acc[W_TILE][X_TILE > 4 ? X_TILE : 4];
     for (int n = 0; n < nb; n++)
         for (int m = 0; m < mb; m++) acc[n][m] = (v16){0};
     const long k16 = K & ~15L;
@@ -56,58 +87,108 @@ static inline __attribute__((always_inline)) void tile(const float *restrict x, 
         v16 xv[X_TILE];
         for (int m = 0; m < mb; m++) xv[m] = load16(x + m * ldx + k);
         if (next)
-            for (int n = 0; n < nb; n++) __builtin_prefetch(next + n * K + k, 0, PREFETCH_LOCALITY);
+            for (int n = 0; n < nb; n++)
+                __builtin_prefetch((const char *)next + n * row_bytes + k * (half ? 2 : 4), 0, PREFETCH_LOCALITY);
         for (int n = 0; n < nb; n++) {
-            const v16 wv = load16(w + n * K + k);
+            const v16 wv = half ? load16_bf16(w16 + n * K + k) : load16(w32 + n * K + k);
             for (int m = 0; m < mb; m++) acc[n][m] += wv * xv[m];
         }
     }
     for (int n = 0; n < nb; n++) {
         for (int m = 0; m < mb; m++) {
             float s = lanes_sum(acc[n][m]);
-            for (long k = k16; k < K; k++) s += x[m * ldx + k] * w[n * K + k];
+            /* fused multiply-adds, spelled out: left to contraction, GCC multiplies a bf16 tail as a vector first */
+            for (long k = k16; k < K; k++)
+                s = __builtin_fmaf(x[m * ldx + k], half ? bf16_value(w16[n * K + k]) : w32[n * K + k], s);
             if (bias) s += bias[n];
             y[m * ldy + n] = s;
         }
     }
 }
 
-/* One tile of w (nb rows) against mb rows of x, mb and nb at most their tile sizes; `next` as for tile(). */
-static void tile_any(const float *x, long ldx, const float *w, long K, const float *bias, float *y, long ldy, int mb,
-                     int nb, const float *next) {
+/* One tile of w (nb rows) against mb rows of x, mb and nb at most their tile sizes; `next` and `half` as for
+ * tile(). */
+static inline __attribute__((always_inline)) void tile_any(const float *x, long ldx, const void *w, long K,
+                                                           const float *bias, float *y, long ldy, int mb, int nb,
+                                                           const void *next, const int half) {
+    const long row_bytes = K * (half ? 2 : 4);
     if (nb == W_TILE) {
         switch (mb) {
-#if X_TILE >= 4
-        case 4: tile(x, ldx, w, K, bias, y, ldy, 4, W_TILE, next); return;
-        case 3: tile(x, ldx, w, K, bias, y, ldy, 3, W_TILE, next); return;
+#if X_TILE >= 8
+#define HALVES(mb_)                                                                                                    \
+    case mb_:                                                                                                          \
+        tile(x, ldx, w, K, bias, y, ldy, mb_, 2, next, half);                                                          \
+        tile(x, ldx, (const char *)w + 2 * row_bytes, K, bias ? bias + 2 : 0, y + 2, ldy, mb_, 2,                      \
+             next ? (const char *)next + 2 * row_bytes : 0, half);                                                     \
+        return;
+            HALVES(8)
+            HALVES(7)
+            HALVES(6)
+            HALVES(5)
+#undef HALVES
 #endif
-        case 2: tile(x, ldx, w, K, bias, y, ldy, 2, W_TILE, next); return;
-        default: tile(x, ldx, w, K, bias, y, ldy, 1, W_TILE, next); return;
+#if X_TILE >= 4
+        case 4: tile(x, ldx, w, K, bias, y, ldy, 4, W_TILE, next, half); return;
+        case 3: tile(x, ldx, w, K, bias, y, ldy, 3, W_TILE, next, half); return;
+#endif
+        case 2: tile(x, ldx, w, K, bias, y, ldy, 2, W_TILE, next, half); return;
+        default: tile(x, ldx, w, K, bias, y, ldy, 1, W_TILE, next, half); return;
         }
     }
     for (int n = 0; n < nb; n++) /* the last rows of w */
         for (int m = 0; m < mb; m++)
-            tile(x + m * ldx, ldx, w + n * K, K, bias ? bias + n : 0, y + m * ldy + n, ldy, 1, 1, 0);
+            tile(x + m * ldx, ldx, (const char *)w + n * row_bytes, K, bias ? bias + n : 0, y + m * ldy + n, ldy, 1,
+                 1, 0, half);
+}
+
+typedef void tile_fn(const float *, long, const void *, long, const float *, float *, long, int, int, const void *);
+
+static void tile_f32(const float *x, long ldx, const void *w, long K, const float *bias, float *y, long ldy, int mb,
+                     int nb, const void *next) {
+    tile_any(x, ldx, w, K, bias, y, ldy, mb, nb, next, 0);
+}
+
+static void tile_bf16(const float *x, long ldx, const void *w, long K, const float *bias, float *y, long ldy, int mb,
+                      int nb, const void *next) {
+    tile_any(x, ldx, w, K, bias, y, ldy, mb, nb, next, 1);
+}
+
+static void run(const float *x, long M, long K, const void *w, long N, const float *bias, float *y, int threads,
+                const int half) {
+    tile_fn *const fn = half ? tile_bf16 : tile_f32;
+    const long row_bytes = K * (half ? 2 : 4);
+    const long tiles = (N + W_TILE - 1) / W_TILE;
+    if (M * N * K < SERIAL_WORK) threads = 1; /* waking a second thread costs more than it saves */
+    for (long m0 = 0; m0 < M; m0 += X_BLOCK) {
+        const long m1 = M < m0 + X_BLOCK ? M : m0 + X_BLOCK;
+        /* the 2 x 8 tile for bf16 weights (each converted once for eight rows) and where all rows fit one
+         * (verification: weight-bound); more rows of an fp32 weight (a prefill chunk: compute-bound) take
+         * 4 x 4 tiles, fewer loads per multiply-add */
+        const long x_tile = half || m1 - m0 <= X_TILE || X_TILE < 4 ? X_TILE : 4;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+        for (long t = 0; t < tiles; t++) {
+            const long n0 = t * W_TILE;
+            const int nb = (int)(N - n0 < W_TILE ? N - n0 : W_TILE);
+            const char *rows = (const char *)w + n0 * row_bytes;
+            /* the next full tile of w, fetched while this one is computed with the first rows of x */
+            const char *next = t + 1 < tiles && N - n0 >= 2 * W_TILE ? rows + W_TILE * row_bytes : 0;
+            for (long m = m0; m < m1; m += x_tile) {
+                const int mb = (int)(m1 - m < x_tile ? m1 - m : x_tile);
+                fn(x + m * K, K, rows, K, bias ? bias + n0 : 0, y + m * N + n0, N, mb, nb, m == m0 ? next : 0);
+            }
+        }
+    }
 }
 
 /* x [M, K], w [N, K], bias [N] or NULL, y [M, N]; all row-major and contiguous. */
 void specserve_linear_f32(const float *x, long M, long K, const float *w, long N, const float *bias, float *y,
                           int threads) {
-    const long tiles = (N + W_TILE - 1) / W_TILE;
-    if (M * N * K < SERIAL_WORK) threads = 1; /* waking a second thread costs more than it saves */
-    for (long m0 = 0; m0 < M; m0 += X_BLOCK) {
-        const long m1 = M < m0 + X_BLOCK ? M : m0 + X_BLOCK;
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-        for (long t = 0; t < tiles; t++) {
-            const long n0 = t * W_TILE;
-            const int nb = (int)(N - n0 < W_TILE ? N - n0 : W_TILE);
-            /* the next full tile of w, fetched while this one is computed with the first rows of x */
-            const float *next = t + 1 < tiles && N - n0 >= 2 * W_TILE ? w + (n0 + W_TILE) * K : 0;
-            for (long m = m0; m < m1; m += X_TILE) {
-                const int mb = (int)(m1 - m < X_TILE ? m1 - m : X_TILE);
-                tile_any(x + m * K, K, w + n0 * K, K, bias ? bias + n0 : 0, y + m * N + n0, N, mb, nb,
-                         m == m0 ? next : 0);
-            }
-        }
-    }
+    run(x, M, K, w, N, bias, y, threads, 0);
+}
+
+/* The same with w [N, K] in bf16 (the upper 16 bits of each fp32 number): the same bits as
+ * specserve_linear_f32 on the widened weight, from half the bytes. */
+void specserve_linear_f32_bf16w(const float *x, long M, long K, const unsigned short *w, long N, const float *bias,
+                                float *y, int threads) {
+    run(x, M, K, w, N, bias, y, threads, 1);
 }

@@ -9,7 +9,7 @@ the prefill 1.0 s. Matmuls of fewer than MIN_ROWS rows (a decode step, a draft s
 weights: half the bytes to stream, the faster path there. The price is the fp32 copy: 2 bytes more
 per weight (540 MB for a 135M-parameter model).
 
-fp32 weights need no copy, but they are not streamed through F.linear: `auto` arms fp32 models on any CPU,
+fp32 weights need no fp32 copy, but they are not streamed through F.linear: `auto` arms fp32 models on any CPU,
 and their matmuls run our own C kernel (specserve/kernels/cpu_linear.c, compiled at first use), which sums
 every output in one fixed order whatever the number of rows: a verification pass computes its linear layers
 exactly as the decode steps it replaces, and a prefill chunk its rows exactly as a decode step would. torch's
@@ -18,7 +18,12 @@ more, and from four rows picks a compute-bound kernel; oneDNN's packed kernel (`
 _reorder_linear_weight`) is row-invariant but streams a weight at half MKL's speed for one row. On this
 project's 2-core AVX-512 Xeon (2 threads, every linear layer of SmolLM2-135M, 590 MB, output layer included)
 over 1, 2, 4, 8, 16, 64 rows: F.linear 13.3, 13.5, 24.2, 33.1, 32.6, 73.0 ms; packed oneDNN 27.8, 28.3, 28.3,
-32.2, 39.1, 81.0 ms; the C kernel 14.5, 15.9, 17.5, 21.2, 30.6, 84.3 ms. Where no C compiler is found the packed
+32.2, 39.1, 81.0 ms; the C kernel 14.5, 15.9, 17.5, 21.2, 30.6, 84.3 ms (2026-12-02), and 15.8, 16.1, 16.7,
+18.2, 27.4, 83.6 ms since it prefetches the next tile (a separate harness, same layers). The default verifier
+is a bf16 checkpoint run in fp32: every weight is a bf16 number, so the holder keeps a bf16 copy
+(`cpu_linear.exact_bf16`, 295 MB for SmolLM2) that the kernel widens as it reads, the same bits from half the
+bytes, for up to `cpu_linear.COMPACT_ROWS` rows: 8.5, 9.0, 9.6, 12.4, 22.8 ms over 1, 2, 4, 8, 16 rows. Where
+no C compiler is found the packed
 oneDNN copy is the fallback (4 bytes more per weight; one row padded to two: oneDNN splits a 1536-long reduction
 differently for a single row), and without oneDNN (or off the CPU) fp32 weights take the skinny form below.
 
@@ -120,13 +125,18 @@ class UpcastWeight:
         self.key: tuple | None = None
         self.weight: torch.Tensor | None = None  # [out, in] fp32 dense copy (bf16/fp16 weights)
         self.packed: torch.Tensor | None = None  # [out, in] fp32, oneDNN's opaque blocked layout (fp32 weights)
+        self.compact: torch.Tensor | None = None  # [out, in] bf16: an fp32 weight of bf16 numbers, for the C kernel
         self.bias: torch.Tensor | None = None  # [out] fp32
 
     def prepare(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         key = (_identity(weight), None if bias is None else _identity(bias))
         if key != self.key:
             with torch.no_grad():
-                if packs(weight):
+                self.compact = None
+                if runs_cpu_kernel(weight):  # the C kernel reads the weight itself, or its bf16 copy
+                    self.compact = cpu_linear.exact_bf16(weight)
+                    self.weight = self.packed = None
+                elif packs(weight):
                     self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), PACK_ROWS)
                     self.weight = None
                 else:
@@ -157,7 +167,9 @@ def linear(
     if upcast is None or trains:
         return F.linear(x, weight, bias)
     if fp32 and x.dtype == torch.float32 and runs_cpu_kernel(weight):
-        return cpu_linear.linear_f32(x, weight.contiguous(), None if bias is None else bias.contiguous())
+        upcast.prepare(weight, bias)  # a bf16-exact weight's copy (`compact`): half the bytes for a few rows
+        return cpu_linear.linear_f32(x, weight.contiguous(), None if bias is None else bias.contiguous(),
+                                     upcast.compact)
     packed = packs(weight)  # fp32, or bf16 on a CPU with native bf16: packed in its own dtype, from one row
     if rows < MIN_ROWS and not fp32 and not packed:
         return F.linear(x, weight, bias)
@@ -205,5 +217,6 @@ def enable_upcast(model: nn.Module) -> None:
     if getattr(model, "logits_upcast", False) is None:
         model.logits_upcast = UpcastWeight()
         output = getattr(model, "output_weight", None)
-        if isinstance(output, torch.Tensor) and packs(output):  # a tied output layer is packed apart from the embedding
+        # a tied output layer is packed (or copied to bf16) apart from the embedding
+        if isinstance(output, torch.Tensor) and (packs(output) or runs_cpu_kernel(output)):
             model.logits_upcast.prepare(output, None)
