@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from specserve.kernels import cpu_linear
+from specserve.kernels import cpu_build, cpu_linear, cpu_norm
 from specserve.model import upcast
 from specserve.model.upcast import UpcastWeight, linear
 
@@ -129,14 +129,16 @@ def test_upcast_linear_takes_it_for_fp32_weights_without_a_copy():
 
 def test_switched_off_by_the_environment(monkeypatch):
     monkeypatch.setenv("SPECSERVE_CPU_LINEAR", "0")
-    cpu_linear._library.cache_clear()
-    cpu_linear._kernel.cache_clear()
+    caches = [cpu_build.library, cpu_linear._library, cpu_linear._kernel, cpu_linear._kernel_bf16w, cpu_norm._library]
+    for cache in caches:
+        cache.cache_clear()
     try:
         assert not cpu_linear.available()
         with pytest.raises(RuntimeError, match="not available"):
             cpu_linear.linear_f32(torch.randn(2, 4), torch.randn(3, 4))
     finally:
+        assert not cpu_norm.available() and not cpu_norm.applies(torch.randn(2, 4), torch.randn(4))
         monkeypatch.delenv("SPECSERVE_CPU_LINEAR")
-        cpu_linear._library.cache_clear()
-        cpu_linear._kernel.cache_clear()
+        for cache in caches:
+            cache.cache_clear()
     assert cpu_linear.available()

@@ -14,6 +14,7 @@ from specserve.config import CacheConfig, SchedulerConfig
 from specserve.engine.eagle_proposer import EagleProposer
 from specserve.model.eagle import EagleHead, is_eagle_checkpoint, load_eagle, verifier_fingerprint
 from specserve.model.loader import load_model
+from specserve.model.upcast import enable_upcast
 
 
 def build_head(verifier_dir: str, out: str, vocab_ids: torch.Tensor | None = None, seed: int = 0) -> str:
@@ -119,6 +120,7 @@ def test_head_reads_the_verifiers_true_features(tiny, heads):
         eng.step()
     assert rid not in eng.requests and len(seen) > 3
     verifier = load_model(tiny["llama"], torch.float32, "cpu")
+    enable_upcast(verifier)  # the engine's kernels (fp32: the row-invariant C ones where built)
     from specserve.engine.model_runner import ModelRunner, TokenRun
 
     for tokens, start, feats in seen:

@@ -155,10 +155,17 @@ def labelled(runner):
     import torch
     from torch import nn
 
-    from specserve.kernels import cpu_linear
+    from specserve.kernels import cpu_linear, cpu_norm
     from specserve.model import llama
     from specserve.model.llama import MLP, Attention, DecoderLayer, RMSNorm, RotaryEmbedding
     from specserve.model.upcast import Linear
+
+    def wrap_op(fn, name):  # a ctypes call, not an aten op: a range of its own, counted as one op
+        def op(*a, **kw):
+            with torch.profiler.record_function(name):
+                return fn(*a, **kw)
+
+        return op
 
     def wrap(fn, label):
         def labelled_fn(*a, **kw):
@@ -181,6 +188,10 @@ def labelled(runner):
         label = f"linear: {name.rsplit('.', 1)[-1]}" if isinstance(module, Linear) else kinds.get(type(module))
         if label is not None:
             module.forward = wrap(module.forward, label)
+            if isinstance(module, RMSNorm):  # the residual add fused into the norm
+                module.add_norm = wrap(module.add_norm, label)
+            if isinstance(module, DecoderLayer):  # what the model's loop calls
+                module.step = wrap(module.step, label)
             patched.append(module)
     model.compute_logits = wrap(model.compute_logits, "lm_head")
     runner.forward = wrap(runner.forward, "runner: inputs, metadata, row select")
@@ -193,14 +204,19 @@ def labelled(runner):
             return kernel(*a, **kw)
 
     cpu_linear.linear_f32 = profiled_kernel
+    norms = cpu_norm.rms_norm, cpu_norm.add_rms_norm
+    cpu_norm.rms_norm = wrap_op(cpu_norm.rms_norm, "cpu_rms_norm")
+    cpu_norm.add_rms_norm = wrap_op(cpu_norm.add_rms_norm, "cpu_add_rms_norm")
     try:
         yield
     finally:
+        cpu_norm.rms_norm, cpu_norm.add_rms_norm = norms
         cpu_linear.linear_f32 = kernel
         llama.paged_attention = attention
         del model.compute_logits, runner.forward
         for module in patched:
-            del module.forward
+            for attribute in ("forward", "add_norm", "step"):
+                module.__dict__.pop(attribute, None)
 
 
 def split_by_label(events, forwards: int) -> tuple[dict[str, float], dict[str, float]]:

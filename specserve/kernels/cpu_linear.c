@@ -14,15 +14,13 @@
  * 1.06x and 1.15x, and one row itself 10% less.
  *
  * specserve_linear_f32_bf16w takes w in bf16 where every fp32 weight is a bf16 number (a bf16 checkpoint run in
- * fp32): widening is exact, so it gives the same bits from half the bytes (one row: 8.5 against 15.8 ms). Compiled by specserve/kernels/cpu_linear.py at first use (cc -O3 -march=native -fopenmp);
- * GCC's vector extension is used instead of intrinsics so the same source builds for AVX-512, AVX2 or NEON.
+ * fp32): widening is exact, so it gives the same bits from half the bytes (one row: 8.5 against 15.8 ms).
+ *
+ * Compiled by specserve/kernels/cpu_build.py at first use (cc -O3 -march=native -fopenmp); GCC's vector
+ * extension is used instead of intrinsics (but for one widening load) so the same source builds for AVX-512,
+ * AVX2 or NEON.
  */
-#include <string.h>
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
-typedef float v16 __attribute__((vector_size(64)));
+#include "cpu_simd.h"
 
 #define W_TILE 4 /* rows of w per tile */
 #if defined(__AVX512F__)
@@ -35,22 +33,6 @@ typedef float v16 __attribute__((vector_size(64)));
 #define SERIAL_WORK (1L << 16) /* multiply-adds below which one thread does it all */
 #define X_BLOCK 64 /* rows of x kept in cache while every tile of w passes over them (a prefill chunk) */
 #define PREFETCH_LOCALITY 2 /* __builtin_prefetch's: 2 = into L2 (measured best; 3, into L1, 4% slower at 8 rows) */
-
-static inline v16 load16(const float *p) {
-    v16 v;
-    memcpy(&v, p, sizeof v); /* an unaligned load */
-    return v;
-}
-
-/* The sixteen lanes in one fixed order. */
-static inline float lanes_sum(v16 a) {
-    float t[16], h[8], q[4];
-    memcpy(t, &a, sizeof t);
-    for (int j = 0; j < 8; j++) h[j] = t[j] + t[j + 8];
-    for (int j = 0; j < 4; j++) q[j] = h[j] + h[j + 4];
-    float p0 = q[0] + q[2], p1 = q[1] + q[3];
-    return p0 + p1;
-}
 
 /* A weight stored as bf16 holds numbers that fp32 holds exactly: widened (the 16 bits moved up, zeros below)
  * they are the very fp32 values, so the products and sums below are the same bits as with the fp32 weight. */

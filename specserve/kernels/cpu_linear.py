@@ -11,90 +11,28 @@ each weight once for up to eight rows at a time, prefetching the next tile. A we
 (the default verifier: a bf16 checkpoint run in fp32) can be streamed from a bf16 copy: the same bits from half
 the bytes (`exact_bf16`).
 
-The shared library is compiled once per source, compiler and CPU into ~/.cache/specserve/kernels
-(SPECSERVE_KERNEL_CACHE moves it) with `cc -O3 -march=native -fopenmp` and loaded with ctypes; it shares torch's OpenMP
-runtime, and its thread count follows `torch.get_num_threads()`. Where there is no compiler (or
-SPECSERVE_CPU_LINEAR=0) `available()` is False and callers keep torch's kernels.
+The shared library is built by `cpu_build` (compiled once per source, compiler and CPU, loaded with ctypes); it
+shares torch's OpenMP runtime, and its thread count follows `torch.get_num_threads()`. Where there is no compiler
+(or SPECSERVE_CPU_LINEAR=0) `available()` is False and callers keep torch's kernels.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 
-log = logging.getLogger(__name__)
+from specserve.kernels import cpu_build
 
-SOURCE = Path(__file__).with_name("cpu_linear.c")
 _F32 = torch.float32
 COMPACT_ROWS = 32  # up to this many rows a bf16-exact weight is read in bf16 (64 rows: 5% slower than fp32)
-FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-fPIC", "-shared"]
-
-
-def _cache_dir() -> Path:
-    """Where built kernels are kept: $SPECSERVE_KERNEL_CACHE, else ~/.cache/specserve/kernels (not $SPECSERVE_CACHE,
-    which a container may mount read-only with the converted models)."""
-    explicit = os.environ.get("SPECSERVE_KERNEL_CACHE")
-    return Path(explicit) if explicit else Path.home() / ".cache" / "specserve" / "kernels"
-
-
-def _cpu_signature() -> str:
-    """What -march=native depends on: the CPU's model and flags."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = [line for line in f if line.startswith(("model name", "flags", "Features", "CPU part"))]
-        return "".join(sorted(set(lines)))
-    except OSError:
-        return platform.processor() + platform.machine()
-
-
-def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return name
-    return None
-
-
-def _build(cc: str) -> Path:
-    """Compile the kernel unless a build for this source, compiler and CPU is cached; return the library."""
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, " ".join(FLAGS), _cpu_signature()]).encode())
-    target = _cache_dir() / f"cpu_linear-{key.hexdigest()[:16]}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # another process may build it at the same time
-        built = Path(tmp) / target.name
-        result = subprocess.run(
-            [cc, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True, timeout=300
-        )
-        if result.returncode != 0:
-            raise RuntimeError(f"{cc} failed: {result.stderr.strip()[-2000:]}")
-        os.replace(built, target)
-    return target
 
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    if os.environ.get("SPECSERVE_CPU_LINEAR", "1") == "0":
-        return None
-    cc = _compiler()
-    if cc is None:
-        log.warning("no C compiler found: the row-invariant CPU linear kernel is off (torch's kernels instead)")
-        return None
-    try:
-        lib = ctypes.CDLL(str(_build(cc)))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        log.warning("the row-invariant CPU linear kernel could not be built (torch's kernels instead): %s", exc)
+    lib = cpu_build.library()
+    if lib is None:
         return None
     for fn in (lib.specserve_linear_f32, lib.specserve_linear_f32_bf16w):
         fn.restype = None

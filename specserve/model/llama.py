@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from specserve.kernels import cpu_norm
 from specserve.model.attention import AttentionMetadata, paged_attention
 from specserve.model.upcast import Linear, UpcastWeight, linear
 
@@ -49,12 +50,24 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            if cpu_norm.applies(x, self.weight):  # fp32 inference on the CPU: one C call (see cpu_norm.c)
+                return cpu_norm.rms_norm(x, self.weight, self.eps)
             # the same ops in the same order inside one aten call: the same bits, 6 Python dispatches fewer
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dtype)
+
+    def add_norm(self, x: torch.Tensor, h: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + h, norm(x + h)): the residual add and the norm after it, one C call for fp32 on the CPU; h None:
+        (x, norm(x))."""
+        if h is None:
+            return x, self(x)
+        if cpu_norm.applies(x, self.weight) and h.dtype == torch.float32:
+            return cpu_norm.add_rms_norm(x, h, self.weight, self.eps)
+        x = x + h
+        return x, self(x)
 
 
 class RotaryEmbedding(nn.Module):
@@ -137,9 +150,18 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.mlp = MLP(arch)
 
+    def step(self, x, pending, cos, sin, k_cache, v_cache, meta):
+        """(x + pending + attention, mlp): the layer with its last residual add left pending, so that the next
+        layer's norm takes it in the same call (`RMSNorm.add_norm`); pending None for the first layer. The
+        residual stream is summed in the same order as `forward`'s, so the bits are the same."""
+        x, normed = self.input_layernorm.add_norm(x, pending)
+        h = self.self_attn(normed, cos, sin, k_cache, v_cache, meta)
+        x, normed = self.post_attention_layernorm.add_norm(x, h)
+        return x, self.mlp(normed)
+
     def forward(self, x, cos, sin, k_cache, v_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x, h = self.step(x, None, cos, sin, k_cache, v_cache, meta)
+        return x + h
 
 
 class LlamaModel(nn.Module):
@@ -162,9 +184,10 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:  # [num_tokens, hidden]: the last layer's output, before the final norm (the "features")
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, x.dtype)
+        pending = None
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, kv_cache[i, 0], kv_cache[i, 1], meta)
-        return x
+            x, pending = layer.step(x, pending, cos, sin, kv_cache[i, 0], kv_cache[i, 1], meta)
+        return x + pending
 
     @property
     def output_weight(self) -> torch.Tensor:  # [vocab, hidden]
