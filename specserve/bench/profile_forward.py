@@ -38,6 +38,7 @@ ATTENTION_OPS = {  # aten ops inside the attention call, by what they do
     "aten::index": "attention: context gather",
     "aten::index_select": "attention: context gather",
     "aten::scaled_dot_product_attention": "attention: softmax(QK)V",
+    "cpu_paged_attention": "attention: softmax(QK)V",  # the C kernel (fp32 on the CPU), a range of its own
 }
 CATEGORY_ORDER = [
     "linear: qkv_proj",
@@ -155,7 +156,7 @@ def labelled(runner):
     import torch
     from torch import nn
 
-    from specserve.kernels import cpu_linear, cpu_norm
+    from specserve.kernels import cpu_attention, cpu_linear, cpu_norm
     from specserve.model import llama
     from specserve.model.llama import MLP, Attention, DecoderLayer, RMSNorm, RotaryEmbedding
     from specserve.model.upcast import Linear
@@ -205,12 +206,15 @@ def labelled(runner):
 
     cpu_linear.linear_f32 = profiled_kernel
     norms = cpu_norm.rms_norm, cpu_norm.add_rms_norm
+    attend = cpu_attention.paged_attention
+    cpu_attention.paged_attention = wrap_op(attend, "cpu_paged_attention")
     cpu_norm.rms_norm = wrap_op(cpu_norm.rms_norm, "cpu_rms_norm")
     cpu_norm.add_rms_norm = wrap_op(cpu_norm.add_rms_norm, "cpu_add_rms_norm")
     try:
         yield
     finally:
         cpu_norm.rms_norm, cpu_norm.add_rms_norm = norms
+        cpu_attention.paged_attention = attend
         cpu_linear.linear_f32 = kernel
         llama.paged_attention = attention
         del model.compute_logits, runner.forward

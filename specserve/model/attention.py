@@ -14,7 +14,9 @@ On CUDA, a batch whose queries are all short (decode, verification of k draft to
 prefill chunks) skips the dense gather and the mask: `specserve.kernels.paged_decode_attention` reads the
 pool through `context_slots` directly, given where each request's queries start (`query_start`)
 and how long its context is (`context_lens`). The CPU, and long prefills anywhere, take the torch
-path above.
+path above, except for fp32 models on the CPU: `specserve.kernels.cpu_attention` reads the pool through
+`context_slots` per query row (`row_request`, `row_length`), any query length, no gather and no mask, each row's
+bits independent of the batch around it.
 
 This module knows nothing about blocks, requests or schedulers: the model runner turns block
 tables into slots.
@@ -27,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from specserve.kernels import paged_decode_attention
+from specserve.kernels import cpu_attention, paged_decode_attention
 
 # Longest query of a batch that still goes through the decode kernel on CUDA: verification passes
 # are at most 33 tokens (k <= 32); beyond this a prefill chunk is better served by the dense path.
@@ -47,6 +49,8 @@ class AttentionMetadata:
     batch_invariant: bool = False  # every call through the decode kernel with one fixed tile (any query length)
     context_start: int | None = None  # batch 1 whose context is the pool's slots from this one on, in order; else None
     grouped_masks: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)  # by group: `grouped_mask`
+    row_request: torch.Tensor | None = None  # [num_tokens] int64, each row's request; CPU only (cpu_attention)
+    row_length: torch.Tensor | None = None  # [num_tokens] int64, context positions each row sees; CPU only
 
     @property
     def uses_decode_kernel(self) -> bool:
@@ -118,6 +122,9 @@ class AttentionMetadata:
             # pure decode: every query sees its whole context; masking only hides the padding,
             # and when every context is as long as the longest there is none (no mask, a faster kernel)
             mask = None if min(context_lens) == max_context else (kv_pos[None, None, :] < ctx[:, None, None])
+        row_request = row_length = None
+        if device.type == "cpu":  # what the C kernel reads instead of the mask (fp32 models)
+            row_request, row_length = cpu_attention.row_layout(query_lens, context_lens)
         return AttentionMetadata(
             slot_mapping=slot_mapping,
             context_slots=context_slots,
@@ -126,6 +133,8 @@ class AttentionMetadata:
             batch=batch,
             max_query=max_query,
             context_start=context_start,
+            row_request=row_request,
+            row_length=row_length,
         )
 
 
@@ -148,6 +157,10 @@ def paged_attention(
             fixed_tile=meta.batch_invariant,
         )  # [num_tokens, num_heads, head_dim]
         return out.view(num_tokens, num_heads * head_dim)
+    if meta.row_length is not None and cpu_attention.applies(q, k_cache):  # fp32 on the CPU: no gather, no mask
+        return cpu_attention.paged_attention(
+            q, k_cache, v_cache, meta.context_slots, meta.row_request, meta.row_length, scale
+        )
     if meta.context_start is not None:  # batch 1, its context one run of slots: a view, no copy
         context = slice(meta.context_start, meta.context_start + meta.context_slots.shape[1])
         keys, values = k_cache[context][None], v_cache[context][None]  # [1, max_context, num_kv_heads, head_dim]

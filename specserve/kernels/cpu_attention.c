@@ -1,0 +1,212 @@
+/* Attention over the paged KV cache in fp32 on the CPU: every query row on its own, read through the slot table.
+ *
+ * Why in C: torch's path gathers each request's keys and values into a dense tensor, layer after layer, unless
+ * its blocks happen to lie in order (a pool that has served a few requests hands them out in another), builds
+ * a padded mask, and pays SDPA's dispatch for a few query rows (90 us a layer for one decode row of SmolLM2).
+ * Here each query row reads its own context's slots directly: no gather, no padding, no mask.
+ *
+ * Row-invariant by construction: a query row's output depends on its own query, its context length and the
+ * cache, never on the other rows or requests of the batch or on the thread count (work is split by row and KV
+ * head, and each row's sums run in one fixed order): a verification pass attends exactly as the decode steps
+ * it replaces, and a batch of requests exactly as each alone.
+ *
+ * Numerics: scores q.k * scale (sixteen lanes and cpu_simd.h's tree), softmax with the row's maximum subtracted,
+ * exp by a degree-6 polynomial after exact range reduction (within 2 ulp of expf), probabilities summed in
+ * context order, and sum_j p_j v_j / sum_j p_j. SDPA orders its sums otherwise: last-bit differences.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#include "cpu_simd.h"
+
+#define SERIAL_WORK (1L << 17) /* multiply-adds below which one thread does it all */
+#define MAX_GROUP 16           /* query heads per KV head handled together (more: in several passes) */
+
+typedef int32_t i16v __attribute__((vector_size(64)));
+
+static inline i16v bits_of(v16 v) {
+    i16v b;
+    memcpy(&b, &v, sizeof b);
+    return b;
+}
+
+static inline v16 float_of(i16v b) {
+    v16 v;
+    memcpy(&v, &b, sizeof v);
+    return v;
+}
+
+/* exp(x) for x <= 0 (scores minus their maximum), sixteen at a time; below -87.3 it is 0. */
+static inline v16 exp16(v16 x) {
+    const v16 floor_ = (v16){0} - 87.3f;
+    const i16v under = x < floor_;                                         /* -1 where below the range */
+    x = float_of((bits_of(x) & ~under) | (bits_of(floor_) & under));       /* clamped */
+    const v16 magic = (v16){0} + 12582912.0f;                             /* 1.5 * 2^23: + it rounds */
+    const v16 n = (x * 1.44269504088896341f + magic) - magic;              /* round(x / ln 2) */
+    v16 r = x - n * 0.693359375f;                                          /* ln 2, high part: exact */
+    r = r - n * -2.12194440e-4f;                                           /* ln 2, low part */
+    v16 p = (v16){0} + 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * (r * r) + r + 1.0f;
+    const v16 two_n = float_of((__builtin_convertvector(n, i16v) + 127) << 23);
+    return float_of(bits_of(p * two_n) & ~under);
+}
+
+static inline float dot(const float *a, const float *b, long D) {
+    v16 acc = {0};
+    const long d16 = D & ~15L;
+    for (long d = 0; d < d16; d += 16) acc += load16(a + d) * load16(b + d);
+    float s = lanes_sum(acc);
+    for (long d = d16; d < D; d++) s = __builtin_fmaf(a[d], b[d], s);
+    return s;
+}
+
+#if defined(__GNUC__) && !defined(__clang__)
+#define BLOCKED_SCORES 1
+/* The sums of sixteen accumulators, lane i holding acc[i]'s, each summed exactly as lanes_sum sums it (pairwise:
+ * lane j with j + 8, then j + 4, then j + 2, then j + 1): a transposing tree, 30 shuffles and adds instead of
+ * sixteen trees. */
+static inline v16 sums16(const v16 *acc) {
+    const i16v l1a = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
+    const i16v l1b = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
+    const i16v l2a = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27};
+    const i16v l2b = {4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31};
+    const i16v l3a = {0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29};
+    const i16v l3b = {2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31};
+    const i16v l4a = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
+    const i16v l4b = {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
+    v16 b[8], c[4], d[2];
+    for (int i = 0; i < 8; i++)
+        b[i] = __builtin_shuffle(acc[2 * i], acc[2 * i + 1], l1a) + __builtin_shuffle(acc[2 * i], acc[2 * i + 1], l1b);
+    for (int i = 0; i < 4; i++)
+        c[i] = __builtin_shuffle(b[2 * i], b[2 * i + 1], l2a) + __builtin_shuffle(b[2 * i], b[2 * i + 1], l2b);
+    for (int i = 0; i < 2; i++)
+        d[i] = __builtin_shuffle(c[2 * i], c[2 * i + 1], l3a) + __builtin_shuffle(c[2 * i], c[2 * i + 1], l3b);
+    return __builtin_shuffle(d[0], d[1], l4a) + __builtin_shuffle(d[0], d[1], l4b);
+}
+#endif
+
+/* scores[g * len + j] = q_g . k_j * scale for the row's first `len` positions, each dot summed as dot() does. */
+static void row_scores(const float *qh, const float *k_cache, const long *slots, long len, long kvh, long KVH,
+                       long gn, long D, float scale, float *scores) {
+    long j = 0;
+#ifdef BLOCKED_SCORES
+    if ((D & 15) == 0) {
+        for (; j + 16 <= len; j += 16) {
+            const float *keys[16];
+            for (int i = 0; i < 16; i++) keys[i] = k_cache + (slots[j + i] * KVH + kvh) * D;
+            for (long g = 0; g < gn; g++) {
+                const float *qg = qh + g * D;
+                v16 acc[16];
+                for (int i = 0; i < 16; i++) acc[i] = (v16){0};
+                for (long d = 0; d < D; d += 16) {
+                    const v16 qv = load16(qg + d);
+                    for (int i = 0; i < 16; i++) acc[i] += qv * load16(keys[i] + d);
+                }
+                store16(scores + g * len + j, sums16(acc) * scale);
+            }
+        }
+    }
+#endif
+    for (; j < len; j++) {
+        const float *key = k_cache + (slots[j] * KVH + kvh) * D;
+        for (long g = 0; g < gn; g++) scores[g * len + j] = dot(qh + g * D, key, D) * scale;
+    }
+}
+
+/* One query row t and one KV head: its G query heads against the row's first `len` context positions. */
+static void row_head(const float *q, const float *k_cache, const float *v_cache, const long *slots, long len,
+                     long kvh, long KVH, long G, long D, float scale, float *out, float *scores) {
+    for (long g0 = 0; g0 < G; g0 += MAX_GROUP) {
+        const long gn = G - g0 < MAX_GROUP ? G - g0 : MAX_GROUP;
+        row_scores(q + (kvh * G + g0) * D, k_cache, slots, len, kvh, KVH, gn, D, scale, scores);
+        float totals[MAX_GROUP];
+        for (long g = 0; g < gn; g++) {
+            float *sg = scores + g * len;
+            float maximum = -INFINITY;
+            for (long j = 0; j < len; j++) maximum = sg[j] > maximum ? sg[j] : maximum;
+            const long j16 = len & ~15L;
+            for (long j = 0; j < j16; j += 16) store16(sg + j, exp16(load16(sg + j) - maximum));
+            if (j16 < len) { /* the tail through a padded vector: the same polynomial */
+                float tail[16] = {0};
+                for (long j = j16; j < len; j++) tail[j - j16] = sg[j] - maximum;
+                const v16 e = exp16(load16(tail));
+                memcpy(tail, &e, sizeof tail);
+                for (long j = j16; j < len; j++) sg[j] = tail[j - j16];
+            }
+            float total = 0.0f;
+            for (long j = 0; j < len; j++) total += sg[j];
+            totals[g] = total;
+        }
+        /* sum_j p_j v_j, in context order, each value row read once for the group's heads (up to 4 at a time:
+         * 16 accumulators) */
+        for (long d0 = 0; d0 < D; d0 += 64) {
+            const long dn = D - d0 < 64 ? D - d0 : 64;
+            for (long g1 = 0; g1 < gn; g1 += 4) {
+                const long gm = gn - g1 < 4 ? gn - g1 : 4;
+                if (dn == 64) {
+                    v16 a[4][4] = {{{0}}};
+                    for (long j = 0; j < len; j++) {
+                        const float *v = v_cache + (slots[j] * KVH + kvh) * D + d0;
+                        const v16 v0 = load16(v), v1 = load16(v + 16), v2 = load16(v + 32), v3 = load16(v + 48);
+                        for (long g = 0; g < gm; g++) {
+                            const float p = scores[(g1 + g) * len + j];
+                            a[g][0] += p * v0;
+                            a[g][1] += p * v1;
+                            a[g][2] += p * v2;
+                            a[g][3] += p * v3;
+                        }
+                    }
+                    for (long g = 0; g < gm; g++) {
+                        float *o = out + (kvh * G + g0 + g1 + g) * D + d0;
+                        for (int c = 0; c < 4; c++) store16(o + 16 * c, a[g][c] / totals[g1 + g]);
+                    }
+                } else {
+                    for (long g = 0; g < gm; g++) {
+                        const float *pg = scores + (g1 + g) * len;
+                        float *o = out + (kvh * G + g0 + g1 + g) * D;
+                        for (long d = d0; d < d0 + dn; d++) {
+                            float acc = 0.0f;
+                            for (long j = 0; j < len; j++)
+                                acc = __builtin_fmaf(pg[j], v_cache[(slots[j] * KVH + kvh) * D + d], acc);
+                            o[d] = acc / totals[g1 + g];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/* q [T, H, D]; k_cache, v_cache [S, KVH, D]; slots [B, max_ctx]; row_request, row_length [T]: the request of
+ * each query row and how many context positions it sees (its position + 1); out [T, H, D]. Returns 0, or -1
+ * when no scratch memory could be had (out is then incomplete). */
+int specserve_paged_attention_f32(const float *q, const float *k_cache, const float *v_cache, const long *slots,
+                                   long max_ctx, const long *row_request, const long *row_length, long T, long H,
+                                   long KVH, long D, float scale, float *out, int threads) {
+    const long G = H / KVH;
+    long work = 0;
+    for (long t = 0; t < T; t++) work += row_length[t];
+    if (work * H * D * 2 < SERIAL_WORK) threads = 1;
+    const long units = T * KVH;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) if (threads > 1) reduction(| : failed)
+    {
+        float *scores = malloc(sizeof(float) * (size_t)(max_ctx > 0 ? max_ctx : 1) * MAX_GROUP);
+        failed |= scores == NULL;
+#pragma omp for schedule(static)
+        for (long u = 0; u < units; u++) {
+            const long t = u / KVH, kvh = u % KVH;
+            if (scores)
+                row_head(q + t * H * D, k_cache, v_cache, slots + row_request[t] * max_ctx, row_length[t], kvh, KVH,
+                         G, D, scale, out + t * H * D, scores);
+        }
+        free(scores);
+    }
+    return failed ? -1 : 0;
+}
