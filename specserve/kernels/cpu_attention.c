@@ -21,7 +21,7 @@
 #include "cpu_simd.h"
 
 #define SERIAL_WORK (1L << 17) /* multiply-adds below which one thread does it all */
-#define MAX_GROUP 16           /* query heads per KV head handled together (more: in several passes) */
+#define STACK_SCORES 4096      /* context positions whose scores fit on the stack (more: malloc) */
 
 typedef int32_t i16v __attribute__((vector_size(64)));
 
@@ -119,65 +119,87 @@ static void row_scores(const float *qh, const float *k_cache, const long *slots,
     }
 }
 
-/* One query row t and one KV head: its G query heads against the row's first `len` context positions. */
-static void row_head(const float *q, const float *k_cache, const float *v_cache, const long *slots, long len,
-                     long kvh, long KVH, long G, long D, float scale, float *out, float *scores) {
-    for (long g0 = 0; g0 < G; g0 += MAX_GROUP) {
-        const long gn = G - g0 < MAX_GROUP ? G - g0 : MAX_GROUP;
-        row_scores(q + (kvh * G + g0) * D, k_cache, slots, len, kvh, KVH, gn, D, scale, scores);
-        float totals[MAX_GROUP];
-        for (long g = 0; g < gn; g++) {
-            float *sg = scores + g * len;
-            float maximum = -INFINITY;
-            for (long j = 0; j < len; j++) maximum = sg[j] > maximum ? sg[j] : maximum;
-            const long j16 = len & ~15L;
-            for (long j = 0; j < j16; j += 16) store16(sg + j, exp16(load16(sg + j) - maximum));
-            if (j16 < len) { /* the tail through a padded vector: the same polynomial */
-                float tail[16] = {0};
-                for (long j = j16; j < len; j++) tail[j - j16] = sg[j] - maximum;
-                const v16 e = exp16(load16(tail));
-                memcpy(tail, &e, sizeof tail);
-                for (long j = j16; j < len; j++) sg[j] = tail[j - j16];
-            }
-            float total = 0.0f;
-            for (long j = 0; j < len; j++) total += sg[j];
-            totals[g] = total;
+/* The largest of n numbers (order does not matter for a maximum). */
+static float maximum_of(const float *s, long n) {
+    v16 m = (v16){0} - INFINITY;
+    const long n16 = n & ~15L;
+    for (long j = 0; j < n16; j += 16) {
+        const v16 v = load16(s + j);
+        const i16v more = v > m;
+        m = float_of((bits_of(v) & more) | (bits_of(m) & ~more));
+    }
+    float out = -INFINITY;
+    for (int i = 0; i < 16; i++) out = m[i] > out ? m[i] : out;
+    for (long j = n16; j < n; j++) out = s[j] > out ? s[j] : out;
+    return out;
+}
+
+/* s[j] = exp(s[j] - shift) for j < n, returning their sum, summed in the linear kernel's order (sixteen lanes,
+ * lanes_sum, the tail in turn). */
+static float exp_and_sum(float *s, long n, float shift) {
+    v16 acc = {0};
+    const long n16 = n & ~15L;
+    for (long j = 0; j < n16; j += 16) {
+        const v16 e = exp16(load16(s + j) - shift);
+        store16(s + j, e);
+        acc += e;
+    }
+    float total = lanes_sum(acc);
+    if (n16 < n) { /* the tail through a padded vector: the same polynomial */
+        float tail[16] = {0};
+        for (long j = n16; j < n; j++) tail[j - n16] = s[j] - shift;
+        const v16 e = exp16(load16(tail));
+        memcpy(tail, &e, sizeof tail);
+        for (long j = n16; j < n; j++) {
+            s[j] = tail[j - n16];
+            total += s[j];
         }
-        /* sum_j p_j v_j, in context order, each value row read once for the group's heads (up to 4 at a time:
-         * 16 accumulators) */
-        for (long d0 = 0; d0 < D; d0 += 64) {
-            const long dn = D - d0 < 64 ? D - d0 : 64;
-            for (long g1 = 0; g1 < gn; g1 += 4) {
-                const long gm = gn - g1 < 4 ? gn - g1 : 4;
-                if (dn == 64) {
-                    v16 a[4][4] = {{{0}}};
-                    for (long j = 0; j < len; j++) {
-                        const float *v = v_cache + (slots[j] * KVH + kvh) * D + d0;
-                        const v16 v0 = load16(v), v1 = load16(v + 16), v2 = load16(v + 32), v3 = load16(v + 48);
-                        for (long g = 0; g < gm; g++) {
-                            const float p = scores[(g1 + g) * len + j];
-                            a[g][0] += p * v0;
-                            a[g][1] += p * v1;
-                            a[g][2] += p * v2;
-                            a[g][3] += p * v3;
-                        }
-                    }
-                    for (long g = 0; g < gm; g++) {
-                        float *o = out + (kvh * G + g0 + g1 + g) * D + d0;
-                        for (int c = 0; c < 4; c++) store16(o + 16 * c, a[g][c] / totals[g1 + g]);
-                    }
-                } else {
-                    for (long g = 0; g < gm; g++) {
-                        const float *pg = scores + (g1 + g) * len;
-                        float *o = out + (kvh * G + g0 + g1 + g) * D;
-                        for (long d = d0; d < d0 + dn; d++) {
-                            float acc = 0.0f;
-                            for (long j = 0; j < len; j++)
-                                acc = __builtin_fmaf(pg[j], v_cache[(slots[j] * KVH + kvh) * D + d], acc);
-                            o[d] = acc / totals[g1 + g];
-                        }
-                    }
-                }
+    }
+    return total;
+}
+
+/* One query row and one query head (of KV head kvh) against the row's first `len` context positions. */
+static void row_head(const float *qh, const float *k_cache, const float *v_cache, const long *slots, long len,
+                     long kvh, long KVH, long D, float scale, float *o, float *scores) {
+    row_scores(qh, k_cache, slots, len, kvh, KVH, 1, D, scale, scores);
+    const float total = exp_and_sum(scores, len, maximum_of(scores, len));
+    for (long d0 = 0; d0 < D; d0 += 64) {
+        if (D - d0 >= 64) {
+            /* sum_j p_j v_j, 64 outputs at a time: the even positions in order and the odd ones in order, in
+             * eight registers (one chain of four would wait on the adder), then the two added */
+            v16 e0 = {0}, e1 = {0}, e2 = {0}, e3 = {0}, o0 = {0}, o1 = {0}, o2 = {0}, o3 = {0};
+            long j = 0;
+            for (; j + 1 < len; j += 2) {
+                const float *v = v_cache + (slots[j] * KVH + kvh) * D + d0;
+                const float *w = v_cache + (slots[j + 1] * KVH + kvh) * D + d0;
+                const float p = scores[j], r = scores[j + 1];
+                e0 += p * load16(v);
+                e1 += p * load16(v + 16);
+                e2 += p * load16(v + 32);
+                e3 += p * load16(v + 48);
+                o0 += r * load16(w);
+                o1 += r * load16(w + 16);
+                o2 += r * load16(w + 32);
+                o3 += r * load16(w + 48);
+            }
+            if (j < len) { /* the last, even position */
+                const float *v = v_cache + (slots[j] * KVH + kvh) * D + d0;
+                const float p = scores[j];
+                e0 += p * load16(v);
+                e1 += p * load16(v + 16);
+                e2 += p * load16(v + 32);
+                e3 += p * load16(v + 48);
+            }
+            store16(o + d0, (e0 + o0) / total);
+            store16(o + d0 + 16, (e1 + o1) / total);
+            store16(o + d0 + 32, (e2 + o2) / total);
+            store16(o + d0 + 48, (e3 + o3) / total);
+        } else {
+            for (long d = d0; d < D; d++) {
+                float acc = 0.0f;
+                for (long j = 0; j < len; j++)
+                    acc = __builtin_fmaf(scores[j], v_cache[(slots[j] * KVH + kvh) * D + d], acc);
+                o[d] = acc / total;
             }
         }
     }
@@ -193,20 +215,22 @@ int specserve_paged_attention_f32(const float *q, const float *k_cache, const fl
     long work = 0;
     for (long t = 0; t < T; t++) work += row_length[t];
     if (work * H * D * 2 < SERIAL_WORK) threads = 1;
-    const long units = T * KVH;
+    const long units = T * H; /* a row and a query head each: a decode step's 9 heads split 5 / 4 on 2 threads */
     int failed = 0;
 #pragma omp parallel num_threads(threads) if (threads > 1) reduction(| : failed)
     {
-        float *scores = malloc(sizeof(float) * (size_t)(max_ctx > 0 ? max_ctx : 1) * MAX_GROUP);
+        float stack[STACK_SCORES];
+        const long need = max_ctx > 0 ? max_ctx : 1;
+        float *scores = need <= STACK_SCORES ? stack : malloc(sizeof(float) * (size_t)need);
         failed |= scores == NULL;
 #pragma omp for schedule(static)
         for (long u = 0; u < units; u++) {
-            const long t = u / KVH, kvh = u % KVH;
+            const long t = u / H, h = u % H;
             if (scores)
-                row_head(q + t * H * D, k_cache, v_cache, slots + row_request[t] * max_ctx, row_length[t], kvh, KVH,
-                         G, D, scale, out + t * H * D, scores);
+                row_head(q + (t * H + h) * D, k_cache, v_cache, slots + row_request[t] * max_ctx, row_length[t],
+                         h / G, KVH, D, scale, out + (t * H + h) * D, scores);
         }
-        free(scores);
+        if (scores != stack) free(scores);
     }
     return failed ? -1 : 0;
 }
