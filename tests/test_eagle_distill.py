@@ -204,7 +204,8 @@ def test_unrolled_steps_are_what_drafting_computes(tiny):
         start += n
     # step 1 alone is plain teacher forcing
     plain = eagle_trainer.head_forward(head, head, batch, 0.0)
-    torch.testing.assert_close(unrolled[0], plain, atol=1e-6, rtol=1e-6)
+    # (within fp32 rounding, not bit for bit: the two run attention and norms on different kernels)
+    torch.testing.assert_close(unrolled[0], plain, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.integration
