@@ -156,7 +156,7 @@ def labelled(runner):
     import torch
     from torch import nn
 
-    from specserve.kernels import cpu_attention, cpu_linear, cpu_norm
+    from specserve.kernels import cpu_attention, cpu_linear, cpu_norm, cpu_pointwise
     from specserve.model import llama
     from specserve.model.llama import MLP, Attention, DecoderLayer, RMSNorm, RotaryEmbedding
     from specserve.model.upcast import Linear
@@ -208,6 +208,9 @@ def labelled(runner):
     norms = cpu_norm.rms_norm, cpu_norm.add_rms_norm
     attend = cpu_attention.paged_attention
     cpu_attention.paged_attention = wrap_op(attend, "cpu_paged_attention")
+    pointwise = cpu_pointwise.rotate_, cpu_pointwise.silu_mul
+    cpu_pointwise.rotate_ = wrap_op(cpu_pointwise.rotate_, "cpu_rotary")
+    cpu_pointwise.silu_mul = wrap_op(cpu_pointwise.silu_mul, "cpu_silu_mul")
     cpu_norm.rms_norm = wrap_op(cpu_norm.rms_norm, "cpu_rms_norm")
     cpu_norm.add_rms_norm = wrap_op(cpu_norm.add_rms_norm, "cpu_add_rms_norm")
     try:
@@ -215,6 +218,7 @@ def labelled(runner):
     finally:
         cpu_norm.rms_norm, cpu_norm.add_rms_norm = norms
         cpu_attention.paged_attention = attend
+        cpu_pointwise.rotate_, cpu_pointwise.silu_mul = pointwise
         cpu_linear.linear_f32 = kernel
         llama.paged_attention = attention
         del model.compute_logits, runner.forward

@@ -15,47 +15,12 @@
  * context order, and sum_j p_j v_j / sum_j p_j. SDPA orders its sums otherwise: last-bit differences.
  */
 #include <math.h>
-#include <stdint.h>
 #include <stdlib.h>
 
 #include "cpu_simd.h"
 
 #define SERIAL_WORK (1L << 17) /* multiply-adds below which one thread does it all */
 #define STACK_SCORES 4096      /* context positions whose scores fit on the stack (more: malloc) */
-
-typedef int32_t i16v __attribute__((vector_size(64)));
-
-static inline i16v bits_of(v16 v) {
-    i16v b;
-    memcpy(&b, &v, sizeof b);
-    return b;
-}
-
-static inline v16 float_of(i16v b) {
-    v16 v;
-    memcpy(&v, &b, sizeof v);
-    return v;
-}
-
-/* exp(x) for x <= 0 (scores minus their maximum), sixteen at a time; below -87.3 it is 0. */
-static inline v16 exp16(v16 x) {
-    const v16 floor_ = (v16){0} - 87.3f;
-    const i16v under = x < floor_;                                         /* -1 where below the range */
-    x = float_of((bits_of(x) & ~under) | (bits_of(floor_) & under));       /* clamped */
-    const v16 magic = (v16){0} + 12582912.0f;                             /* 1.5 * 2^23: + it rounds */
-    const v16 n = (x * 1.44269504088896341f + magic) - magic;              /* round(x / ln 2) */
-    v16 r = x - n * 0.693359375f;                                          /* ln 2, high part: exact */
-    r = r - n * -2.12194440e-4f;                                           /* ln 2, low part */
-    v16 p = (v16){0} + 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * (r * r) + r + 1.0f;
-    const v16 two_n = float_of((__builtin_convertvector(n, i16v) + 127) << 23);
-    return float_of(bits_of(p * two_n) & ~under);
-}
 
 static inline float dot(const float *a, const float *b, long D) {
     v16 acc = {0};

@@ -1,5 +1,5 @@
-"""Build the CPU kernels (cpu_linear.c, cpu_norm.c, cpu_attention.c) with the system's C compiler at first use,
-and load them.
+"""Build the CPU kernels (cpu_linear.c, cpu_norm.c, cpu_attention.c, cpu_pointwise.c) with the system's C
+compiler at first use, and load them.
 
 One shared library from every source, compiled once per source, compiler and CPU into ~/.cache/specserve/kernels
 (SPECSERVE_KERNEL_CACHE moves it: not $SPECSERVE_CACHE, which a container may mount read-only with the converted
@@ -23,7 +23,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / "cpu_linear.c", HERE / "cpu_norm.c", HERE / "cpu_attention.c"]
+SOURCES = [HERE / f"cpu_{name}.c" for name in ("linear", "norm", "attention", "pointwise")]
 HEADERS = [HERE / "cpu_simd.h"]
 FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-fPIC", "-shared"]
 

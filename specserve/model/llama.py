@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specserve.kernels import cpu_norm
+from specserve.kernels import cpu_norm, cpu_pointwise
 from specserve.model.attention import AttentionMetadata, paged_attention
 from specserve.model.upcast import Linear, UpcastWeight, linear
 
@@ -121,12 +121,17 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [num_tokens, hidden]
         n = x.shape[0]
-        qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
-        # queries and keys rotate together: one set of elementwise ops instead of two
-        qk = qk.reshape(n, self.num_heads + self.num_kv_heads, self.head_dim)
-        qk = rotate(qk, cos, sin)
-        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
-        v = v.reshape(n, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x)  # [n, q_size + 2 * kv_size]
+        if cpu_pointwise.applies(qkv) and qkv.is_contiguous():  # fp32 on the CPU: one C call, in place, same bits
+            cpu_pointwise.rotate_(qkv, self.num_heads + self.num_kv_heads, self.head_dim, cos, sin)
+            q = qkv[:, : self.q_size].view(n, self.num_heads, self.head_dim)
+            k = qkv[:, self.q_size : self.q_size + self.kv_size].view(n, self.num_kv_heads, self.head_dim)
+        else:
+            qk = qkv[:, : self.q_size + self.kv_size]
+            # queries and keys rotate together: one set of elementwise ops instead of two
+            qk = rotate(qk.reshape(n, self.num_heads + self.num_kv_heads, self.head_dim), cos, sin)
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        v = qkv[:, self.q_size + self.kv_size :].view(n, self.num_kv_heads, self.head_dim)
         out = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
         return self.o_proj(out)
 
@@ -138,7 +143,10 @@ class MLP(nn.Module):
         self.down_proj = Linear(arch.intermediate_size, arch.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if cpu_pointwise.applies(gate_up) and gate_up.dim() == 2:  # fp32 on the CPU: one C call
+            return self.down_proj(cpu_pointwise.silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
