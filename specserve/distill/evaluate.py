@@ -99,7 +99,8 @@ def evaluate_draft(config: EvalConfig) -> dict:
     return results
 
 
-def print_results(results: dict, file=sys.stdout) -> None:
+def print_results(results: dict, file=None) -> None:
+    file = sys.stdout if file is None else file  # read at the call: a default bound at import outlives redirections
     for temperature, r in results["temperatures"].items():
         print(f"\nT = {temperature}", file=file)
         print("| category | mean acceptance length | alpha | per-position acceptance |", file=file)
