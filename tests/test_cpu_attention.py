@@ -118,3 +118,30 @@ def test_the_model_takes_it_for_fp32_on_the_cpu(tiny):
         cpu_attention.paged_attention = original
     assert calls and all(n > 0 for n in calls)
     assert torch.equal(both[:3], expected)
+
+
+def test_without_any_c_kernel_the_torch_path_gives_the_same_model(tiny, monkeypatch):
+    """Where no C compiler is found every fp32 step falls back to torch (SDPA, F.rms_norm, oneDNN or F.linear):
+    the same logits within fp32 rounding and the same greedy tokens."""
+    from specserve.engine.model_runner import ModelRunner, TokenRun
+    from specserve.kernels import cpu_norm, cpu_pointwise
+    from specserve.model import upcast
+    from specserve.model.loader import load_model
+
+    ids = torch.randint(0, 250, (30,), generator=torch.Generator().manual_seed(3)).tolist()
+
+    def logits():
+        model = load_model(tiny["llama"], "float32")
+        upcast.enable_upcast(model)
+        with torch.inference_mode():
+            runner = ModelRunner(model, 16, 4)
+            runner.forward([TokenRun(ids[:24], 0, list(range(8)), 1)])
+            return runner.forward([TokenRun(ids[24:], 24, list(range(8)), 6)])
+
+    ours = logits()
+    for module in (cpu_attention, cpu_norm, cpu_pointwise):
+        monkeypatch.setattr(module, "applies", lambda *a: False)
+    monkeypatch.setattr(upcast, "runs_cpu_kernel", lambda weight: False)
+    torchs = logits()
+    torch.testing.assert_close(torchs, ours, rtol=1e-4, atol=1e-4)
+    assert torch.equal(torchs.argmax(-1), ours.argmax(-1))
