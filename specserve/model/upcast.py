@@ -22,7 +22,7 @@ over 1, 2, 4, 8, 16, 64 rows: F.linear 13.3, 13.5, 24.2, 33.1, 32.6, 73.0 ms; pa
 18.2, 27.4, 83.6 ms since it prefetches the next tile (a separate harness, same layers). The default verifier
 is a bf16 checkpoint run in fp32: every weight is a bf16 number, so the holder keeps a bf16 copy
 (`cpu_linear.exact_bf16`, 295 MB for SmolLM2) that the kernel widens as it reads, the same bits from half the
-bytes, for up to `cpu_linear.COMPACT_ROWS` rows: 8.5, 9.0, 9.6, 12.4, 22.8 ms over 1, 2, 4, 8, 16 rows. Where
+bytes, for up to `cpu_linear.COMPACT_ROWS` rows: 9.0, 9.1, 9.7, 12.2, 20.8 ms over 1, 2, 4, 8, 16 rows. Where
 no C compiler is found the packed
 oneDNN copy is the fallback (4 bytes more per weight; one row padded to two: oneDNN splits a 1536-long reduction
 differently for a single row), and without oneDNN (or off the CPU) fp32 weights take the skinny form below.
