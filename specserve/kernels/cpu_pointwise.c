@@ -15,6 +15,9 @@
  * x_i * cos_i + x_{(i + D/2) % D} * ssin_i, with ssin the sine whose first half is negated (cos, ssin [T, D]). */
 __attribute__((optimize("fp-contract=off"))) void specserve_rotary_f32(float *x, long T, long W, long H, long D,
                                                                         const float *cos, const float *ssin) {
+#if defined(__clang__)
+#pragma clang fp contract(off) /* clang ignores GCC's optimize attribute */
+#endif
     float tmp[512];
     if (D > 512 || D % 2) return; /* the caller checks: never reached */
     const long half = D / 2;
