@@ -2,10 +2,10 @@
 
     .venv/bin/python bench/figures/2026-12-02-draft/make_prompt_slices.py OUT_DIR
 
-Stage 2 took the first 500 ShareGPT and 500 GSM8K-train prompts (`specserve distill` reads files from their
+Stages 2-3 took the first 500 ShareGPT and 500 GSM8K-train prompts (`specserve distill` reads files from their
 start); each later stage takes prompts after those the earlier stages used, so every stage sees new text:
-stage 3 ShareGPT 500-1199 and GSM8K 500-799, stage 4 ShareGPT 1200-2599 and GSM8K 800-1399 (positions among
-the prompts `specserve distill` would read, in file order). Needs `pip install -e '.[train]'` (ShareGPT) and
+stage 4 ShareGPT 500-1199 and GSM8K 500-799, stage 5 ShareGPT 1200-2599 and GSM8K 800-1399 (positions among
+the prompts `specserve distill` would read, in file order). The README's "The shipped draft" has the commands. Needs `pip install -e '.[train]'` (ShareGPT) and
 ../shared/data/gsm8k_train.jsonl.
 """
 
