@@ -17,14 +17,9 @@ _F32 = torch.float32
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    lib = cpu_build.library()
-    if lib is None:
-        return None
     p, n = ctypes.c_void_p, ctypes.c_long
-    fn = lib.specserve_paged_attention_f32
-    fn.restype = ctypes.c_int
-    fn.argtypes = [p, p, p, p, n, p, p, n, n, n, n, ctypes.c_float, p, ctypes.c_int]
-    return lib
+    signature = [p, p, p, p, n, p, p, n, n, n, n, ctypes.c_float, p, ctypes.c_int]
+    return cpu_build.functions({"specserve_paged_attention_f32": (ctypes.c_int, signature)})
 
 
 def available() -> bool:
@@ -33,14 +28,7 @@ def available() -> bool:
 
 def applies(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
     """Whether `paged_attention` serves this call: fp32 CPU tensors, no gradient wanted, the kernels built."""
-    return (
-        q.dtype == _F32
-        and k_cache.dtype == _F32
-        and q.device.type == "cpu"
-        and k_cache.device.type == "cpu"
-        and not (torch.is_grad_enabled() and q.requires_grad)
-        and _library() is not None
-    )
+    return cpu_build.serves(q, k_cache) and _library() is not None
 
 
 def row_layout(query_lens: list[int], context_lens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

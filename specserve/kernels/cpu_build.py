@@ -20,6 +20,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import torch
+
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
@@ -85,3 +87,24 @@ def library() -> ctypes.CDLL | None:
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         log.warning("the CPU kernels could not be built (torch's kernels instead): %s", exc)
         return None
+
+
+def functions(signatures: dict[str, tuple]) -> ctypes.CDLL | None:
+    """The library with these functions' ctypes signatures set ({name: (restype, [argtypes])}), or None."""
+    lib = library()
+    if lib is None:
+        return None
+    for name, (restype, argtypes) in signatures.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = restype, argtypes
+    return lib
+
+
+def serves(*tensors: torch.Tensor) -> bool:
+    """Whether the C kernels take these tensors: fp32, on the CPU, no gradient wanted (training keeps torch's
+    differentiable ops). Callers add whether their functions are built."""
+    grad = torch.is_grad_enabled()
+    for t in tensors:  # (a loop, not all() over a generator: this runs ~150 times a decode step)
+        if t.dtype != torch.float32 or t.device.type != "cpu" or (grad and t.requires_grad):
+            return False
+    return True

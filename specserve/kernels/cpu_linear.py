@@ -31,22 +31,11 @@ COMPACT_ROWS = 32  # up to this many rows a bf16-exact weight is read in bf16 (6
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    lib = cpu_build.library()
-    if lib is None:
-        return None
-    for fn in (lib.specserve_linear_f32, lib.specserve_linear_f32_bf16w):
-        fn.restype = None
-        fn.argtypes = [
-            ctypes.c_void_p,
-            ctypes.c_long,
-            ctypes.c_long,
-            ctypes.c_void_p,
-            ctypes.c_long,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_int,
-        ]
-    return lib
+    p, n = ctypes.c_void_p, ctypes.c_long
+    signature = [p, n, n, p, n, p, p, ctypes.c_int]
+    return cpu_build.functions(
+        {"specserve_linear_f32": (None, signature), "specserve_linear_f32_bf16w": (None, signature)}
+    )
 
 
 @functools.cache

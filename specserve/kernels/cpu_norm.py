@@ -19,15 +19,13 @@ _F32 = torch.float32
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    lib = cpu_build.library()
-    if lib is None:
-        return None
     p, n, f = ctypes.c_void_p, ctypes.c_long, ctypes.c_float
-    lib.specserve_rms_norm_f32.restype = None
-    lib.specserve_rms_norm_f32.argtypes = [p, n, n, p, f, p]
-    lib.specserve_add_rms_norm_f32.restype = None
-    lib.specserve_add_rms_norm_f32.argtypes = [p, p, n, n, p, f, p, p]
-    return lib
+    return cpu_build.functions(
+        {
+            "specserve_rms_norm_f32": (None, [p, n, n, p, f, p]),
+            "specserve_add_rms_norm_f32": (None, [p, p, n, n, p, f, p, p]),
+        }
+    )
 
 
 def available() -> bool:
@@ -36,14 +34,7 @@ def available() -> bool:
 
 def applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `rms_norm` serves this call: fp32 CPU tensors, no gradient wanted, the kernels built."""
-    return (
-        x.dtype == _F32
-        and weight.dtype == _F32
-        and x.device.type == "cpu"
-        and weight.device.type == "cpu"
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-        and _library() is not None
-    )
+    return cpu_build.serves(x, weight) and _library() is not None
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -18,15 +18,10 @@ MAX_HEAD_DIM = 512
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    lib = cpu_build.library()
-    if lib is None:
-        return None
     p, n = ctypes.c_void_p, ctypes.c_long
-    lib.specserve_rotary_f32.restype = None
-    lib.specserve_rotary_f32.argtypes = [p, n, n, n, n, p, p]
-    lib.specserve_silu_mul_f32.restype = None
-    lib.specserve_silu_mul_f32.argtypes = [p, n, n, p]
-    return lib
+    return cpu_build.functions(
+        {"specserve_rotary_f32": (None, [p, n, n, n, n, p, p]), "specserve_silu_mul_f32": (None, [p, n, n, p])}
+    )
 
 
 def available() -> bool:
@@ -35,12 +30,7 @@ def available() -> bool:
 
 def applies(x: torch.Tensor) -> bool:
     """Whether these kernels serve x: fp32 on the CPU, no gradient wanted, the kernels built."""
-    return (
-        x.dtype == _F32
-        and x.device.type == "cpu"
-        and not (torch.is_grad_enabled() and x.requires_grad)
-        and _library() is not None
-    )
+    return cpu_build.serves(x) and _library() is not None
 
 
 def rotate_(
