@@ -56,32 +56,26 @@ static inline v16 sums16(const v16 *acc) {
 }
 #endif
 
-/* scores[g * len + j] = q_g . k_j * scale for the row's first `len` positions, each dot summed as dot() does. */
-static void row_scores(const float *qh, const float *k_cache, const long *slots, long len, long kvh, long KVH,
-                       long gn, long D, float scale, float *scores) {
+/* scores[j] = q . k_j * scale for the row's first `len` positions, each dot summed as dot() sums it. */
+static void row_scores(const float *q, const float *k_cache, const long *slots, long len, long kvh, long KVH, long D,
+                       float scale, float *scores) {
     long j = 0;
 #ifdef BLOCKED_SCORES
     if ((D & 15) == 0) {
         for (; j + 16 <= len; j += 16) {
             const float *keys[16];
             for (int i = 0; i < 16; i++) keys[i] = k_cache + (slots[j + i] * KVH + kvh) * D;
-            for (long g = 0; g < gn; g++) {
-                const float *qg = qh + g * D;
-                v16 acc[16];
-                for (int i = 0; i < 16; i++) acc[i] = (v16){0};
-                for (long d = 0; d < D; d += 16) {
-                    const v16 qv = load16(qg + d);
-                    for (int i = 0; i < 16; i++) acc[i] += qv * load16(keys[i] + d);
-                }
-                store16(scores + g * len + j, sums16(acc) * scale);
+            v16 acc[16];
+            for (int i = 0; i < 16; i++) acc[i] = (v16){0};
+            for (long d = 0; d < D; d += 16) {
+                const v16 qv = load16(q + d);
+                for (int i = 0; i < 16; i++) acc[i] += qv * load16(keys[i] + d);
             }
+            store16(scores + j, sums16(acc) * scale);
         }
     }
 #endif
-    for (; j < len; j++) {
-        const float *key = k_cache + (slots[j] * KVH + kvh) * D;
-        for (long g = 0; g < gn; g++) scores[g * len + j] = dot(qh + g * D, key, D) * scale;
-    }
+    for (; j < len; j++) scores[j] = dot(q, k_cache + (slots[j] * KVH + kvh) * D, D) * scale;
 }
 
 /* The largest of n numbers (order does not matter for a maximum). */
@@ -126,7 +120,7 @@ static float exp_and_sum(float *s, long n, float shift) {
 /* One query row and one query head (of KV head kvh) against the row's first `len` context positions. */
 static void row_head(const float *qh, const float *k_cache, const float *v_cache, const long *slots, long len,
                      long kvh, long KVH, long D, float scale, float *o, float *scores) {
-    row_scores(qh, k_cache, slots, len, kvh, KVH, 1, D, scale, scores);
+    row_scores(qh, k_cache, slots, len, kvh, KVH, D, scale, scores);
     const float total = exp_and_sum(scores, len, maximum_of(scores, len));
     for (long d0 = 0; d0 < D; d0 += 64) {
         if (D - d0 >= 64) {
