@@ -40,7 +40,9 @@ ATTENTION_OPS = {  # aten ops inside the attention call, by what they do
     "aten::scaled_dot_product_attention": "attention: softmax(QK)V",
     "cpu_paged_attention": "attention: softmax(QK)V",  # the C kernel (fp32 on the CPU), a range of its own
 }
+DECODER = "decoder layers: one C call"  # fp32 on the CPU (cpu_decoder.c): every layer's ops, opaque to the profiler
 CATEGORY_ORDER = [
+    DECODER,
     "linear: qkv_proj",
     "linear: o_proj",
     "linear: gate_up_proj",
@@ -156,7 +158,7 @@ def labelled(runner):
     import torch
     from torch import nn
 
-    from specserve.kernels import cpu_attention, cpu_linear, cpu_norm, cpu_pointwise
+    from specserve.kernels import cpu_attention, cpu_decoder, cpu_linear, cpu_norm, cpu_pointwise
     from specserve.model import llama
     from specserve.model.llama import MLP, Attention, DecoderLayer, RMSNorm, RotaryEmbedding
     from specserve.model.upcast import Linear
@@ -213,9 +215,12 @@ def labelled(runner):
     cpu_pointwise.silu_mul = wrap_op(cpu_pointwise.silu_mul, "cpu_silu_mul")
     cpu_norm.rms_norm = wrap_op(cpu_norm.rms_norm, "cpu_rms_norm")
     cpu_norm.add_rms_norm = wrap_op(cpu_norm.add_rms_norm, "cpu_add_rms_norm")
+    decoder = cpu_decoder.decoder_layers
+    cpu_decoder.decoder_layers = wrap(wrap_op(decoder, "cpu_decoder_layers"), DECODER)
     try:
         yield
     finally:
+        cpu_decoder.decoder_layers = decoder
         cpu_norm.rms_norm, cpu_norm.add_rms_norm = norms
         cpu_attention.paged_attention = attend
         cpu_pointwise.rotate_, cpu_pointwise.silu_mul = pointwise

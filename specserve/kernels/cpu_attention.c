@@ -20,7 +20,6 @@
 #include "cpu_simd.h"
 
 #define SERIAL_WORK (1L << 17) /* multiply-adds below which one thread does it all */
-#define STACK_SCORES 4096      /* context positions whose scores fit on the stack (more: malloc) */
 
 static inline float dot(const float *a, const float *b, long D) {
     v16 acc = {0};
@@ -55,28 +54,6 @@ static inline v16 sums16(const v16 *acc) {
     return __builtin_shuffle(d[0], d[1], l4a) + __builtin_shuffle(d[0], d[1], l4b);
 }
 #endif
-
-/* scores[j] = q . k_j * scale for the row's first `len` positions, each dot summed as dot() sums it. */
-static void row_scores(const float *q, const float *k_cache, const long *slots, long len, long kvh, long KVH, long D,
-                       float scale, float *scores) {
-    long j = 0;
-#ifdef BLOCKED_SCORES
-    if ((D & 15) == 0) {
-        for (; j + 16 <= len; j += 16) {
-            const float *keys[16];
-            for (int i = 0; i < 16; i++) keys[i] = k_cache + (slots[j + i] * KVH + kvh) * D;
-            v16 acc[16];
-            for (int i = 0; i < 16; i++) acc[i] = (v16){0};
-            for (long d = 0; d < D; d += 16) {
-                const v16 qv = load16(q + d);
-                for (int i = 0; i < 16; i++) acc[i] += qv * load16(keys[i] + d);
-            }
-            store16(scores + j, sums16(acc) * scale);
-        }
-    }
-#endif
-    for (; j < len; j++) scores[j] = dot(q, k_cache + (slots[j] * KVH + kvh) * D, D) * scale;
-}
 
 /* The largest of n numbers (order does not matter for a maximum). */
 static float maximum_of(const float *s, long n) {
@@ -117,56 +94,159 @@ static float exp_and_sum(float *s, long n, float shift) {
     return total;
 }
 
-/* One query row and one query head (of KV head kvh) against the row's first `len` context positions. */
-static void row_head(const float *qh, const float *k_cache, const float *v_cache, const long *slots, long len,
-                     long kvh, long KVH, long D, float scale, float *o, float *scores) {
-    row_scores(qh, k_cache, slots, len, kvh, KVH, D, scale, scores);
-    const float total = exp_and_sum(scores, len, maximum_of(scores, len));
-    for (long d0 = 0; d0 < D; d0 += 64) {
-        if (D - d0 >= 64) {
-            /* sum_j p_j v_j, 64 outputs at a time: the even positions in order and the odd ones in order, in
-             * eight registers (one chain of four would wait on the adder), then the two added */
-            v16 e0 = {0}, e1 = {0}, e2 = {0}, e3 = {0}, o0 = {0}, o1 = {0}, o2 = {0}, o3 = {0};
-            long j = 0;
-            for (; j + 1 < len; j += 2) {
-                const float *v = v_cache + (slots[j] * KVH + kvh) * D + d0;
-                const float *w = v_cache + (slots[j + 1] * KVH + kvh) * D + d0;
-                const float p = scores[j], r = scores[j + 1];
-                e0 += p * load16(v);
-                e1 += p * load16(v + 16);
-                e2 += p * load16(v + 32);
-                e3 += p * load16(v + 48);
-                o0 += r * load16(w);
-                o1 += r * load16(w + 16);
-                o2 += r * load16(w + 32);
-                o3 += r * load16(w + 48);
+/* The queries one work unit serves: some rows of one request (consecutive in the batch) and the query heads of one
+ * KV head, so every block of keys and values is brought into L1 once and used by all of them (a decode step's
+ * three heads per KV head, a verification pass's rows times three). Their sums run exactly as one query alone
+ * would run them (the same operations in the same order per query; only the interleaving differs). */
+typedef struct {
+    const float *q;     /* the first query row's [H, D] */
+    const long *slots;  /* the request's slot table */
+    const long *length; /* per row: context positions it sees */
+    long rows;          /* rows in this unit */
+    long kvh;           /* the KV head */
+    long g0, g1;        /* its query heads kvh * G + g for g0 <= g < g1 */
+    float *out;         /* the first row's [H, D] output */
+} unit_t;
+
+#define KEY_BLOCK 16  /* keys per score block: sums16's width */
+#define VALUE_BLOCK 64 /* values per block of sum_j p_j v_j: 16 KB at D = 64 */
+#define MAX_ROWS 8    /* rows per unit: bounds the scratch, and splits a prefill into many units */
+
+/* Scores of every query of the unit: scores[(r * G + g) * stride + j] for j below row r's length. */
+static void unit_scores(const unit_t *u, const float *k_cache, long H, long G, long KVH, long D, float scale,
+                        float *scores, long stride) {
+    long longest = 0;
+    for (long r = 0; r < u->rows; r++) longest = u->length[r] > longest ? u->length[r] : longest;
+    long j = 0;
+#ifdef BLOCKED_SCORES
+    if ((D & 15) == 0) {
+        for (; j + KEY_BLOCK <= longest; j += KEY_BLOCK) {
+            const float *keys[KEY_BLOCK];
+            for (int i = 0; i < KEY_BLOCK; i++) keys[i] = k_cache + (u->slots[j + i] * KVH + u->kvh) * D;
+            for (long r = 0; r < u->rows; r++) {
+                if (j + KEY_BLOCK > u->length[r]) continue; /* this row's tail: below, one key at a time */
+                for (long g = u->g0; g < u->g1; g++) {
+                    const float *q = u->q + (r * H + u->kvh * G + g) * D;
+                    v16 acc[KEY_BLOCK];
+                    for (int i = 0; i < KEY_BLOCK; i++) acc[i] = (v16){0};
+                    for (long d = 0; d < D; d += 16) {
+                        const v16 qv = load16(q + d);
+                        for (int i = 0; i < KEY_BLOCK; i++) acc[i] += qv * load16(keys[i] + d);
+                    }
+                    store16(scores + (r * G + g) * stride + j, sums16(acc) * scale);
+                }
             }
-            if (j < len) { /* the last, even position */
-                const float *v = v_cache + (slots[j] * KVH + kvh) * D + d0;
-                const float p = scores[j];
-                e0 += p * load16(v);
-                e1 += p * load16(v + 16);
-                e2 += p * load16(v + 32);
-                e3 += p * load16(v + 48);
-            }
-            store16(o + d0, (e0 + o0) / total);
-            store16(o + d0 + 16, (e1 + o1) / total);
-            store16(o + d0 + 32, (e2 + o2) / total);
-            store16(o + d0 + 48, (e3 + o3) / total);
-        } else {
-            for (long d = d0; d < D; d++) {
-                float acc = 0.0f;
-                for (long j = 0; j < len; j++)
-                    acc = __builtin_fmaf(scores[j], v_cache[(slots[j] * KVH + kvh) * D + d], acc);
-                o[d] = acc / total;
-            }
+        }
+    }
+#endif
+    for (long r = 0; r < u->rows; r++) {
+        const long len = u->length[r];
+        long start = 0;
+#ifdef BLOCKED_SCORES
+        if ((D & 15) == 0) start = len - len % KEY_BLOCK; /* the positions after this row's last whole block */
+#endif
+        for (long g = u->g0; g < u->g1; g++) {
+            const float *q = u->q + (r * H + u->kvh * G + g) * D;
+            float *s = scores + (r * G + g) * stride;
+            for (long i = start; i < len; i++) s[i] = dot(q, k_cache + (u->slots[i] * KVH + u->kvh) * D, D) * scale;
         }
     }
 }
 
+/* out = sum_j p_j v_j / total for each query of the unit, 64 outputs at a time: per query the even positions in
+ * order and the odd ones in order, in eight accumulators (one chain of four would wait on the adder), then the
+ * two added. Values come in blocks of VALUE_BLOCK positions used by every query; each query's accumulators are
+ * kept in `acc` between blocks, so its chains run in the same order as over the whole context at once. */
+static void unit_values(const unit_t *u, const float *v_cache, long H, long G, long KVH, long D, const float *scores,
+                        long stride, const float *totals, v16 *acc) {
+    long longest = 0;
+    for (long r = 0; r < u->rows; r++) longest = u->length[r] > longest ? u->length[r] : longest;
+    const long Q = u->rows * G;
+    for (long d0 = 0; d0 + 64 <= D; d0 += 64) {
+        for (long i = 0; i < 8 * Q; i++) acc[i] = (v16){0};
+        for (long j0 = 0; j0 < longest; j0 += VALUE_BLOCK) {
+            for (long r = 0; r < u->rows; r++) {
+                const long len = u->length[r], stop = j0 + VALUE_BLOCK < len ? j0 + VALUE_BLOCK : len;
+                for (long g = u->g0; g < u->g1 && j0 < len; g++) {
+                    const float *p = scores + (r * G + g) * stride;
+                    v16 *a = acc + 8 * (r * G + g);
+                    v16 e0 = a[0], e1 = a[1], e2 = a[2], e3 = a[3], o0 = a[4], o1 = a[5], o2 = a[6], o3 = a[7];
+                    long j = j0;
+                    for (; j + 1 < stop; j += 2) {
+                        const float *v = v_cache + (u->slots[j] * KVH + u->kvh) * D + d0;
+                        const float *w = v_cache + (u->slots[j + 1] * KVH + u->kvh) * D + d0;
+                        const float pj = p[j], pk = p[j + 1];
+                        e0 += pj * load16(v);
+                        e1 += pj * load16(v + 16);
+                        e2 += pj * load16(v + 32);
+                        e3 += pj * load16(v + 48);
+                        o0 += pk * load16(w);
+                        o1 += pk * load16(w + 16);
+                        o2 += pk * load16(w + 32);
+                        o3 += pk * load16(w + 48);
+                    }
+                    if (j < stop) { /* the row's last position, an even one (blocks hold an even count) */
+                        const float *v = v_cache + (u->slots[j] * KVH + u->kvh) * D + d0;
+                        const float pj = p[j];
+                        e0 += pj * load16(v);
+                        e1 += pj * load16(v + 16);
+                        e2 += pj * load16(v + 32);
+                        e3 += pj * load16(v + 48);
+                    }
+                    a[0] = e0, a[1] = e1, a[2] = e2, a[3] = e3, a[4] = o0, a[5] = o1, a[6] = o2, a[7] = o3;
+                }
+            }
+        }
+        for (long r = 0; r < u->rows; r++)
+            for (long g = u->g0; g < u->g1; g++) {
+                const v16 *a = acc + 8 * (r * G + g);
+                const float total = totals[r * G + g];
+                float *o = u->out + (r * H + u->kvh * G + g) * D + d0;
+                store16(o, (a[0] + a[4]) / total);
+                store16(o + 16, (a[1] + a[5]) / total);
+                store16(o + 32, (a[2] + a[6]) / total);
+                store16(o + 48, (a[3] + a[7]) / total);
+            }
+    }
+    for (long d = D - D % 64; d < D; d++) /* dimensions past the last 64: one at a time, in context order */
+        for (long r = 0; r < u->rows; r++)
+            for (long g = u->g0; g < u->g1; g++) {
+                const float *p = scores + (r * G + g) * stride;
+                float sum = 0.0f;
+                for (long j = 0; j < u->length[r]; j++)
+                    sum = __builtin_fmaf(p[j], v_cache[(u->slots[j] * KVH + u->kvh) * D + d], sum);
+                u->out[(r * H + u->kvh * G + g) * D + d] = sum / totals[r * G + g];
+            }
+}
+
+/* Each thread's scratch (scores, totals, accumulators), kept from call to call and grown when a call needs more:
+ * allocating it per call would map and fault fresh pages for every layer of a long context. */
+static float *thread_scratch(size_t floats) {
+    static __thread float *buffer;
+    static __thread size_t capacity;
+    if (floats > capacity) {
+        free(buffer);
+        capacity = 0;
+        buffer = aligned_alloc(64, ((floats * sizeof(float) + 63) / 64) * 64);
+        if (buffer) capacity = floats;
+    }
+    return buffer;
+}
+
+static void run_unit(const unit_t *u, const float *k_cache, const float *v_cache, long H, long G, long KVH, long D,
+                     float scale, float *scores, long stride, float *totals, v16 *acc) {
+    unit_scores(u, k_cache, H, G, KVH, D, scale, scores, stride);
+    for (long r = 0; r < u->rows; r++)
+        for (long g = u->g0; g < u->g1; g++) {
+            float *s = scores + (r * G + g) * stride;
+            totals[r * G + g] = exp_and_sum(s, u->length[r], maximum_of(s, u->length[r]));
+        }
+    unit_values(u, v_cache, H, G, KVH, D, scores, stride, totals, acc);
+}
+
 /* q [T, H, D]; k_cache, v_cache [S, KVH, D]; slots [B, max_ctx]; row_request, row_length [T]: the request of
- * each query row and how many context positions it sees (its position + 1); out [T, H, D]. Returns 0, or -1
- * when no scratch memory could be had (out is then incomplete). */
+ * each query row (a request's rows consecutive) and how many context positions it sees (its position + 1);
+ * out [T, H, D]. Returns 0, or -1 when no scratch memory could be had (out is then incomplete). */
 int specserve_paged_attention_f32(const float *q, const float *k_cache, const float *v_cache, const long *slots,
                                    long max_ctx, const long *row_request, const long *row_length, long T, long H,
                                    long KVH, long D, float scale, float *out, int threads) {
@@ -174,22 +254,47 @@ int specserve_paged_attention_f32(const float *q, const float *k_cache, const fl
     long work = 0;
     for (long t = 0; t < T; t++) work += row_length[t];
     if (work * H * D * 2 < SERIAL_WORK) threads = 1;
-    const long units = T * H; /* a row and a query head each: a decode step's 9 heads split 5 / 4 on 2 threads */
+    /* units: runs of at most MAX_ROWS rows of one request, times the KV heads. Where that leaves a thread idle
+     * or waiting, runs are cut shorter (a verification pass of one request on two threads: 2 x 3 units), and a
+     * single row's query heads are split too (a decode step: 3 x 2 units) */
+    long runs = 0;
+    for (long t = 0; t < T; runs++) {
+        const long first = t;
+        while (t < T && row_request[t] == row_request[first] && t - first < MAX_ROWS) t++;
+    }
+    long rows_per_unit = MAX_ROWS, head_parts = 1;
+    if (runs * KVH < 2L * threads) {
+        if (T > 1)
+            rows_per_unit = (T + 1) / 2 < MAX_ROWS ? (T + 1) / 2 : MAX_ROWS;
+        else if (G > 1)
+            head_parts = 2;
+    }
+    long n = 0;
+    unit_t stack_units[64];
+    unit_t *units = stack_units;
+    const long most = T * KVH * head_parts; /* at most one unit per row, KV head and part of its heads */
+    if (most > 64 && !(units = malloc(sizeof(unit_t) * (size_t)most))) return -1;
+    for (long t = 0; t < T;) {
+        const long first = t;
+        while (t < T && row_request[t] == row_request[first] && t - first < rows_per_unit) t++;
+        for (long h = 0; h < KVH; h++)
+            for (long part = 0; part < head_parts; part++)
+                units[n++] = (unit_t){q + first * H * D, slots + row_request[first] * max_ctx, row_length + first,
+                                      t - first, h, G * part / head_parts, G * (part + 1) / head_parts,
+                                      out + first * H * D};
+    }
     int failed = 0;
+    const long stride = (max_ctx > 0 ? max_ctx : 1) + 16, Q = rows_per_unit * G;
 #pragma omp parallel num_threads(threads) if (threads > 1) reduction(| : failed)
     {
-        float stack[STACK_SCORES];
-        const long need = max_ctx > 0 ? max_ctx : 1;
-        float *scores = need <= STACK_SCORES ? stack : malloc(sizeof(float) * (size_t)need);
-        failed |= scores == NULL;
+        float *scratch = thread_scratch((size_t)(stride * Q + Q + 16 * 8 * Q));
+        failed |= scratch == NULL;
 #pragma omp for schedule(static)
-        for (long u = 0; u < units; u++) {
-            const long t = u / H, h = u % H;
-            if (scores)
-                row_head(q + (t * H + h) * D, k_cache, v_cache, slots + row_request[t] * max_ctx, row_length[t],
-                         h / G, KVH, D, scale, out + (t * H + h) * D, scores);
-        }
-        if (scores != stack) free(scores);
+        for (long i = 0; i < n; i++)
+            if (scratch)
+                run_unit(units + i, k_cache, v_cache, H, G, KVH, D, scale, scratch + 16 * 8 * Q, stride,
+                         scratch + 16 * 8 * Q + stride * Q, (v16 *)scratch);
     }
+    if (units != stack_units) free(units);
     return failed ? -1 : 0;
 }

