@@ -101,9 +101,46 @@ def test_other_models_and_autograd_keep_the_layers_one_by_one(tiny, monkeypatch)
     meta = AttentionMetadata.build([4], [4], torch.arange(4), torch.arange(4)[None])
     x = torch.zeros(4, model.arch.hidden_size)
     with torch.inference_mode():
-        assert model._decoder_table(x, kv, meta) is None  # not armed
+        assert model.fused_layers.table(model.layers, model.arch, x, kv, meta) is None  # not armed
     upcast.enable_upcast(model)
     with torch.inference_mode():
-        table = model._decoder_table(x, kv, meta)
+        table = model.fused_layers.table(model.layers, model.arch, x, kv, meta)
     assert table is not None and table.numel() == model.arch.num_layers * cpu_decoder.WEIGHTS_PER_LAYER
-    assert model._decoder_table(x, kv, meta) is None  # gradients wanted: the differentiable torch path
+    assert model.fused_layers.table(model.layers, model.arch, x, kv, meta) is None  # gradients wanted: torch path
+
+
+def test_an_eagle_heads_layer_in_one_call_gives_the_same_bits(tiny, monkeypatch):
+    """The draft head's decoder layer takes the same C call (`EagleHead.fused_layers`), with the same bits."""
+    from specserve.model.attention import AttentionMetadata
+    from specserve.model.eagle import EagleHead
+    from specserve.model.loader import load_model
+    from specserve.model.upcast import enable_upcast
+
+    torch.manual_seed(0)
+    verifier = load_model(tiny["llama"], "float32")
+    head = EagleHead(verifier)
+    with torch.no_grad():
+        for p in head.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3)
+    enable_upcast(verifier)
+    enable_upcast(head)
+    a = head.arch
+    ids = torch.randint(0, a.vocab_size, (7,), generator=torch.Generator().manual_seed(2))
+    features = torch.randn(7, a.hidden_size)
+    slots = torch.randperm(32)[:7]
+
+    def forward():
+        kv = torch.zeros(1, 2, 32, a.num_kv_heads, a.head_dim)
+        meta = AttentionMetadata.build([7], [7], slots, slots[None])
+        with torch.inference_mode():
+            return head(ids, torch.arange(7), kv, meta, features), kv
+
+    calls = []
+    original = cpu_decoder.decoder_layers
+    monkeypatch.setattr(cpu_decoder, "decoder_layers", lambda *a, **k: calls.append(1) or original(*a, **k))
+    fused, fused_kv = forward()
+    monkeypatch.setattr(cpu_decoder, "available", lambda: False)
+    layered, layered_kv = forward()
+    assert calls == [1]
+    assert torch.equal(fused, layered) and torch.equal(fused_kv, layered_kv)

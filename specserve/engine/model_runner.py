@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from specserve.engine.cuda_graphs import CudaGraphs, GraphShapes
+from specserve.kernels import hugepages
 from specserve.model.attention import AttentionMetadata
 from specserve.model.llama import LlamaModel
 
@@ -54,9 +55,11 @@ class ModelRunner:
         self.device = param.device
         self.dtype = param.dtype
         num_slots = num_blocks * block_size + 1  # the last slot is scratch: a CUDA graph's padding rows write there
-        self.kv_cache = torch.zeros(
-            a.num_layers, 2, num_slots, a.num_kv_heads, a.head_dim, dtype=self.dtype, device=self.device
-        )  # [layers, k/v, slots, kv_heads, head_dim]
+        shape = (a.num_layers, 2, num_slots, a.num_kv_heads, a.head_dim)  # [layers, k/v, slots, kv_heads, head_dim]
+        if self.device.type == "cpu":  # on 2 MB pages where the OS grants them: attention streams it every step
+            self.kv_cache = hugepages.zeros(shape, self.dtype)
+        else:
+            self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.cuda_graphs: CudaGraphs | None = None
 
     @property

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from specserve.model.attention import AttentionMetadata
-from specserve.model.llama import DecoderLayer, LlamaModel, RotaryEmbedding
+from specserve.model.llama import DecoderLayer, FusedLayers, LlamaModel, RotaryEmbedding
 from specserve.model.upcast import Linear, UpcastWeight, linear
 
 DRAFT_TYPE = "eagle"
@@ -82,6 +82,7 @@ class EagleHead(nn.Module):
         object.__setattr__(self, "verifier", verifier)
         self._head_weight: torch.Tensor | None = None  # [draft_vocab, hidden], derived, rebuilt on demand
         self.logits_upcast: UpcastWeight | None = None  # armed by enable_upcast (see upcast.py)
+        self.fused_layers = FusedLayers()  # fp32 inference on the CPU: the layer in one C call (cpu_decoder.c)
 
     @property
     def draft_vocab_size(self) -> int:
@@ -106,6 +107,9 @@ class EagleHead(nn.Module):
         emb = self.verifier.embed_tokens(input_ids)
         x = self.fc(torch.cat([emb, features.to(emb.dtype)], dim=-1))
         cos, sin = self.rotary(positions, x.dtype)
+        out = self.fused_layers.run(self.layers, self.arch, x, cos, sin, kv_cache, meta)
+        if out is not None:
+            return out
         return self.layers[0](x, cos, sin, kv_cache[0, 0], kv_cache[0, 1], meta)
 
     def draft_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -179,62 +179,72 @@ def _pointer(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-class LlamaModel(nn.Module):
-    def __init__(self, arch: ModelArchitecture, inv_freq: torch.Tensor, attention_scaling: float = 1.0) -> None:
-        super().__init__()
-        self.arch = arch
-        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(arch) for _ in range(arch.num_layers))
-        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.rotary = RotaryEmbedding(inv_freq, attention_scaling)
-        self.lm_head = None if arch.tie_word_embeddings else Linear(arch.hidden_size, arch.vocab_size, bias=False)
-        self.logits_upcast: UpcastWeight | None = None  # armed by enable_upcast (see upcast.py)
+def _identities(tensors: list[torch.Tensor]) -> list:
+    """Each tensor's data pointer and version counter (an inference tensor keeps none: its pointer must do)."""
+    return [(t.data_ptr(), None if t.is_inference() else t._version) for t in tensors]
 
-    def forward(
+
+class FusedLayers:
+    """Decoder layers run in one C call (`cpu_decoder`) where they can be: fp32 inference on the CPU, every
+    linear layer on the C kernel (`enable_upcast`), the kernels built. Anything else (bf16, CUDA, autograd, no
+    compiler) gets None from `run` and runs the layers one by one.
+
+    The pointer table the C call reads (weights, their bf16 copies, caches) takes a walk over every layer to
+    build (0.8 ms for SmolLM2, 5% of a decode step), so it is kept, with the data pointer and version counter
+    of every tensor it points into: a weight changed in place (load_state_dict, an optimizer step) or given new
+    storage (`.data =`, `.to()`) makes it anew, bf16 copies included, as the layer-by-layer path would. A
+    parameter replaced by another object (`module.weight = nn.Parameter(...)`) is not seen: call `forget()`."""
+
+    def __init__(self) -> None:
+        self._kept: tuple | None = None  # (cache pointer, identities, watched tensors, table)
+
+    def forget(self) -> None:
+        self._kept = None
+
+    def run(
         self,
-        input_ids: torch.Tensor,  # [num_tokens]
-        positions: torch.Tensor,  # [num_tokens]
-        kv_cache: torch.Tensor,  # [num_layers, 2, num_slots, num_kv_heads, head_dim]
+        layers: nn.ModuleList,
+        arch: ModelArchitecture,
+        x: torch.Tensor,  # [num_tokens, hidden]
+        cos: torch.Tensor,  # [num_tokens, 1, head_dim]
+        sin: torch.Tensor,  # [num_tokens, 1, head_dim], signed
+        kv_cache: torch.Tensor,  # [len(layers), 2, num_slots, num_kv_heads, head_dim]
         meta: AttentionMetadata,
-    ) -> torch.Tensor:  # [num_tokens, hidden]: the last layer's output, before the final norm (the "features")
-        x = self.embed_tokens(input_ids)
-        cos, sin = self.rotary(positions, x.dtype)
-        table = self._decoder_table(x, kv_cache, meta)
-        if table is not None:  # fp32 inference on the CPU: every layer in one C call, the same bits (cpu_decoder.c)
-            arch = self.arch
-            return cpu_decoder.decoder_layers(
-                x, table, arch.num_layers, arch.num_heads, arch.num_kv_heads, arch.head_dim, arch.intermediate_size,
-                cos.reshape(-1, arch.head_dim).contiguous(), sin.reshape(-1, arch.head_dim).contiguous(),
-                meta.slot_mapping, meta.context_slots, meta.row_request, meta.row_length, arch.rms_norm_eps,
-                self.layers[0].self_attn.scale, cpu_linear.COMPACT_ROWS,
-            )
-        pending = None
-        for i, layer in enumerate(self.layers):
-            x, pending = layer.step(x, pending, cos, sin, kv_cache[i, 0], kv_cache[i, 1], meta)
-        return x + pending
+    ) -> torch.Tensor | None:  # [num_tokens, hidden]: the last layer's output, or None where it cannot run
+        table = self.table(layers, arch, x, kv_cache, meta)
+        if table is None:
+            return None
+        return cpu_decoder.decoder_layers(
+            x.contiguous(), table, len(layers), arch.num_heads, arch.num_kv_heads, arch.head_dim,
+            arch.intermediate_size, cos.reshape(-1, arch.head_dim).contiguous(),
+            sin.reshape(-1, arch.head_dim).contiguous(), meta.slot_mapping, meta.context_slots, meta.row_request,
+            meta.row_length, arch.rms_norm_eps, layers[0].self_attn.scale, cpu_linear.COMPACT_ROWS,
+        )
 
-    def _decoder_table(self, x: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor | None:
-        """The pointer table `cpu_decoder` reads (weights, their bf16 copies, caches), or None where the layers
-        must run one by one: anything but fp32 inference on the CPU with every linear layer on the C kernel
-        (`enable_upcast`), or no compiler. Rebuilt every call (a few tens of microseconds), as each linear layer
-        checks its bf16 copy every call: a weight changed in place is never read stale."""
+    def table(self, layers, arch, x, kv_cache, meta) -> torch.Tensor | None:
+        """The pointer table (`cpu_decoder.WEIGHTS_PER_LAYER` a layer), or None where the C call cannot run."""
         if (
             torch.is_grad_enabled()
             or x.dtype != torch.float32
             or x.device.type != "cpu"
             or kv_cache.dtype != torch.float32
             or not kv_cache.is_contiguous()
+            or kv_cache.shape[0] < len(layers)
             or meta.row_length is None
             or meta.uses_decode_kernel
             or not cpu_decoder.available()
         ):
             return None
-        pointers = []
-        for i, layer in enumerate(self.layers):
+        kept = self._kept
+        if kept is not None and kept[0] == kv_cache.data_ptr() and kept[1] == _identities(kept[2]):
+            return kept[3]
+        self._kept = None
+        pointers, watched = [], []
+        for i, layer in enumerate(layers):
             attn, mlp = layer.self_attn, layer.mlp
             norms = (layer.input_layernorm, layer.post_attention_layernorm)
             for n in norms:
-                if n.weight.dtype != torch.float32 or not n.weight.is_contiguous() or n.eps != self.arch.rms_norm_eps:
+                if n.weight.dtype != torch.float32 or not n.weight.is_contiguous() or n.eps != arch.rms_norm_eps:
                     return None
             linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
             for lin in linears:
@@ -254,7 +264,40 @@ class LlamaModel(nn.Module):
                 down.weight.data_ptr(), _pointer(down.upcast.compact),
                 kv_cache[i, 0].data_ptr(), kv_cache[i, 1].data_ptr(),
             ]
-        return torch.tensor(pointers, dtype=torch.int64)
+            watched += [n.weight for n in norms] + [lin.weight for lin in linears] + ([] if bias is None else [bias])
+        table = torch.tensor(pointers, dtype=torch.int64)
+        self._kept = (kv_cache.data_ptr(), _identities(watched), watched, table)
+        return table
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, arch: ModelArchitecture, inv_freq: torch.Tensor, attention_scaling: float = 1.0) -> None:
+        super().__init__()
+        self.arch = arch
+        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(arch) for _ in range(arch.num_layers))
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.rotary = RotaryEmbedding(inv_freq, attention_scaling)
+        self.lm_head = None if arch.tie_word_embeddings else Linear(arch.hidden_size, arch.vocab_size, bias=False)
+        self.logits_upcast: UpcastWeight | None = None  # armed by enable_upcast (see upcast.py)
+        self.fused_layers = FusedLayers()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [num_tokens]
+        positions: torch.Tensor,  # [num_tokens]
+        kv_cache: torch.Tensor,  # [num_layers, 2, num_slots, num_kv_heads, head_dim]
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:  # [num_tokens, hidden]: the last layer's output, before the final norm (the "features")
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary(positions, x.dtype)
+        out = self.fused_layers.run(self.layers, self.arch, x, cos, sin, kv_cache, meta)
+        if out is not None:  # fp32 inference on the CPU: every layer in one C call, the same bits (cpu_decoder.c)
+            return out
+        pending = None
+        for i, layer in enumerate(self.layers):
+            x, pending = layer.step(x, pending, cos, sin, kv_cache[i, 0], kv_cache[i, 1], meta)
+        return x + pending
 
     @property
     def output_weight(self) -> torch.Tensor:  # [vocab, hidden]

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specserve.kernels import cpu_linear
+from specserve.kernels import cpu_linear, hugepages
 
 MIN_ROWS = 3  # on the AVX2 machine 2 rows are faster in bf16, 3 or more (padded to 4) in fp32
 SKINNY_ROWS = 16  # up to this many rows (verification), the skinny-product form below
@@ -220,3 +220,10 @@ def enable_upcast(model: nn.Module) -> None:
         # a tied output layer is packed (or copied to bf16) apart from the embedding
         if isinstance(output, torch.Tensor) and (packs(output) or runs_cpu_kernel(output)):
             model.logits_upcast.prepare(output, None)
+    # the bf16 copies the C kernel streams every step, in forward order in one buffer on 2 MB pages where the OS
+    # grants them (`hugepages`): SmolLM2's layers over one row 18% faster than on 4 KB pages
+    holders = [m.upcast for m in model.modules() if isinstance(m, Linear) and m.upcast is not None]
+    holders += [model.logits_upcast] if isinstance(getattr(model, "logits_upcast", None), UpcastWeight) else []
+    holders = [h for h in holders if h.compact is not None and h.compact.device.type == "cpu"]
+    for holder, packed in zip(holders, hugepages.pack([h.compact for h in holders]), strict=True):
+        holder.compact = packed
