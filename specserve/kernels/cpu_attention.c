@@ -30,29 +30,8 @@ static inline float dot(const float *a, const float *b, long D) {
     return s;
 }
 
-#if defined(__GNUC__) && !defined(__clang__)
+#ifdef HAVE_SUMS16
 #define BLOCKED_SCORES 1
-/* The sums of sixteen accumulators, lane i holding acc[i]'s, each summed exactly as lanes_sum sums it (pairwise:
- * lane j with j + 8, then j + 4, then j + 2, then j + 1): a transposing tree, 30 shuffles and adds instead of
- * sixteen trees. */
-static inline v16 sums16(const v16 *acc) {
-    const i16v l1a = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
-    const i16v l1b = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
-    const i16v l2a = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27};
-    const i16v l2b = {4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31};
-    const i16v l3a = {0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29};
-    const i16v l3b = {2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31};
-    const i16v l4a = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
-    const i16v l4b = {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
-    v16 b[8], c[4], d[2];
-    for (int i = 0; i < 8; i++)
-        b[i] = __builtin_shuffle(acc[2 * i], acc[2 * i + 1], l1a) + __builtin_shuffle(acc[2 * i], acc[2 * i + 1], l1b);
-    for (int i = 0; i < 4; i++)
-        c[i] = __builtin_shuffle(b[2 * i], b[2 * i + 1], l2a) + __builtin_shuffle(b[2 * i], b[2 * i + 1], l2b);
-    for (int i = 0; i < 2; i++)
-        d[i] = __builtin_shuffle(c[2 * i], c[2 * i + 1], l3a) + __builtin_shuffle(c[2 * i], c[2 * i + 1], l3b);
-    return __builtin_shuffle(d[0], d[1], l4a) + __builtin_shuffle(d[0], d[1], l4b);
-}
 #endif
 
 /* The largest of n numbers (order does not matter for a maximum). */
@@ -274,14 +253,19 @@ int specserve_paged_attention_f32(const float *q, const float *k_cache, const fl
     unit_t *units = stack_units;
     const long most = T * KVH * head_parts; /* at most one unit per row, KV head and part of its heads */
     if (most > 64 && !(units = malloc(sizeof(unit_t) * (size_t)most))) return -1;
+    /* a request's units KV head by KV head: the threads' static shares then hold whole KV heads where they can,
+     * so a head's keys and values come from memory once and are read again from the same core's L2 */
     for (long t = 0; t < T;) {
-        const long first = t;
-        while (t < T && row_request[t] == row_request[first] && t - first < rows_per_unit) t++;
+        const long start = t;
+        while (t < T && row_request[t] == row_request[start]) t++;
         for (long h = 0; h < KVH; h++)
-            for (long part = 0; part < head_parts; part++)
-                units[n++] = (unit_t){q + first * H * D, slots + row_request[first] * max_ctx, row_length + first,
-                                      t - first, h, G * part / head_parts, G * (part + 1) / head_parts,
-                                      out + first * H * D};
+            for (long first = start; first < t; first += rows_per_unit) {
+                const long rows = t - first < rows_per_unit ? t - first : rows_per_unit;
+                for (long part = 0; part < head_parts; part++)
+                    units[n++] = (unit_t){q + first * H * D, slots + row_request[first] * max_ctx, row_length + first,
+                                          rows, h, G * part / head_parts, G * (part + 1) / head_parts,
+                                          out + first * H * D};
+            }
     }
     int failed = 0;
     const long stride = (max_ctx > 0 ? max_ctx : 1) + 16, Q = rows_per_unit * G;

@@ -13,6 +13,7 @@
  */
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 void specserve_linear_f32(const float *x, long M, long K, const float *w, long N, const float *bias, float *y,
                           int threads);
@@ -45,6 +46,39 @@ enum {
     WEIGHTS_PER_LAYER
 };
 
+/* Where the time goes inside the call, for `specserve bench profile` (torch's profiler sees one opaque call):
+ * seconds per kind of step, summed over calls while profiling is on. Off by default: one branch a step. */
+enum { T_NORM, T_QKV, T_ROTARY, T_KV_WRITE, T_ATTENTION, T_O, T_GATE_UP, T_SILU, T_DOWN, T_KINDS };
+static int profiling;
+static double seconds[T_KINDS];
+
+static double now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+static double mark(int kind, double since) {
+    const double t = now();
+    seconds[kind] += t - since;
+    return t;
+}
+
+/* Turn the timing on (1) or off (0), clearing what was summed. */
+void specserve_decoder_profiling(int on) {
+    profiling = on;
+    memset(seconds, 0, sizeof seconds);
+}
+
+/* Copy the seconds summed since profiling was turned on into out[T_KINDS]; returns T_KINDS. */
+int specserve_decoder_profile(double *out) {
+    memcpy(out, seconds, sizeof seconds);
+    return T_KINDS;
+}
+
+#define MARK(kind)                                                                                                     \
+    if (profiling) t0 = mark(kind, t0)
+
 static void linear(const float *x, long M, long K, void *const *w, int which, long N, const float *bias, float *y,
                    long compact_rows, int threads) {
     if (w[which + 1] && M <= compact_rows)
@@ -73,6 +107,7 @@ int specserve_decoder_f32(const float *x, long T, long hidden, long layers, long
     float *q = qkv + T * width, *attn = q + T * q_size, *gate_up = attn + T * q_size, *act = gate_up + T * 2 * inter;
     float *pending = act + T * inter;
     int status = 0;
+    double t0 = profiling ? now() : 0.0;
     for (long l = 0; l < layers && status == 0; l++) {
         void *const *w = weights + l * WEIGHTS_PER_LAYER;
         if (l == 0) {
@@ -82,8 +117,11 @@ int specserve_decoder_f32(const float *x, long T, long hidden, long layers, long
             specserve_add_rms_norm_f32(resid, pending, T, hidden, w[INPUT_NORM], eps, h, normed);
             memcpy(resid, h, sizeof(float) * (size_t)(T * hidden));
         }
+        MARK(T_NORM);
         linear(normed, T, hidden, w, QKV, width, w[QKV_BIAS], qkv, compact_rows, threads);
+        MARK(T_QKV);
         specserve_rotary_f32(qkv, T, width, H + KVH, D, cos, sin);
+        MARK(T_ROTARY);
         float *k_cache = w[K_CACHE], *v_cache = w[V_CACHE];
         for (long t = 0; t < T; t++) {
             memcpy(k_cache + slot_mapping[t] * kv_size, qkv + t * width + q_size, sizeof(float) * (size_t)kv_size);
@@ -91,14 +129,21 @@ int specserve_decoder_f32(const float *x, long T, long hidden, long layers, long
                    sizeof(float) * (size_t)kv_size);
             memcpy(q + t * q_size, qkv + t * width, sizeof(float) * (size_t)q_size);
         }
+        MARK(T_KV_WRITE);
         status = specserve_paged_attention_f32(q, k_cache, v_cache, slots, max_ctx, row_request, row_length, T, H,
                                                KVH, D, scale, attn, threads);
+        MARK(T_ATTENTION);
         linear(attn, T, q_size, w, O, hidden, NULL, h, compact_rows, threads);
+        MARK(T_O);
         specserve_add_rms_norm_f32(resid, h, T, hidden, w[POST_NORM], eps, out, normed);
         memcpy(resid, out, sizeof(float) * (size_t)(T * hidden));
+        MARK(T_NORM);
         linear(normed, T, hidden, w, GATE_UP, 2 * inter, NULL, gate_up, compact_rows, threads);
+        MARK(T_GATE_UP);
         specserve_silu_mul_f32(gate_up, T, inter, act);
+        MARK(T_SILU);
         linear(act, T, inter, w, DOWN, hidden, NULL, pending, compact_rows, threads);
+        MARK(T_DOWN);
     }
     for (long i = 0; i < T * hidden; i++) out[i] = resid[i] + pending[i];
     free(scratch);

@@ -22,11 +22,48 @@ WEIGHTS_PER_LAYER = 13  # the C file's enum: input norm, qkv (+ bf16 copy, bias)
 def _library() -> ctypes.CDLL | None:
     p, n, f = ctypes.c_void_p, ctypes.c_long, ctypes.c_float
     signature = [p, n, n, n, n, n, n, n, p, p, p, p, p, n, p, p, f, f, n, p, ctypes.c_int]
-    return cpu_build.functions({"specserve_decoder_f32": (ctypes.c_int, signature)})
+    return cpu_build.functions(
+        {
+            "specserve_decoder_f32": (ctypes.c_int, signature),
+            "specserve_decoder_profiling": (None, [ctypes.c_int]),
+            "specserve_decoder_profile": (ctypes.c_int, [p]),
+        }
+    )
 
 
 def available() -> bool:
     return _library() is not None
+
+
+# what the C call's own timing splits its time into (the C file's T_* order), as `specserve bench profile` names them
+PROFILE_KINDS = (
+    "norms",
+    "linear: qkv_proj",
+    "rotary + reshapes",
+    "attention: KV write",
+    "attention: softmax(QK)V",
+    "linear: o_proj",
+    "linear: gate_up_proj",
+    "mlp: silu * up",
+    "linear: down_proj",
+)
+
+
+def set_profiling(on: bool) -> None:
+    """Time every step inside the C call (clock reads around each; off by default), clearing the sums."""
+    lib = _library()
+    if lib is not None:
+        lib.specserve_decoder_profiling(int(on))
+
+
+def profile() -> dict[str, float]:
+    """Seconds per kind of step summed over the calls since `set_profiling(True)`."""
+    lib = _library()
+    if lib is None:
+        return {}
+    out = (ctypes.c_double * len(PROFILE_KINDS))()
+    lib.specserve_decoder_profile(out)
+    return dict(zip(PROFILE_KINDS, out, strict=True))
 
 
 def decoder_layers(

@@ -5,7 +5,8 @@
  * nothing but K: sixteen lanes, lane j accumulating x[m, j + 16 i] * w[n, j + 16 i] over i in turn, then the
  * sixteen lanes added pairwise (8 + 8, 4 + 4, 2 + 2, 1 + 1), then the K % 16 leftover terms one by one, then
  * the bias. Tiling (how many rows of x and of w one tile takes, how tiles are split among threads) changes which
- * products are computed together, never the order of one sum, so the bits do not change with it.
+ * products are computed together, never the order of one sum, so the bits do not change with it. A tile of
+ * sixteen outputs adds their lanes all at once (cpu_simd.h's sums16: the same order, one transposing tree).
  *
  * Memory-bound for a few rows: a tile of four rows of w is streamed once and used for up to eight rows of x while
  * it sits in L1 (four rows of w against four of x, or two against eight), and while one tile is computed the
@@ -33,6 +34,9 @@
 #define SERIAL_WORK (1L << 16) /* multiply-adds below which one thread does it all */
 #define X_BLOCK 64 /* rows of x kept in cache while every tile of w passes over them (a prefill chunk) */
 #define PREFETCH_LOCALITY 2 /* __builtin_prefetch's: 2 = into L2 (measured best; 3, into L1, 4% slower at 8 rows) */
+#ifndef PREFETCH_AHEAD
+#define PREFETCH_AHEAD 1 /* tiles of w ahead of the one being computed that are prefetched */
+#endif
 
 /* A weight stored as bf16 holds numbers that fp32 holds exactly: widened (the 16 bits moved up, zeros below)
  * they are the very fp32 values, so the products and sums below are the same bits as with the fp32 weight. */
@@ -85,9 +89,23 @@ static inline __attribute__((always_inline)) void tile(const float *restrict x, 
             for (int m = 0; m < mb; m++) acc[n][m] += wv * xv[m];
         }
     }
+    float sums[W_TILE][X_TILE > 4 ? X_TILE : 4];
+#ifdef HAVE_SUMS16
+    if (nb * mb == 16) { /* the 2 x 8 and 4 x 4 tiles: all sixteen lane sums by one transposing tree */
+        v16 flat[16];
+        for (int n = 0; n < nb; n++)
+            for (int m = 0; m < mb; m++) flat[n * mb + m] = acc[n][m];
+        float all[16];
+        store16(all, sums16(flat));
+        for (int n = 0; n < nb; n++)
+            for (int m = 0; m < mb; m++) sums[n][m] = all[n * mb + m];
+    } else
+#endif
+        for (int n = 0; n < nb; n++)
+            for (int m = 0; m < mb; m++) sums[n][m] = lanes_sum(acc[n][m]);
     for (int n = 0; n < nb; n++) {
         for (int m = 0; m < mb; m++) {
-            float s = lanes_sum(acc[n][m]);
+            float s = sums[n][m];
             /* fused multiply-adds, spelled out: left to contraction, GCC multiplies a bf16 tail as a vector first */
             for (long k = k16; k < K; k++)
                 s = __builtin_fmaf(x[m * ldx + k], half ? bf16_value(w16[n * K + k]) : w32[n * K + k], s);
@@ -162,7 +180,8 @@ static void run(const float *x, long M, long K, const void *w, long N, const flo
             const int nb = (int)(N - n0 < W_TILE ? N - n0 : W_TILE);
             const char *rows = (const char *)w + n0 * row_bytes;
             /* the next full tile of w, fetched while this one is computed with the first rows of x */
-            const char *next = t + 1 < tiles && N - n0 >= 2 * W_TILE ? rows + W_TILE * row_bytes : 0;
+            const char *next =
+                N - n0 >= (PREFETCH_AHEAD + 1) * W_TILE ? rows + PREFETCH_AHEAD * W_TILE * row_bytes : 0;
             for (long m = m0; m < m1; m += x_tile) {
                 const int mb = (int)(m1 - m < x_tile ? m1 - m : x_tile);
                 fn(x + m * K, K, rows, K, bias ? bias + n0 : 0, y + m * N + n0, N, mb, nb, m == m0 ? next : 0);

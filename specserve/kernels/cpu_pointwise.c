@@ -25,11 +25,10 @@ __attribute__((optimize("fp-contract=off"))) void specserve_rotary_f32(float *x,
         const float *c = cos + t * D, *s = ssin + t * D;
         for (long h = 0; h < H; h++) {
             float *xh = x + t * W + h * D;
-            for (long i = 0; i < D; i++) {
-                const float a = xh[i] * c[i];
-                const float b = xh[(i + half) % D] * s[i];
-                tmp[i] = a + b;
-            }
+            /* the partner of i is i + D/2 in the first half and i - D/2 in the second: two loops the compiler
+             * vectorizes (one with `% D` it did not: 3 ns an element) */
+            for (long i = 0; i < half; i++) tmp[i] = xh[i] * c[i] + xh[i + half] * s[i];
+            for (long i = half; i < D; i++) tmp[i] = xh[i] * c[i] + xh[i - half] * s[i];
             memcpy(xh, tmp, sizeof(float) * (size_t)D);
         }
     }
