@@ -164,3 +164,33 @@ def test_a_prefix_cache_hit_gives_the_head_what_it_had_the_first_time(tiny, head
     assert first == again == batched
     nocache = make(tiny, heads["full"], 3, cache=CacheConfig(num_blocks=256, block_size=4, enable_prefix_caching=False))
     assert nocache.generate([prompt], sampled)[0].token_ids == first
+
+
+def test_a_head_beside_a_verifier_of_bf16_numbers_is_rounded_to_them(tiny, heads):
+    """drafts.arm rounds a draft's fp32 weights to bf16 numbers when the verifier's are (the default verifier: a
+    bf16 checkpoint run in fp32), so the C kernel streams bf16 copies; otherwise the draft is left as it is."""
+    from specserve.engine import drafts
+    from specserve.kernels import cpu_linear
+
+    if not cpu_linear.available():
+        pytest.skip("no C compiler: no bf16 copies to stream")
+    verifier = load_model(tiny["llama"], torch.float32, "cpu")
+    enable_upcast(verifier)
+    assert not drafts.holds_bf16_numbers(verifier)  # random fp32 weights
+    head = load_eagle(heads["full"], verifier, tiny["llama"])
+    before = {n: p.clone() for n, p in head.named_parameters()}
+    drafts.arm(head, upcast=True, batch_invariant=False, bf16_numbers=drafts.holds_bf16_numbers(verifier))
+    assert all(torch.equal(p, before[n]) for n, p in head.named_parameters())
+
+    with torch.no_grad():
+        for p in verifier.parameters():
+            p.copy_(p.bfloat16().float())
+    rounded_verifier = load_model(tiny["llama"], torch.float32, "cpu")
+    rounded_verifier.load_state_dict(verifier.state_dict())
+    enable_upcast(rounded_verifier)
+    assert drafts.holds_bf16_numbers(rounded_verifier)
+    head = load_eagle(heads["full"], rounded_verifier, tiny["llama"])
+    drafts.arm(head, upcast=True, batch_invariant=False, bf16_numbers=True)
+    for n, p in head.named_parameters():
+        assert torch.equal(p, before[n].bfloat16().float())
+    assert head.fc.upcast.compact is not None and head.logits_upcast.compact is not None

@@ -98,8 +98,10 @@ class LLMEngine:
             enable_upcast(self.verifier)
         if config.batch_invariant:
             enable_batch_invariant(self.verifier)
+        # a verifier of bf16 numbers run in fp32 (the default one) streams bf16 copies: drafts are rounded to match
+        self.bf16_drafts = self.upcast and drafts.holds_bf16_numbers(self.verifier)
         if draft_model is not None:
-            drafts.arm(draft_model, self.upcast, config.batch_invariant)
+            drafts.arm(draft_model, self.upcast, config.batch_invariant, self.bf16_drafts)
 
         cache = config.cache
         per_block = kv_bytes_per_block(self.verifier, cache.block_size, dtype)
@@ -216,7 +218,7 @@ class LLMEngine:
         if self.proposer is None:
             raise ValueError("this engine runs without a draft model; start it with one to swap drafts")
         drafts.check_fits(draft_model, self.draft_slot, version)
-        drafts.arm(draft_model, self.upcast, self.config.batch_invariant)
+        drafts.arm(draft_model, self.upcast, self.config.batch_invariant, self.bf16_drafts)
         self.proposer = drafts.make_proposer(draft_model, self.num_blocks, self.config.cache.block_size)
         self.scheduler.hit_needs_draft_kv = self.proposer.reads_verifier_features
         self.kv.invalidate_draft()

@@ -88,6 +88,11 @@ class EagleHead(nn.Module):
     def draft_vocab_size(self) -> int:
         return self.draft_vocab.numel()
 
+    @property
+    def output_weight(self) -> torch.Tensor:  # [draft_vocab, hidden]: what `draft_logits` multiplies by
+        """The output layer as `enable_upcast` reads it (so its bf16 copy is made, and packed, at start)."""
+        return self.head_weight()
+
     def head_weight(self) -> torch.Tensor:  # [draft_vocab, hidden]
         weight = self.verifier.output_weight
         if not self.trimmed:
