@@ -65,21 +65,34 @@ def test_leading_dims_empty_input_and_bad_arguments():
         cpu_linear.linear_f32(torch.randn(3, 32), torch.randn(32, 24).t())
 
 
-@pytest.mark.parametrize("in_features,out_features", [(64, 40), (37, 9), (576, 24)])
-def test_a_bf16_copy_of_bf16_numbers_gives_the_same_bits(in_features, out_features):
-    """A weight of bf16 numbers read from its bf16 copy (up to COMPACT_ROWS rows) gives the fp32 weight's bits,
-    on either side of the row threshold, so rows stay invariant across it."""
+@pytest.mark.parametrize("in_features,out_features", [(64, 40), (37, 9), (576, 24), (1536, 130), (7, 1)])
+def test_a_packed_copy_of_bf16_numbers_keeps_every_row_invariant(in_features, out_features):
+    """A weight of bf16 numbers is read from its packed bf16 copy (cpu_linear.pack_bf16) by every row count: each
+    output is one multiply-add chain in input order, so a row's bits are the same alone, among 8 (a verification
+    pass) or among 70 (a prefill chunk, past one 64-row block), on one thread or two; as accurate as fp32 sums."""
     torch.manual_seed(in_features + out_features)
     w = torch.randn(out_features, in_features).bfloat16().float()
     b = torch.randn(out_features)
-    compact = cpu_linear.exact_bf16(w)
-    assert compact is not None and compact.dtype == torch.bfloat16 and torch.equal(compact.float(), w)
-    x = torch.randn(cpu_linear.COMPACT_ROWS + 9, in_features)
-    reference = cpu_linear.linear_f32(x, w, b)
-    for rows in [1, 2, 3, 5, 8, 9, 17, cpu_linear.COMPACT_ROWS, cpu_linear.COMPACT_ROWS + 1, len(x)]:
-        assert torch.equal(cpu_linear.linear_f32(x[:rows], w, b, compact), reference[:rows]), rows
-    for i in range(len(x)):
-        assert torch.equal(cpu_linear.linear_f32(x[i : i + 1], w, b, compact)[0], reference[i])
+    packed = cpu_linear.pack_bf16(w)
+    group = cpu_linear.packed_group()
+    assert packed is not None and packed.dtype == torch.bfloat16
+    assert packed.shape == (-(-out_features // group), in_features, group)
+    assert torch.equal(cpu_linear.unpack_bf16(packed, out_features).float(), w)
+    x = torch.randn(70, in_features)
+    exact = x.double() @ w.double().T + b.double()
+    scale = x.double().abs() @ w.double().abs().T + b.double().abs()
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            every = cpu_linear.linear_f32(x, w, b, packed)
+            assert ((every.double() - exact).abs() / scale).max() < in_features * 2**-23
+            for rows in [1, 2, 3, 5, 6, 7, 8, 9, 13, 64, 65]:
+                assert torch.equal(cpu_linear.linear_f32(x[:rows], w, b, packed), every[:rows]), rows
+            for i in range(0, len(x), 7):
+                assert torch.equal(cpu_linear.linear_f32(x[i : i + 1], w, b, packed)[0], every[i])
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_exact_bf16_refuses_numbers_bf16_cannot_hold():
@@ -91,22 +104,22 @@ def test_exact_bf16_refuses_numbers_bf16_cannot_hold():
     nan = torch.zeros(2, 2)
     nan[0, 0] = float("nan")
     assert cpu_linear.exact_bf16(nan) is None  # a NaN is never equal: the fp32 weight is kept
-    with pytest.raises(ValueError, match="compact"):
-        cpu_linear.linear_f32(torch.randn(2, 16), w, None, torch.zeros(8, 16))  # fp32, not bf16
+    with pytest.raises(ValueError, match="pack_bf16"):
+        cpu_linear.linear_f32(torch.randn(2, 16), w, None, torch.zeros(8, 16))  # fp32, not a packed copy
 
 
 def test_upcast_linear_reads_the_bf16_copy_of_a_bf16_checkpoint():
-    """The default verifier's case: a bf16 checkpoint run in fp32. The holder keeps a bf16 copy; a change of the
-    weight in place makes a fresh one."""
+    """The default verifier's case: a bf16 checkpoint run in fp32. The holder keeps a packed bf16 copy; a change
+    of the weight in place makes a fresh one."""
     torch.manual_seed(4)
     w, b = torch.randn(48, 32).bfloat16().float(), torch.randn(48)
     holder = UpcastWeight()
     x = torch.randn(5, 32)
-    assert torch.equal(linear(x, w, b, holder), cpu_linear.linear_f32(x, w, b))
-    assert holder.compact is not None and torch.equal(holder.compact.float(), w)
+    assert torch.equal(linear(x, w, b, holder), cpu_linear.linear_f32(x, w, b, cpu_linear.pack_bf16(w)))
+    assert holder.compact is not None and torch.equal(cpu_linear.unpack_bf16(holder.compact, 48).float(), w)
     w.mul_(2)  # in place: still bf16 numbers, a new copy
-    assert torch.equal(linear(x, w, b, holder), cpu_linear.linear_f32(x, w, b))
-    assert torch.equal(holder.compact.float(), w)
+    assert torch.equal(linear(x, w, b, holder), cpu_linear.linear_f32(x, w, b, cpu_linear.pack_bf16(w)))
+    assert torch.equal(cpu_linear.unpack_bf16(holder.compact, 48).float(), w)
     w.add_(1e-4)  # now off the bf16 grid: no copy, the fp32 weight itself
     assert torch.equal(linear(x, w, b, holder), cpu_linear.linear_f32(x, w, b))
     assert holder.compact is None

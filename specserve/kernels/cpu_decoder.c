@@ -8,8 +8,8 @@
  * Numerics: every step is the kernel the Python path calls, on the same inputs, so the bits are the same (the
  * residual adds, the KV writes and the copies are exact); tests/test_cpu_decoder.py checks them equal.
  *
- * Weights come as a table of pointers, `WEIGHTS_PER_LAYER` a layer (see `enum`); a linear layer's bf16 copy
- * (cpu_linear.exact_bf16) is read instead of its fp32 weight for up to `compact_rows` rows, as linear_f32 does.
+ * Weights come as a table of pointers, `WEIGHTS_PER_LAYER` a layer (see `enum`); a linear layer's packed bf16
+ * copy (cpu_linear.pack_bf16), where it has one, is read instead of its fp32 weight, as linear_f32 does.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -17,8 +17,8 @@
 
 void specserve_linear_f32(const float *x, long M, long K, const float *w, long N, const float *bias, float *y,
                           int threads);
-void specserve_linear_f32_bf16w(const float *x, long M, long K, const unsigned short *w, long N, const float *bias,
-                                float *y, int threads);
+void specserve_linear_f32_packed(const float *x, long M, long K, const unsigned short *wp, long N,
+                                 const float *bias, float *y, int threads);
 void specserve_rms_norm_f32(const float *x, long M, long K, const float *w, float eps, float *y);
 void specserve_add_rms_norm_f32(const float *x, const float *h, long M, long K, const float *w, float eps, float *s,
                                 float *y);
@@ -32,7 +32,7 @@ int specserve_paged_attention_f32(const float *q, const float *k_cache, const fl
 enum {
     INPUT_NORM,     /* [hidden] fp32 */
     QKV,            /* [(H + 2 KVH) D, hidden] fp32 */
-    QKV_COMPACT,    /* the same in bf16, or NULL */
+    QKV_COMPACT,    /* the same packed in bf16 (cpu_linear.pack_bf16), or NULL */
     QKV_BIAS,       /* [(H + 2 KVH) D] fp32, or NULL */
     O,              /* [hidden, H D] */
     O_COMPACT,      /* or NULL */
@@ -80,9 +80,9 @@ int specserve_decoder_profile(double *out) {
     if (profiling) t0 = mark(kind, t0)
 
 static void linear(const float *x, long M, long K, void *const *w, int which, long N, const float *bias, float *y,
-                   long compact_rows, int threads) {
-    if (w[which + 1] && M <= compact_rows)
-        specserve_linear_f32_bf16w(x, M, K, w[which + 1], N, bias, y, threads);
+                   int threads) {
+    if (w[which + 1]) /* the packed bf16 copy, for every row count (cpu_linear.linear_f32 does the same) */
+        specserve_linear_f32_packed(x, M, K, w[which + 1], N, bias, y, threads);
     else
         specserve_linear_f32(x, M, K, w[which], N, bias, y, threads);
 }
@@ -94,7 +94,7 @@ static void linear(const float *x, long M, long K, void *const *w, int which, lo
 int specserve_decoder_f32(const float *x, long T, long hidden, long layers, long H, long KVH, long D, long inter,
                           void *const *weights, const float *cos, const float *sin, const long *slot_mapping,
                           const long *slots, long max_ctx, const long *row_request, const long *row_length,
-                          float eps, float scale, long compact_rows, float *out, int threads) {
+                          float eps, float scale, float *out, int threads) {
     if (layers <= 0) {
         memcpy(out, x, sizeof(float) * (size_t)(T * hidden));
         return 0;
@@ -118,7 +118,7 @@ int specserve_decoder_f32(const float *x, long T, long hidden, long layers, long
             memcpy(resid, h, sizeof(float) * (size_t)(T * hidden));
         }
         MARK(T_NORM);
-        linear(normed, T, hidden, w, QKV, width, w[QKV_BIAS], qkv, compact_rows, threads);
+        linear(normed, T, hidden, w, QKV, width, w[QKV_BIAS], qkv, threads);
         MARK(T_QKV);
         specserve_rotary_f32(qkv, T, width, H + KVH, D, cos, sin);
         MARK(T_ROTARY);
@@ -133,16 +133,16 @@ int specserve_decoder_f32(const float *x, long T, long hidden, long layers, long
         status = specserve_paged_attention_f32(q, k_cache, v_cache, slots, max_ctx, row_request, row_length, T, H,
                                                KVH, D, scale, attn, threads);
         MARK(T_ATTENTION);
-        linear(attn, T, q_size, w, O, hidden, NULL, h, compact_rows, threads);
+        linear(attn, T, q_size, w, O, hidden, NULL, h, threads);
         MARK(T_O);
         specserve_add_rms_norm_f32(resid, h, T, hidden, w[POST_NORM], eps, out, normed);
         memcpy(resid, out, sizeof(float) * (size_t)(T * hidden));
         MARK(T_NORM);
-        linear(normed, T, hidden, w, GATE_UP, 2 * inter, NULL, gate_up, compact_rows, threads);
+        linear(normed, T, hidden, w, GATE_UP, 2 * inter, NULL, gate_up, threads);
         MARK(T_GATE_UP);
         specserve_silu_mul_f32(gate_up, T, inter, act);
         MARK(T_SILU);
-        linear(act, T, inter, w, DOWN, hidden, NULL, pending, compact_rows, threads);
+        linear(act, T, inter, w, DOWN, hidden, NULL, pending, threads);
         MARK(T_DOWN);
     }
     for (long i = 0; i < T * hidden; i++) out[i] = resid[i] + pending[i];

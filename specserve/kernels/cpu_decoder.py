@@ -21,7 +21,7 @@ WEIGHTS_PER_LAYER = 13  # the C file's enum: input norm, qkv (+ bf16 copy, bias)
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     p, n, f = ctypes.c_void_p, ctypes.c_long, ctypes.c_float
-    signature = [p, n, n, n, n, n, n, n, p, p, p, p, p, n, p, p, f, f, n, p, ctypes.c_int]
+    signature = [p, n, n, n, n, n, n, n, p, p, p, p, p, n, p, p, f, f, p, ctypes.c_int]
     return cpu_build.functions(
         {
             "specserve_decoder_f32": (ctypes.c_int, signature),
@@ -82,7 +82,6 @@ def decoder_layers(
     row_length: torch.Tensor,  # [num_tokens] int64
     eps: float,
     scale: float,
-    compact_rows: int,
 ) -> torch.Tensor:  # [num_tokens, hidden]: the last layer's output, before the final norm
     """Every layer of the model on x, writing each layer's new keys and values into its cache."""
     lib = _library()
@@ -104,7 +103,7 @@ def decoder_layers(
         status = lib.specserve_decoder_f32(
             x.data_ptr(), tokens, hidden, layers, heads, kv_heads, head_dim, intermediate, table.data_ptr(),
             cos.data_ptr(), signed_sin.data_ptr(), slot_mapping.data_ptr(), context_slots.data_ptr(),
-            context_slots.shape[1], row_request.data_ptr(), row_length.data_ptr(), eps, scale, compact_rows,
+            context_slots.shape[1], row_request.data_ptr(), row_length.data_ptr(), eps, scale,
             out.data_ptr(), torch.get_num_threads(),
         )
         if status != 0:

@@ -26,7 +26,6 @@ import torch
 from specserve.kernels import cpu_build
 
 _F32 = torch.float32
-COMPACT_ROWS = 32  # up to this many rows a bf16-exact weight is read in bf16 (64 rows: 5% slower than fp32)
 
 
 @functools.cache
@@ -34,8 +33,26 @@ def _library() -> ctypes.CDLL | None:
     p, n = ctypes.c_void_p, ctypes.c_long
     signature = [p, n, n, p, n, p, p, ctypes.c_int]
     return cpu_build.functions(
-        {"specserve_linear_f32": (None, signature), "specserve_linear_f32_bf16w": (None, signature)}
+        {
+            "specserve_linear_f32": (None, signature),
+            "specserve_linear_f32_bf16w": (None, signature),
+            "specserve_linear_f32_packed": (None, signature),
+            "specserve_packed_group": (ctypes.c_long, []),
+        }
     )
+
+
+@functools.cache
+def _kernel_packed():
+    lib = _library()
+    return None if lib is None else lib.specserve_linear_f32_packed
+
+
+@functools.cache
+def packed_group() -> int:
+    """Outputs per group of a packed weight (`pack_bf16`): 64 with AVX-512, else 32; 0 without the kernels."""
+    lib = _library()
+    return 0 if lib is None else int(lib.specserve_packed_group())
 
 
 @functools.cache
@@ -61,6 +78,28 @@ def exact_bf16(weight: torch.Tensor) -> torch.Tensor | None:
         return compact if torch.equal(compact.float(), weight) else None
 
 
+def pack_bf16(weight: torch.Tensor) -> torch.Tensor | None:
+    """A weight of bf16 numbers (`exact_bf16`) packed for the outer-product kernel: [ceil(out / G), in, G] bf16
+    with G = `packed_group()`, group g holding outputs g * G .. g * G + G - 1 (zeros past the last), each input
+    index one contiguous run of G numbers. None where the weight is not all bf16 numbers or the kernels are off.
+    Every row count reads it (a decode step, a verification pass, a prefill): one summation order per weight."""
+    group = packed_group()
+    compact = exact_bf16(weight) if group else None
+    if compact is None:
+        return None
+    n, k = compact.shape
+    groups = -(-n // group)
+    padded = torch.zeros(groups * group, k, dtype=torch.bfloat16)
+    padded[:n] = compact
+    return padded.view(groups, group, k).transpose(1, 2).contiguous()
+
+
+def unpack_bf16(packed: torch.Tensor, out_features: int) -> torch.Tensor:  # [out, in] bf16
+    """The weight a `pack_bf16` copy holds, in its usual [out, in] layout (for tests and checks)."""
+    groups, k, group = packed.shape
+    return packed.transpose(1, 2).reshape(groups * group, k)[:out_features]
+
+
 def available() -> bool:
     """Whether the kernel is built and loaded (compiling it on the first call)."""
     return _kernel() is not None
@@ -70,13 +109,13 @@ def linear_f32(
     x: torch.Tensor,  # [..., in] fp32, CPU
     weight: torch.Tensor,  # [out, in] fp32, CPU, contiguous
     bias: torch.Tensor | None = None,  # [out] fp32, contiguous
-    compact: torch.Tensor | None = None,  # [out, in] bf16: `exact_bf16(weight)`
+    packed: torch.Tensor | None = None,  # `pack_bf16(weight)`
 ) -> torch.Tensor:  # [..., out] fp32
     """x @ weight.T + bias, each row's output the same bits whatever the number of rows (needs `available()`).
-    With `compact` (the same numbers in bf16), up to COMPACT_ROWS rows read it instead: the same bits, half the
-    bytes to stream (a decode step of SmolLM2-135M's layers: 9.0 against 15.8 ms on this project's Xeon); more
-    rows are bound by arithmetic, which the widening would only add to. Called ~120 times a forward: kept to a
-    few microseconds of Python."""
+    With `packed` (the same numbers in bf16, laid out for the outer-product kernel) every row count reads it:
+    half the bytes to stream, and one multiply-add chain per output in input order; without, the fp32 weight
+    in the dot-product kernel. Called ~120 times a forward on the layer-by-layer path: a few microseconds of
+    Python."""
     kernel = _kernel()
     if kernel is None:
         raise RuntimeError("the CPU linear kernel is not available (see the log)")
@@ -95,11 +134,13 @@ def linear_f32(
     out = torch.empty(rows, n)  # the default dtype is fp32 unless changed: checked below
     if out.dtype != _F32:
         out = out.float()
-    if compact is not None and rows <= COMPACT_ROWS:
-        if compact.dtype != torch.bfloat16 or compact.shape != weight.shape or not compact.is_contiguous():
-            raise ValueError("compact must be the weight's contiguous bf16 copy (exact_bf16)")
-        _kernel_bf16w()(x2.data_ptr(), rows, k, compact.data_ptr(), n, None if bias is None else bias.data_ptr(),
-                        out.data_ptr(), torch.get_num_threads())
+    if packed is not None:
+        group = packed_group()
+        if packed.dtype != torch.bfloat16 or packed.shape != (-(-n // group), k, group) or not packed.is_contiguous():
+            raise ValueError("packed must be the weight's pack_bf16 copy")
+        if rows:
+            _kernel_packed()(x2.data_ptr(), rows, k, packed.data_ptr(), n, None if bias is None else bias.data_ptr(),
+                             out.data_ptr(), torch.get_num_threads())
     elif rows:
         kernel(x2.data_ptr(), rows, k, weight.data_ptr(), n, None if bias is None else bias.data_ptr(),
                out.data_ptr(), torch.get_num_threads())

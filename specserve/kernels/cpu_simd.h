@@ -19,6 +19,18 @@ static inline v16 load16(const float *p) {
 
 static inline void store16(float *p, v16 v) { memcpy(p, &v, sizeof v); }
 
+/* s in all sixteen lanes: one broadcast from memory (`(v16){0} + s` would add, and could not drop the add: it
+ * turns -0 into +0). */
+static inline v16 splat16(float s) {
+#if defined(__AVX512F__)
+    return (v16)_mm512_set1_ps(s);
+#else
+    v16 v;
+    for (int i = 0; i < 16; i++) v[i] = s;
+    return v;
+#endif
+}
+
 /* The sixteen lanes in one fixed order: pairwise, 8 + 8, 4 + 4, 2 + 2, 1 + 1. */
 static inline float lanes_sum(v16 a) {
     float t[16], h[8], q[4];

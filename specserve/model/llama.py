@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specserve.kernels import cpu_decoder, cpu_linear, cpu_norm, cpu_pointwise
+from specserve.kernels import cpu_decoder, cpu_norm, cpu_pointwise
 from specserve.model.attention import AttentionMetadata, paged_attention
 from specserve.model.upcast import Linear, UpcastWeight, linear, runs_cpu_kernel
 
@@ -220,7 +220,7 @@ class FusedLayers:
             x.contiguous(), table, len(layers), arch.num_heads, arch.num_kv_heads, arch.head_dim,
             arch.intermediate_size, cos.reshape(-1, arch.head_dim).contiguous(),
             sin.reshape(-1, arch.head_dim).contiguous(), meta.slot_mapping, meta.context_slots, meta.row_request,
-            meta.row_length, arch.rms_norm_eps, layers[0].self_attn.scale, cpu_linear.COMPACT_ROWS,
+            meta.row_length, arch.rms_norm_eps, layers[0].self_attn.scale,
         )
 
     def table(self, layers, arch, x, kv_cache, meta) -> torch.Tensor | None:

@@ -125,7 +125,7 @@ class UpcastWeight:
         self.key: tuple | None = None
         self.weight: torch.Tensor | None = None  # [out, in] fp32 dense copy (bf16/fp16 weights)
         self.packed: torch.Tensor | None = None  # [out, in] fp32, oneDNN's opaque blocked layout (fp32 weights)
-        self.compact: torch.Tensor | None = None  # [out, in] bf16: an fp32 weight of bf16 numbers, for the C kernel
+        self.compact: torch.Tensor | None = None  # an fp32 weight of bf16 numbers, packed (cpu_linear.pack_bf16)
         self.bias: torch.Tensor | None = None  # [out] fp32
 
     def prepare(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -134,7 +134,7 @@ class UpcastWeight:
             with torch.no_grad():
                 self.compact = None
                 if runs_cpu_kernel(weight):  # the C kernel reads the weight itself, or its bf16 copy
-                    self.compact = cpu_linear.exact_bf16(weight)
+                    self.compact = cpu_linear.pack_bf16(weight)
                     self.weight = self.packed = None
                 elif packs(weight):
                     self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), PACK_ROWS)
@@ -167,7 +167,7 @@ def linear(
     if upcast is None or trains:
         return F.linear(x, weight, bias)
     if fp32 and x.dtype == torch.float32 and runs_cpu_kernel(weight):
-        upcast.prepare(weight, bias)  # a bf16-exact weight's copy (`compact`): half the bytes for a few rows
+        upcast.prepare(weight, bias)  # a bf16-exact weight's packed copy (`compact`): half the bytes, any rows
         return cpu_linear.linear_f32(x, weight.contiguous(), None if bias is None else bias.contiguous(),
                                      upcast.compact)
     packed = packs(weight)  # fp32, or bf16 on a CPU with native bf16: packed in its own dtype, from one row
