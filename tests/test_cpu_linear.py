@@ -142,7 +142,8 @@ def test_upcast_linear_takes_it_for_fp32_weights_without_a_copy():
 
 def test_switched_off_by_the_environment(monkeypatch):
     monkeypatch.setenv("SPECSERVE_CPU_LINEAR", "0")
-    caches = [cpu_build.library, cpu_linear._library, cpu_linear._kernel, cpu_linear._kernel_bf16w, cpu_norm._library]
+    caches = [cpu_build.library, cpu_linear._library, cpu_linear._kernel, cpu_linear._kernel_packed, cpu_norm._library]
+    caches.append(cpu_linear.packed_group)
     for cache in caches:
         cache.cache_clear()
     try:

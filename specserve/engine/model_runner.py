@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from specserve.engine.cuda_graphs import CudaGraphs, GraphShapes
-from specserve.kernels import hugepages
+from specserve.kernels import cpu_attention, hugepages
 from specserve.model.attention import AttentionMetadata
 from specserve.model.llama import LlamaModel
 
@@ -61,6 +61,8 @@ class ModelRunner:
         else:
             self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.cuda_graphs: CudaGraphs | None = None
+        # every layer's attention will be the CPU C kernel's (fp32 on the CPU, built): metadata without a mask
+        self.c_attention = self.device.type == "cpu" and self.dtype == torch.float32 and cpu_attention.available()
 
     @property
     def vocab_size(self) -> int:
@@ -118,9 +120,10 @@ class ModelRunner:
         else:
             ctx_pos = torch.arange(max(context_lens))  # [max_context]
             context_slots = table[:, ctx_pos // bs] * bs + ctx_pos % bs  # [batch, max_context]
+            batch_invariant = getattr(self.model, "batch_invariant", False)
             meta = AttentionMetadata.build(
                 query_lens, context_lens, slot_mapping.to(dev), context_slots.to(dev),
-                batch_invariant=getattr(self.model, "batch_invariant", False),
+                batch_invariant=batch_invariant, rows_only=self.c_attention and not batch_invariant,
             )  # fmt: skip
             args = () if features is None else (features.to(dev),)
             hidden = self.model(torch.tensor(ids, device=dev), pos.to(dev), self.kv_cache, meta, *args)

@@ -1,4 +1,5 @@
-"""A row-invariant fp32 linear layer for the CPU (`cpu_linear.c`), built with the system's C compiler at first use.
+"""A row-invariant fp32 linear layer for the CPU (`cpu_linear.c`, and `cpu_packed.c` for weights of bf16 numbers),
+built with the system's C compiler at first use.
 
 Why: a decode step multiplies one row by every weight, a verification pass k + 1 rows. Speculation is exact only
 if each row's output is the same bits in both, and a verification pass nearly free only if k + 1 rows cost about
@@ -8,8 +9,8 @@ compute-bound one from four rows (2.5x one row at eight); oneDNN's packed kernel
 eight rows but streams a weight at half MKL's speed for one row (SmolLM2-135M's layers on this project's 2-core
 Xeon: `specserve bench profile`). The C kernel sums each output in one fixed order (see its header) and streams
 each weight once for up to eight rows at a time, prefetching the next tile. A weight whose numbers are all bf16
-(the default verifier: a bf16 checkpoint run in fp32) can be streamed from a bf16 copy: the same bits from half
-the bytes (`exact_bf16`).
+(the default verifier: a bf16 checkpoint run in fp32) is read from a packed bf16 copy (`pack_bf16`) by an
+outer-product kernel, for every row count: half the bytes, and the FMA units kept busier (cpu_packed.c).
 
 The shared library is built by `cpu_build` (compiled once per source, compiler and CPU, loaded with ctypes); it
 shares torch's OpenMP runtime, and its thread count follows `torch.get_num_threads()`. Where there is no compiler
@@ -35,7 +36,6 @@ def _library() -> ctypes.CDLL | None:
     return cpu_build.functions(
         {
             "specserve_linear_f32": (None, signature),
-            "specserve_linear_f32_bf16w": (None, signature),
             "specserve_linear_f32_packed": (None, signature),
             "specserve_packed_group": (ctypes.c_long, []),
         }
@@ -59,12 +59,6 @@ def packed_group() -> int:
 def _kernel():
     lib = _library()
     return None if lib is None else lib.specserve_linear_f32
-
-
-@functools.cache
-def _kernel_bf16w():
-    lib = _library()
-    return None if lib is None else lib.specserve_linear_f32_bf16w
 
 
 def exact_bf16(weight: torch.Tensor) -> torch.Tensor | None:

@@ -51,6 +51,7 @@ class AttentionMetadata:
     grouped_masks: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)  # by group: `grouped_mask`
     row_request: torch.Tensor | None = None  # [num_tokens] int64, each row's request; CPU only (cpu_attention)
     row_length: torch.Tensor | None = None  # [num_tokens] int64, context positions each row sees; CPU only
+    rows_only: bool = False  # built for the C kernel alone (no mask): the torch path refuses it
 
     @property
     def uses_decode_kernel(self) -> bool:
@@ -75,11 +76,27 @@ class AttentionMetadata:
         slot_mapping: torch.Tensor,  # [num_tokens]
         context_slots: torch.Tensor,  # [batch, max_context]
         batch_invariant: bool = False,
+        rows_only: bool = False,
     ) -> AttentionMetadata:
         """batch_invariant: the decode kernel for every batch, prefills included, on any device (the CPU
-        needs TRITON_INTERPRET=1), so no row's numerics depend on the path its batch took."""
+        needs TRITON_INTERPRET=1), so no row's numerics depend on the path its batch took. rows_only: the CPU C
+        kernel will serve every layer (an fp32 model on the CPU, the kernels built): only what it reads is made
+        (no mask: ten torch calls fewer a step, for the verifier and for every draft step)."""
         batch = len(query_lens)
         max_query = max(query_lens)
+        if rows_only:
+            row_request, row_length = cpu_attention.row_layout(query_lens, context_lens)
+            return AttentionMetadata(
+                slot_mapping=slot_mapping,
+                context_slots=context_slots,
+                mask=None,
+                token_index=None,
+                batch=batch,
+                max_query=max_query,
+                row_request=row_request,
+                row_length=row_length,
+                rows_only=True,
+            )
         max_context = context_slots.shape[1]
         device = context_slots.device
         uniform = all(q == max_query for q in query_lens)
@@ -161,6 +178,8 @@ def paged_attention(
         return cpu_attention.paged_attention(
             q, k_cache, v_cache, meta.context_slots, meta.row_request, meta.row_length, scale
         )
+    if meta.rows_only:
+        raise RuntimeError("attention metadata built for the CPU C kernel only (rows_only) reached the torch path")
     if meta.context_start is not None:  # batch 1, its context one run of slots: a view, no copy
         context = slice(meta.context_start, meta.context_start + meta.context_slots.shape[1])
         keys, values = k_cache[context][None], v_cache[context][None]  # [1, max_context, num_kv_heads, head_dim]

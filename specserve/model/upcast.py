@@ -20,10 +20,10 @@ project's 2-core AVX-512 Xeon (2 threads, every linear layer of SmolLM2-135M, 59
 over 1, 2, 4, 8, 16, 64 rows: F.linear 13.3, 13.5, 24.2, 33.1, 32.6, 73.0 ms; packed oneDNN 27.8, 28.3, 28.3,
 32.2, 39.1, 81.0 ms; the C kernel 14.5, 15.9, 17.5, 21.2, 30.6, 84.3 ms (2026-12-02), and 15.8, 16.1, 16.7,
 18.2, 27.4, 83.6 ms since it prefetches the next tile (a separate harness, same layers). The default verifier
-is a bf16 checkpoint run in fp32: every weight is a bf16 number, so the holder keeps a bf16 copy
-(`cpu_linear.exact_bf16`, 295 MB for SmolLM2) that the kernel widens as it reads, the same bits from half the
-bytes, for up to `cpu_linear.COMPACT_ROWS` rows: 9.0, 9.1, 9.7, 12.2, 20.8 ms over 1, 2, 4, 8, 16 rows. Where
-no C compiler is found the packed
+is a bf16 checkpoint run in fp32: every weight is a bf16 number, so the holder keeps a packed bf16 copy
+(`cpu_linear.pack_bf16`, 295 MB for SmolLM2, on 2 MB pages) that an outer-product kernel (cpu_packed.c) widens
+as it reads, for every row count: SmolLM2's layers without the output layer over 1, 8, 64 rows in 6.7, 9.9,
+51 ms (2026-12-03; each output one multiply-add chain in input order). Where no C compiler is found the packed
 oneDNN copy is the fallback (4 bytes more per weight; one row padded to two: oneDNN splits a 1536-long reduction
 differently for a single row), and without oneDNN (or off the CPU) fp32 weights take the skinny form below.
 
