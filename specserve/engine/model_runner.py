@@ -33,8 +33,8 @@ class TokenRun:
 class ForwardOutput:
     """One forward's results; the runner keeps none of them."""
 
-    logits: torch.Tensor
-    """[sum(num_logits), vocab] fp32."""
+    logits: torch.Tensor | None
+    """[sum(num_logits), vocab] fp32; None when the caller computes its own from `hidden` (logits=False)."""
     hidden: torch.Tensor
     """[sum(num_logits), hidden]: the last layer's output at the rows with logits (an EAGLE head's next input)."""
     features: torch.Tensor | None = None
@@ -90,8 +90,10 @@ class ModelRunner:
         runs: list[TokenRun],
         features: torch.Tensor | None = None,  # [num_tokens, hidden]: an EAGLE head's input features
         keep_features: bool = False,
+        logits: bool = True,
     ) -> ForwardOutput:
-        """keep_features: return every row's features too (an EAGLE head reads the verifier's)."""
+        """keep_features: return every row's features too (an EAGLE head reads the verifier's). logits=False:
+        skip the output layer (a caller that applies its own: a trimmed EAGLE head's draft vocabulary)."""
         bs = self.block_size
         ids: list[int] = []
         positions: list[int] = []
@@ -129,7 +131,7 @@ class ModelRunner:
             hidden = self.model(torch.tensor(ids, device=dev), pos.to(dev), self.kv_cache, meta, *args)
         every_row = hidden if keep_features else None  # [num_tokens, hidden]
         hidden = hidden[torch.tensor(logit_rows, dtype=torch.int64, device=dev)]  # [sum(num_logits), hidden]
-        logits = self.model.compute_logits(hidden)
+        scores = self.model.compute_logits(hidden) if logits else None
         if dev.type == "cuda":  # callers time this call (adaptive k fits those times): wait for the kernels
             torch.cuda.synchronize(dev)
-        return ForwardOutput(logits, hidden, every_row)
+        return ForwardOutput(scores, hidden, every_row)

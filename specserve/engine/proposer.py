@@ -44,6 +44,19 @@ class DraftProposer:
         """Extra inputs of the next single-token forward, for the rows of `previous` still drafting."""
         return None
 
+    def _distribution(self, runs: list[TokenRun], features, requests: list[Request]):
+        """One forward: (its output, q over the draft's own vocabulary [rows, V], the vocabulary's token ids [V]
+        or None when it is the verifier's). A draft with a trimmed vocabulary (an EAGLE head's 8,192 of 49,152
+        tokens) samples over its own: every other token has q = 0 exactly, so softmax, top-k, top-p and the
+        draw over its V tokens give the same distribution as over all of them, at a sixth of the work."""
+        model = self.runner.model
+        if getattr(model, "trimmed", False):
+            out = self.runner.run(runs, features, logits=False)
+            probs = sampling_probs(model.draft_logits(out.hidden), [r.params for r in requests])
+            return out, probs, model.draft_vocab.to(probs.device)
+        out = self.runner.run(runs, features)
+        return out, sampling_probs(out.logits, [r.params for r in requests]), None
+
     def propose(self, items: list[ProposeItem]) -> Proposal:
         """items: (request, choice with k >= 1, block ids). Draft tokens are not appended to the requests."""
         start = time.perf_counter()
@@ -62,12 +75,15 @@ class DraftProposer:
         step_seconds, catchup = None, None
         for j in range(max_k):
             t0 = time.perf_counter()
-            out = self.runner.run(runs, features)
-            probs = sampling_probs(out.logits, [requests[i].params for i in active])  # [len(active), vocab]
+            out, probs, ids = self._distribution(runs, features, [requests[i] for i in active])  # [len(active), V]
             tokens = self._sample(probs, [requests[i] for i in active])
+            if ids is not None:  # the draft's own vocabulary: its token ids, q scattered into the verifier's
+                tokens = ids[tokens]
+                draft_probs[active, j] = draft_probs.new_zeros(len(active), vocab).index_copy_(1, ids, probs)
+            else:
+                draft_probs[active, j] = probs
             for row, i in enumerate(active):
                 draft_ids[i, j] = tokens[row]
-                draft_probs[i, j] = probs[row]
             seconds = time.perf_counter() - t0  # the forward and the sampling: what one more draft token costs
             if all(len(run.token_ids) == 1 for run in runs):
                 step_seconds = seconds
