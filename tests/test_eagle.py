@@ -194,3 +194,33 @@ def test_a_head_beside_a_verifier_of_bf16_numbers_is_rounded_to_them(tiny, heads
     for n, p in head.named_parameters():
         assert torch.equal(p, before[n].bfloat16().float())
     assert head.fc.upcast.compact is not None and head.logits_upcast.compact is not None
+
+
+def test_a_trimmed_head_proposes_from_its_own_vocabulary(tiny, heads):
+    """A head with a trimmed vocabulary samples over its own tokens (the proposer skips the verifier-vocabulary
+    output layer): its draft tokens lie in the vocabulary, and q, handed to the rejection sampler in the verifier's
+    vocabulary, sums to 1 with nothing outside it, for greedy and sampled requests alike."""
+    spec = make(tiny, heads["trimmed"], 3)
+    eng = spec.engine
+    vocab_ids = set(eng.proposer.runner.model.draft_vocab.tolist())
+    proposals = []
+    original = eng.proposer.propose
+
+    def spy(items):
+        out = original(items)
+        proposals.append((out, [choice.k for _, choice, _ in items]))
+        return out
+
+    eng.proposer.propose = spy
+    spec.generate(PROMPTS[:2], [greedy(12), SamplingParams(max_tokens=12, temperature=0.8, seed=1, ignore_eos=True)])
+    assert proposals
+    for proposal, ks in proposals:
+        for i, k in enumerate(ks):
+            tokens = proposal.token_ids[i, :k].tolist()
+            assert set(tokens) <= vocab_ids
+            q = proposal.probs[i, :k]  # [k, vocab]
+            torch.testing.assert_close(q.sum(-1), torch.ones(k))
+            outside = torch.ones(q.shape[-1], dtype=torch.bool)
+            outside[list(vocab_ids)] = False
+            assert q[:, outside].abs().sum() == 0
+            assert all(q[j, t] > 0 for j, t in enumerate(tokens))
