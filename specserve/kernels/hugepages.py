@@ -51,13 +51,6 @@ def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tens
     return raw[offset : offset + nbytes].view(dtype).view(shape)
 
 
-def copy(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous copy of a CPU tensor on 2 MB pages (see `empty`)."""
-    out = empty(t.shape, t.dtype)
-    out.copy_(t)
-    return out
-
-
 def pack(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Contiguous copies of CPU tensors, one after another (each 4 KB aligned) in one buffer on 2 MB pages: a
     model's weight copies packed so (most are under 2 MB apiece) are streamed in the order they were given."""

@@ -84,19 +84,16 @@ class AttentionMetadata:
         (no mask: ten torch calls fewer a step, for the verifier and for every draft step)."""
         batch = len(query_lens)
         max_query = max(query_lens)
+
+        def unmasked(**fields) -> AttentionMetadata:  # a kernel that reads the slots itself: no mask, no padding
+            return AttentionMetadata(
+                slot_mapping=slot_mapping, context_slots=context_slots, mask=None, token_index=None, batch=batch,
+                max_query=max_query, **fields,
+            )  # fmt: skip
+
         if rows_only:
             row_request, row_length = cpu_attention.row_layout(query_lens, context_lens)
-            return AttentionMetadata(
-                slot_mapping=slot_mapping,
-                context_slots=context_slots,
-                mask=None,
-                token_index=None,
-                batch=batch,
-                max_query=max_query,
-                row_request=row_request,
-                row_length=row_length,
-                rows_only=True,
-            )
+            return unmasked(row_request=row_request, row_length=row_length, rows_only=True)
         max_context = context_slots.shape[1]
         device = context_slots.device
         uniform = all(q == max_query for q in query_lens)
@@ -105,13 +102,7 @@ class AttentionMetadata:
             starts = [0]
             for q in query_lens:
                 starts.append(starts[-1] + q)
-            return AttentionMetadata(
-                slot_mapping=slot_mapping,
-                context_slots=context_slots,
-                mask=None,
-                token_index=None,
-                batch=batch,
-                max_query=max_query,
+            return unmasked(
                 query_start=torch.tensor(starts, dtype=torch.int64, device=device),
                 context_lens=ctx,
                 batch_invariant=batch_invariant,
