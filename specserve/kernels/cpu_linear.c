@@ -31,9 +31,6 @@
 #define SERIAL_WORK (1L << 16) /* multiply-adds below which one thread does it all */
 #define X_BLOCK 64 /* rows of x kept in cache while every tile of w passes over them (a prefill chunk) */
 #define PREFETCH_LOCALITY 2 /* __builtin_prefetch's: 2 = into L2 (measured best; 3, into L1, 4% slower at 8 rows) */
-#ifndef PREFETCH_AHEAD
-#define PREFETCH_AHEAD 1 /* tiles of w ahead of the one being computed that are prefetched */
-#endif
 
 /* y[m, n] for mb rows of x and nb rows of w (compile-time constants after inlining). When `next` is not NULL,
  * the nb rows of w there are prefetched alongside the loads. */
@@ -126,7 +123,7 @@ void specserve_linear_f32(const float *x, long M, long K, const float *w, long N
             const int nb = (int)(N - n0 < W_TILE ? N - n0 : W_TILE);
             const float *rows = w + n0 * K;
             /* the next full tile of w, fetched while this one is computed with the first rows of x */
-            const float *next = N - n0 >= (PREFETCH_AHEAD + 1) * W_TILE ? rows + PREFETCH_AHEAD * W_TILE * K : 0;
+            const float *next = N - n0 >= 2 * W_TILE ? rows + W_TILE * K : 0;
             for (long m = m0; m < m1; m += x_tile) {
                 const int mb = (int)(m1 - m < x_tile ? m1 - m : x_tile);
                 tile_any(x + m * K, K, rows, K, bias ? bias + n0 : 0, y + m * N + n0, N, mb, nb, m == m0 ? next : 0);
