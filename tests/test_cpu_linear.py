@@ -65,19 +65,31 @@ def test_leading_dims_empty_input_and_bad_arguments():
         cpu_linear.linear_f32(torch.randn(3, 32), torch.randn(32, 24).t())
 
 
+@pytest.fixture(params=[False, True], ids=["outer-product", "amx"])
+def packed_kernel(request):
+    """Each packed-kernel test runs on the outer-product kernel and, where the CPU has AMX, on the tile unit."""
+    was = cpu_linear.amx_on()
+    if cpu_linear.set_amx(request.param) != request.param:
+        cpu_linear.set_amx(was)
+        pytest.skip("this CPU (or its kernel, or compiler) has no AMX")
+    yield request.param
+    cpu_linear.set_amx(was)
+
+
 @pytest.mark.parametrize("in_features,out_features", [(64, 40), (37, 9), (576, 24), (1536, 130), (7, 1)])
-def test_a_packed_copy_of_bf16_numbers_keeps_every_row_invariant(in_features, out_features):
+def test_a_packed_copy_of_bf16_numbers_keeps_every_row_invariant(in_features, out_features, packed_kernel):
     """A weight of bf16 numbers is read from its packed bf16 copy (cpu_linear.pack_bf16) by every row count: each
-    output is one multiply-add chain in input order, so a row's bits are the same alone, among 8 (a verification
-    pass) or among 70 (a prefill chunk, past one 64-row block), on one thread or two; as accurate as fp32 sums."""
+    output is one fixed sum (one multiply-add chain in input order; on AMX three chains over x's three bf16
+    pieces), so a row's bits are the same alone, among 8 (a verification pass) or among 70 (a prefill chunk, past
+    one 64-row block), on one thread or two; as accurate as fp32 sums."""
     torch.manual_seed(in_features + out_features)
     w = torch.randn(out_features, in_features).bfloat16().float()
     b = torch.randn(out_features)
     packed = cpu_linear.pack_bf16(w)
     group = cpu_linear.packed_group()
     assert packed is not None and packed.dtype == torch.bfloat16
-    assert packed.shape == (-(-out_features // group), in_features, group)
-    assert torch.equal(cpu_linear.unpack_bf16(packed, out_features).float(), w)
+    assert packed.shape == cpu_linear.packed_shape(out_features, in_features) and group > 0
+    assert torch.equal(cpu_linear.unpack_bf16(packed, out_features, in_features).float(), w)
     x = torch.randn(70, in_features)
     exact = x.double() @ w.double().T + b.double()
     scale = x.double().abs() @ w.double().abs().T + b.double().abs()
@@ -93,6 +105,25 @@ def test_a_packed_copy_of_bf16_numbers_keeps_every_row_invariant(in_features, ou
                 assert torch.equal(cpu_linear.linear_f32(x[i : i + 1], w, b, packed)[0], every[i])
     finally:
         torch.set_num_threads(threads)
+
+
+def test_the_amx_kernel_keeps_infinities_and_is_closer_to_float64(packed_kernel):
+    """x's split into bf16 pieces leaves an infinity whole (inf - inf is not taken), and NaN stays NaN; the three
+    piece sums are at least as close to float64 as one fp32 chain (the outer-product kernel's)."""
+    torch.manual_seed(5)
+    w = torch.randn(40, 96).bfloat16().float()
+    x = torch.randn(4, 96)
+    x[1, 7], x[2, 30], x[3, 3] = float("inf"), float("-inf"), float("nan")
+    got = cpu_linear.linear_f32(x, w, None, cpu_linear.pack_bf16(w))
+    want = x.double() @ w.double().T  # inf * w[n, 7] is +-inf for every n (no weight is 0)
+    assert torch.equal(got[0], got[0]) and torch.equal(torch.isinf(got[1:3]), torch.isinf(want[1:3]))
+    assert torch.equal(torch.sign(got[1:3]), torch.sign(want[1:3])) and torch.isnan(got[3]).all()
+    x = torch.randn(64, 1536)
+    w = torch.randn(48, 1536).bfloat16().float()
+    exact = x.double() @ w.double().T
+    err = (cpu_linear.linear_f32(x, w, None, cpu_linear.pack_bf16(w)).double() - exact).abs().mean()
+    chain = (F.linear(x, w).double() - exact).abs().mean()  # any fp32 summation order, for scale
+    assert err < 2 * chain
 
 
 def test_exact_bf16_refuses_numbers_bf16_cannot_hold():
@@ -116,10 +147,10 @@ def test_upcast_linear_reads_the_bf16_copy_of_a_bf16_checkpoint():
     holder = UpcastWeight()
     x = torch.randn(5, 32)
     assert torch.equal(linear(x, w, b, holder), cpu_linear.linear_f32(x, w, b, cpu_linear.pack_bf16(w)))
-    assert holder.compact is not None and torch.equal(cpu_linear.unpack_bf16(holder.compact, 48).float(), w)
+    assert holder.compact is not None and torch.equal(cpu_linear.unpack_bf16(holder.compact, 48, 32).float(), w)
     w.mul_(2)  # in place: still bf16 numbers, a new copy
     assert torch.equal(linear(x, w, b, holder), cpu_linear.linear_f32(x, w, b, cpu_linear.pack_bf16(w)))
-    assert torch.equal(cpu_linear.unpack_bf16(holder.compact, 48).float(), w)
+    assert torch.equal(cpu_linear.unpack_bf16(holder.compact, 48, 32).float(), w)
     w.add_(1e-4)  # now off the bf16 grid: no copy, the fp32 weight itself
     assert torch.equal(linear(x, w, b, holder), cpu_linear.linear_f32(x, w, b))
     assert holder.compact is None

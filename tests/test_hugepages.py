@@ -45,4 +45,4 @@ def test_enable_upcast_packs_the_bf16_copies(tiny):
     assert len({c.untyped_storage().data_ptr() for c in copies}) == 1
     for m in model.modules():
         if isinstance(m, Linear):
-            assert torch.equal(cpu_linear.unpack_bf16(m.upcast.compact, m.weight.shape[0]).float(), m.weight)
+            assert torch.equal(cpu_linear.unpack_bf16(m.upcast.compact, *m.weight.shape).float(), m.weight)

@@ -1,4 +1,4 @@
-"""Build the CPU kernels (cpu_linear.c, cpu_packed.c, cpu_norm.c, cpu_attention.c, cpu_pointwise.c,
+"""Build the CPU kernels (cpu_linear.c, cpu_packed.c, cpu_amx.c, cpu_norm.c, cpu_attention.c, cpu_pointwise.c,
 cpu_decoder.c) with the system's C compiler at first use, and load them.
 
 One shared library from every source, compiled once per source, compiler and CPU into ~/.cache/specserve/kernels
@@ -25,7 +25,7 @@ import torch
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / f"cpu_{name}.c" for name in ("linear", "packed", "norm", "attention", "pointwise", "decoder")]
+SOURCES = [HERE / f"cpu_{name}.c" for name in ("linear", "packed", "amx", "norm", "attention", "pointwise", "decoder")]
 HEADERS = [HERE / "cpu_simd.h"]
 FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-fPIC", "-shared"]
 

@@ -10,7 +10,9 @@ eight rows but streams a weight at half MKL's speed for one row (SmolLM2-135M's 
 Xeon: `specserve bench profile`). The C kernel sums each output in one fixed order (see its header) and streams
 each weight once for up to eight rows at a time, prefetching the next tile. A weight whose numbers are all bf16
 (the default verifier: a bf16 checkpoint run in fp32) is read from a packed bf16 copy (`pack_bf16`) by an
-outer-product kernel, for every row count: half the bytes, and the FMA units kept busier (cpu_packed.c).
+outer-product kernel, for every row count: half the bytes, and the FMA units kept busier (cpu_packed.c); on a
+CPU with AMX by its tile unit instead (cpu_amx.c: x split into three bf16 pieces that sum to it exactly), so a
+verification pass of up to ~8 rows costs about what one row does. SPECSERVE_AMX=0 keeps the outer-product kernel.
 
 The shared library is built by `cpu_build` (compiled once per source, compiler and CPU, loaded with ctypes); it
 shares torch's OpenMP runtime, and its thread count follows `torch.get_num_threads()`. Where there is no compiler
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 
 import torch
 
@@ -33,13 +36,37 @@ _F32 = torch.float32
 def _library() -> ctypes.CDLL | None:
     p, n = ctypes.c_void_p, ctypes.c_long
     signature = [p, n, n, p, n, p, p, ctypes.c_int]
-    return cpu_build.functions(
+    lib = cpu_build.functions(
         {
             "specserve_linear_f32": (None, signature),
             "specserve_linear_f32_packed": (None, signature),
             "specserve_packed_group": (ctypes.c_long, []),
+            "specserve_amx_enable": (ctypes.c_int, [ctypes.c_int]),
+            "specserve_amx_on": (ctypes.c_int, []),
+            "specserve_amx_kc": (ctypes.c_long, []),
         }
     )
+    if lib is not None:
+        lib.specserve_amx_enable(int(os.environ.get("SPECSERVE_AMX", "1") != "0"))
+    return lib
+
+
+def amx_on() -> bool:
+    """Whether weights of bf16 numbers are packed for, and multiplied by, the AMX tile unit (cpu_amx.c): a CPU
+    with AMX, a compiler that knows it, Linux granting the tile registers, and SPECSERVE_AMX not 0."""
+    lib = _library()
+    return lib is not None and bool(lib.specserve_amx_on())
+
+
+def set_amx(on: bool) -> bool:
+    """Turn the AMX kernel on or off (tests and benchmarks compare the two); returns whether it is on. Copies
+    packed before keep the layout they were packed in: pack them again."""
+    lib = _library()
+    if lib is None:
+        return False
+    lib.specserve_amx_enable(int(on))
+    packed_group.cache_clear()
+    return amx_on()
 
 
 @functools.cache
@@ -48,9 +75,27 @@ def _kernel_packed():
     return None if lib is None else lib.specserve_linear_f32_packed
 
 
+def _padded_in(in_features: int) -> int:
+    """The input length a packed copy holds: the AMX layout pads it to its tiles' 32, the other keeps it."""
+    if not amx_on():
+        return in_features
+    kc = int(_library().specserve_amx_kc())
+    return -(-in_features // kc) * kc
+
+
+def packed_shape(out_features: int, in_features: int) -> tuple[int, ...]:
+    """The shape of a weight's `pack_bf16` copy in the layout in use."""
+    group = packed_group()
+    groups = -(-out_features // group)
+    if amx_on():
+        return (groups, _padded_in(in_features) // 2, group, 2)
+    return (groups, in_features, group)
+
+
 @functools.cache
 def packed_group() -> int:
-    """Outputs per group of a packed weight (`pack_bf16`): 64 with AVX-512, else 32; 0 without the kernels."""
+    """Outputs per group of a packed weight (`pack_bf16`): 32 for the AMX kernel, 48 with AVX-512, else 32; 0
+    without the kernels."""
     lib = _library()
     return 0 if lib is None else int(lib.specserve_packed_group())
 
@@ -73,25 +118,32 @@ def exact_bf16(weight: torch.Tensor) -> torch.Tensor | None:
 
 
 def pack_bf16(weight: torch.Tensor) -> torch.Tensor | None:
-    """A weight of bf16 numbers (`exact_bf16`) packed for the outer-product kernel: [ceil(out / G), in, G] bf16
-    with G = `packed_group()`, group g holding outputs g * G .. g * G + G - 1 (zeros past the last), each input
-    index one contiguous run of G numbers. None where the weight is not all bf16 numbers or the kernels are off.
-    Every row count reads it (a decode step, a verification pass, a prefill): one summation order per weight."""
+    """A weight of bf16 numbers (`exact_bf16`) packed for the kernel in use, group g holding outputs g * G ..
+    g * G + G - 1 (G = `packed_group()`, zeros past the last): for the outer-product kernel [groups, in, G], each
+    input index one contiguous run of G numbers; for the AMX kernel [groups, in / 2, G, 2] (in padded with zeros
+    to 32), each pair of inputs of G outputs side by side, as its B tiles hold them. None where the weight is not
+    all bf16 numbers or the kernels are off. Every row count reads it (a decode step, a verification pass, a
+    prefill): one summation order per weight."""
     group = packed_group()
     compact = exact_bf16(weight) if group else None
     if compact is None:
         return None
     n, k = compact.shape
-    groups = -(-n // group)
-    padded = torch.zeros(groups * group, k, dtype=torch.bfloat16)
-    padded[:n] = compact
-    return padded.view(groups, group, k).transpose(1, 2).contiguous()
+    shape = packed_shape(n, k)
+    padded = torch.zeros(shape[0] * group, _padded_in(k), dtype=torch.bfloat16)
+    padded[:n, :k] = compact
+    if len(shape) == 4:
+        return padded.view(shape[0], group, shape[1], 2).permute(0, 2, 1, 3).contiguous()
+    return padded.view(shape[0], group, k).transpose(1, 2).contiguous()
 
 
-def unpack_bf16(packed: torch.Tensor, out_features: int) -> torch.Tensor:  # [out, in] bf16
+def unpack_bf16(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:  # [out, in] bf16
     """The weight a `pack_bf16` copy holds, in its usual [out, in] layout (for tests and checks)."""
+    if packed.dim() == 4:
+        groups, pairs, group, _ = packed.shape
+        return packed.permute(0, 2, 1, 3).reshape(groups * group, pairs * 2)[:out_features, :in_features]
     groups, k, group = packed.shape
-    return packed.transpose(1, 2).reshape(groups * group, k)[:out_features]
+    return packed.transpose(1, 2).reshape(groups * group, k)[:out_features, :in_features]
 
 
 def available() -> bool:
@@ -129,8 +181,7 @@ def linear_f32(
     if out.dtype != _F32:
         out = out.float()
     if packed is not None:
-        group = packed_group()
-        if packed.dtype != torch.bfloat16 or packed.shape != (-(-n // group), k, group) or not packed.is_contiguous():
+        if packed.dtype != torch.bfloat16 or packed.shape != packed_shape(n, k) or not packed.is_contiguous():
             raise ValueError("packed must be the weight's pack_bf16 copy")
         if rows:
             _kernel_packed()(x2.data_ptr(), rows, k, packed.data_ptr(), n, None if bias is None else bias.data_ptr(),

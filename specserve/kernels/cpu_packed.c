@@ -48,7 +48,13 @@ static inline v16 load16_bf16(const unsigned short *p) {
 #define GROUP (16 * GROUP_VECTORS)
 #define PACKED_PREFETCH 4096 /* bytes of the group ahead of the loads that are prefetched */
 
-long specserve_packed_group(void) { return GROUP; }
+int specserve_amx_on(void);
+long specserve_amx_group(void);
+int specserve_linear_f32_amx(const float *x, long M, long K, const unsigned short *wp, long N, const float *bias,
+                             float *y, int threads);
+
+/* Outputs a group of the packed layout in use: cpu_amx.c's where the tile unit is on, else this kernel's. */
+long specserve_packed_group(void) { return specserve_amx_on() ? specserve_amx_group() : GROUP; }
 
 static inline __attribute__((always_inline)) void packed_tile(const float *restrict x, long K,
                                                               const unsigned short *restrict blk,
@@ -91,9 +97,15 @@ static void packed_rows(const float *x, long K, const unsigned short *blk, const
     }
 }
 
-/* x [M, K] fp32; wp [ceil(N / GROUP), K, GROUP] bf16 (pack_bf16); bias [N] or NULL; y [M, N]. */
+/* x [M, K] fp32; wp [ceil(N / GROUP), K, GROUP] bf16 (pack_bf16); bias [N] or NULL; y [M, N]. Where AMX is on
+ * (cpu_amx.c), wp is in that kernel's layout and the call is its. */
 void specserve_linear_f32_packed(const float *x, long M, long K, const unsigned short *wp, long N,
                                  const float *bias, float *y, int threads) {
+    if (specserve_amx_on()) { /* the weight was packed in cpu_amx.c's layout: the tile unit takes every call */
+        if (specserve_linear_f32_amx(x, M, K, wp, N, bias, y, threads) != 0)
+            for (long i = 0; i < M * N; i++) y[i] = __builtin_nanf(""); /* out of memory: poison, not garbage */
+        return;
+    }
     const long groups = (N + GROUP - 1) / GROUP;
     if (M * N * K < SERIAL_WORK) threads = 1;
     for (long m0 = 0; m0 < M; m0 += X_BLOCK) {
