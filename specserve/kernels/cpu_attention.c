@@ -132,10 +132,56 @@ static void unit_scores(const unit_t *u, const float *k_cache, long H, long G, l
     }
 }
 
-/* out = sum_j p_j v_j / total for each query of the unit, 64 outputs at a time: per query the even positions in
- * order and the odd ones in order, in eight accumulators (one chain of four would wait on the adder), then the
- * two added. Values come in blocks of VALUE_BLOCK positions used by every query; each query's accumulators are
- * kept in `acc` between blocks, so its chains run in the same order as over the whole context at once. */
+/* Accumulate sum_j p_j v_j over positions j0 <= j < stop for up to HEAD_BLOCK query heads of one row (the same
+ * positions), 64 outputs from d0: per query the even positions in order into e, the odd ones into o (one chain of
+ * four would wait on the adder). Each value vector is loaded once for all the heads. */
+#define HEAD_BLOCK 3
+static inline __attribute__((always_inline)) void values_of_heads(const float *const *p, v16 *const *a, const int nh,
+                                                                  const float *v_cache, const long *slots, long KVH,
+                                                                  long kvh, long D, long d0, long j0, long stop) {
+    v16 e[HEAD_BLOCK][4], o[HEAD_BLOCK][4];
+    for (int h = 0; h < nh; h++)
+        for (int c = 0; c < 4; c++) e[h][c] = a[h][c], o[h][c] = a[h][4 + c];
+    long j = j0;
+    for (; j + 1 < stop; j += 2) {
+        const float *v = v_cache + (slots[j] * KVH + kvh) * D + d0;
+        const float *w = v_cache + (slots[j + 1] * KVH + kvh) * D + d0;
+        const v16 v0 = load16(v), v1 = load16(v + 16), v2 = load16(v + 32), v3 = load16(v + 48);
+        for (int h = 0; h < nh; h++) {
+            const float pj = p[h][j];
+            e[h][0] += pj * v0;
+            e[h][1] += pj * v1;
+            e[h][2] += pj * v2;
+            e[h][3] += pj * v3;
+        }
+        const v16 w0 = load16(w), w1 = load16(w + 16), w2 = load16(w + 32), w3 = load16(w + 48);
+        for (int h = 0; h < nh; h++) {
+            const float pk = p[h][j + 1];
+            o[h][0] += pk * w0;
+            o[h][1] += pk * w1;
+            o[h][2] += pk * w2;
+            o[h][3] += pk * w3;
+        }
+    }
+    if (j < stop) { /* the row's last position, an even one (blocks hold an even count) */
+        const float *v = v_cache + (slots[j] * KVH + kvh) * D + d0;
+        const v16 v0 = load16(v), v1 = load16(v + 16), v2 = load16(v + 32), v3 = load16(v + 48);
+        for (int h = 0; h < nh; h++) {
+            const float pj = p[h][j];
+            e[h][0] += pj * v0;
+            e[h][1] += pj * v1;
+            e[h][2] += pj * v2;
+            e[h][3] += pj * v3;
+        }
+    }
+    for (int h = 0; h < nh; h++)
+        for (int c = 0; c < 4; c++) a[h][c] = e[h][c], a[h][4 + c] = o[h][c];
+}
+
+/* out = sum_j p_j v_j / total for each query of the unit, 64 outputs at a time (values_of_heads: per query the
+ * even and the odd positions in two chains, then the two added). Values come in blocks of VALUE_BLOCK positions
+ * used by every query; each query's accumulators are kept in `acc` between blocks, so its chains run in the same
+ * order as over the whole context at once. */
 static void unit_values(const unit_t *u, const float *v_cache, long H, long G, long KVH, long D, const float *scores,
                         long stride, const float *totals, v16 *acc) {
     long longest = 0;
@@ -146,33 +192,18 @@ static void unit_values(const unit_t *u, const float *v_cache, long H, long G, l
         for (long j0 = 0; j0 < longest; j0 += VALUE_BLOCK) {
             for (long r = 0; r < u->rows; r++) {
                 const long len = u->length[r], stop = j0 + VALUE_BLOCK < len ? j0 + VALUE_BLOCK : len;
-                for (long g = u->g0; g < u->g1 && j0 < len; g++) {
-                    const float *p = scores + (r * G + g) * stride;
-                    v16 *a = acc + 8 * (r * G + g);
-                    v16 e0 = a[0], e1 = a[1], e2 = a[2], e3 = a[3], o0 = a[4], o1 = a[5], o2 = a[6], o3 = a[7];
-                    long j = j0;
-                    for (; j + 1 < stop; j += 2) {
-                        const float *v = v_cache + (u->slots[j] * KVH + u->kvh) * D + d0;
-                        const float *w = v_cache + (u->slots[j + 1] * KVH + u->kvh) * D + d0;
-                        const float pj = p[j], pk = p[j + 1];
-                        e0 += pj * load16(v);
-                        e1 += pj * load16(v + 16);
-                        e2 += pj * load16(v + 32);
-                        e3 += pj * load16(v + 48);
-                        o0 += pk * load16(w);
-                        o1 += pk * load16(w + 16);
-                        o2 += pk * load16(w + 32);
-                        o3 += pk * load16(w + 48);
-                    }
-                    if (j < stop) { /* the row's last position, an even one (blocks hold an even count) */
-                        const float *v = v_cache + (u->slots[j] * KVH + u->kvh) * D + d0;
-                        const float pj = p[j];
-                        e0 += pj * load16(v);
-                        e1 += pj * load16(v + 16);
-                        e2 += pj * load16(v + 32);
-                        e3 += pj * load16(v + 48);
-                    }
-                    a[0] = e0, a[1] = e1, a[2] = e2, a[3] = e3, a[4] = o0, a[5] = o1, a[6] = o2, a[7] = o3;
+                if (j0 >= len) continue;
+                for (long g = u->g0; g < u->g1; g += HEAD_BLOCK) {
+                    const float *p[HEAD_BLOCK];
+                    v16 *a[HEAD_BLOCK];
+                    const int nh = (int)(u->g1 - g < HEAD_BLOCK ? u->g1 - g : HEAD_BLOCK);
+                    for (int h = 0; h < nh; h++) p[h] = scores + (r * G + g + h) * stride, a[h] = acc + 8 * (r * G + g + h);
+                    if (nh == 3)
+                        values_of_heads(p, a, 3, v_cache, u->slots, KVH, u->kvh, D, d0, j0, stop);
+                    else if (nh == 2)
+                        values_of_heads(p, a, 2, v_cache, u->slots, KVH, u->kvh, D, d0, j0, stop);
+                    else
+                        values_of_heads(p, a, 1, v_cache, u->slots, KVH, u->kvh, D, d0, j0, stop);
                 }
             }
         }
