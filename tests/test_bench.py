@@ -66,6 +66,7 @@ def test_latency_quick(tiny, tmp_path, capsys):
     assert config["systems"] == names
     cost = result["cost_ratio"]
     assert positive(cost["c"]) and positive(cost["draft_forward_ms"]) and positive(cost["verifier_forward_ms"])
+    assert positive(cost["c_warm"]) and positive(cost["draft_forward_warm_ms"])
     assert len(cost["verify_cost"]) == K + 1 and all(positive(v) for v in cost["verify_cost"])
 
     runs = result["runs"]

@@ -149,7 +149,8 @@ def hf_assistant(verifier: str, draft: str) -> str:
 
 
 def measure_cost_ratio(engine, context_ids: list[int], max_k: int, device: str, reps: int) -> dict:
-    """c = time of one single-token draft forward / one single-token verifier forward, at the same context.
+    """c = time of one single-token draft forward / one single-token verifier forward, at the same context;
+    c_warm the same for a draft forward right after another (the engine's draft steps after a step's first).
 
     Each model runs on its own fresh ModelRunner (a small private KV pool, so the engine's state is not
     touched): prefill `context_ids`, then time forwards at the next position, round-robin so drift hits
@@ -178,21 +179,34 @@ def measure_cost_ratio(engine, context_ids: list[int], max_k: int, device: str, 
     for runner in (verifier, draft):
         runner.forward([TokenRun(list(context_ids), 0, blocks, 1)], features(runner, n))
     probe = (context_ids * (max_k + 2))[: max_k + 1]  # any tokens: the cost does not depend on which
-    jobs = [("draft", draft, 1)] + [(f"verifier_{m}", verifier, m) for m in sizes]
-    times: dict[str, list[float]] = {name: [] for name, _, _ in jobs}
+    trimmed = getattr(draft.model, "trimmed", False)
+
+    def forward(runner, run, m: int) -> None:  # as the engine runs each: a trimmed head over its own vocabulary
+        if runner is draft and trimmed:
+            draft.model.draft_logits(runner.run(run, features(runner, m), logits=False).hidden)
+        else:
+            runner.forward(run, features(runner, m))
+
+    # the draft twice in a row, after a verifier forward: cold (its weights evicted by the verifier's, as for
+    # the first draft step of a speculation step) and warm (the steps after it); the verifier's counts in turn
+    drafts = [("draft", draft, 1), ("draft_warm", draft, 1)]
+    checks = [(f"verifier_{m}", verifier, m) for m in sizes]
+    times: dict[str, list[float]] = {name: [] for name, _, _ in drafts + checks}
     for i in range(COST_WARMUP + reps):
-        for name, runner, m in jobs if i % 2 == 0 else reversed(jobs):
+        for name, runner, m in drafts + (checks if i % 2 == 0 else checks[::-1]):
             run = [TokenRun(probe[:m], n, blocks, m)]
             synchronize(device)
             t0 = time.perf_counter()
-            runner.forward(run, features(runner, m))
+            forward(runner, run, m)
             synchronize(device)
             if i >= COST_WARMUP:
                 times[name].append(time.perf_counter() - t0)
     median = {name: statistics.median(ts) for name, ts in times.items()}
     return {
         "c": median["draft"] / median["verifier_1"],
+        "c_warm": median["draft_warm"] / median["verifier_1"],
         "draft_forward_ms": 1e3 * median["draft"],
+        "draft_forward_warm_ms": 1e3 * median["draft_warm"],
         "verifier_forward_ms": 1e3 * median["verifier_1"],
         "verify_cost": [median[f"verifier_{m}"] / median["verifier_1"] for m in sizes],
         "context_tokens": n,
@@ -470,7 +484,8 @@ def run(args: argparse.Namespace) -> int:
     if cost is not None:
         print(
             f"\ncost ratio c = draft / verifier single-token forward = {cost['draft_forward_ms']:.2f} ms / "
-            f"{cost['verifier_forward_ms']:.2f} ms = {cost['c']:.3f} (parameter ratio {cost['param_ratio']:.3f})"
+            f"{cost['verifier_forward_ms']:.2f} ms = {cost['c']:.3f} (parameter ratio {cost['param_ratio']:.3f}); "
+            f"a draft step right after another: {cost['draft_forward_warm_ms']:.2f} ms, c = {cost['c_warm']:.3f}"
         )
         print(
             "verifier forward of k + 1 tokens / of 1 token, k = 0, 1, ...: "
