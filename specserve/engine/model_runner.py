@@ -99,10 +99,15 @@ class ModelRunner:
         positions: list[int] = []
         logit_rows: list[int] = []
         query_lens, context_lens = [], []
+        slots: list[int] = []  # each new token's pool slot
         for run in runs:
             n = len(run.token_ids)
             ids.extend(run.token_ids)
             positions.extend(range(run.start_position, run.start_position + n))
+            # in Python: a step's few tokens cost less so than through tensor indexing (torch.repeat_interleave
+            # alone took ~70 us, 8% of an EAGLE head's step)
+            blocks = run.block_ids
+            slots.extend(blocks[p // bs] * bs + p % bs for p in range(run.start_position, run.start_position + n))
             logit_rows.extend(range(len(ids) - run.num_logits, len(ids)))
             query_lens.append(n)
             context_lens.append(run.start_position + n)
@@ -110,8 +115,7 @@ class ModelRunner:
         pos = torch.tensor(positions, dtype=torch.int64)  # [num_tokens]
         max_blocks = max(len(r.block_ids) for r in runs)
         table = torch.tensor([r.block_ids + [0] * (max_blocks - len(r.block_ids)) for r in runs])  # [batch, blocks]
-        run_of_token = torch.repeat_interleave(torch.arange(len(runs)), torch.tensor(query_lens))  # [num_tokens]
-        slot_mapping = table[run_of_token, pos // bs] * bs + pos % bs  # [num_tokens]
+        slot_mapping = torch.tensor(slots, dtype=torch.int64)  # [num_tokens]
         key = None
         if self.cuda_graphs is not None and features is None:
             key = self.cuda_graphs.bucket(len(runs), max(query_lens), max(context_lens), max_blocks)
