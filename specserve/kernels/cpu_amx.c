@@ -38,12 +38,7 @@
 #define KC 32    /* k a tile */
 #define SOURCE_ROWS 5
 #define SERIAL_WORK (1L << 16) /* multiply-adds below which one thread does it all */
-#ifndef PREFETCH_STRIDE
-#define PREFETCH_STRIDE 64
-#endif
-#ifndef PREFETCH
-#define PREFETCH 2048 /* bytes of the group ahead of the tile loads that are prefetched */
-#endif
+#define PREFETCH 2048 /* bytes of the group ahead of its first pass's tile loads that are prefetched (into L2) */
 
 static int amx_on; /* set by specserve_amx_enable */
 
@@ -70,12 +65,13 @@ typedef struct {
     unsigned char rows[16];
 } __attribute__((packed)) tile_config;
 
-/* Every tile 16 rows of 64 bytes: A (pieces) 0 and 1, B (weights) 2 and 3, accumulators 4, 5 and 6, 7. */
-static void configure_tiles(void) {
+/* Tiles of 64-byte rows: A (pieces) 0 and 1 and the accumulators 4, 5 and 6, 7 of `rows` rows (fewer than 16
+ * where a call has fewer rows of pieces: a decode step's one row is 3), B (weights) 2 and 3 of 16. */
+static void configure_tiles(int rows) {
     tile_config c;
     memset(&c, 0, sizeof c);
     c.palette = 1;
-    for (int t = 0; t < 8; t++) c.colsb[t] = 64, c.rows[t] = 16;
+    for (int t = 0; t < 8; t++) c.colsb[t] = 64, c.rows[t] = (unsigned char)(t == 2 || t == 3 ? 16 : rows);
     _tile_loadconfig(&c);
 }
 
@@ -122,11 +118,16 @@ static void split_row(const float *x, long K, long Kp, unsigned short *hi) {
         for (long kc = 0; kc < chunks; kc++) {                                                                         \
             const unsigned short *b = group + kc * (KC / 2) * GROUP * 2;                                               \
             if (ahead)                                                                                                 \
-                for (int l = 0; l < (KC / 2) * GROUP * 2 * 2; l += PREFETCH_STRIDE)                                     \
+                for (int l = 0; l < (KC / 2) * GROUP * 2 * 2; l += 64)                                                 \
                     __builtin_prefetch((const char *)b + ahead + l, 0, 2);                                             \
             _tile_loadd(A, a + kc * KC, Kp * 2);                                                                       \
-            _tile_loadd(2, b, GROUP * 4);                                                                              \
-            _tile_loadd(3, b + 32, GROUP * 4);                                                                         \
+            if (ahead) { /* the group's first pass: weights from memory, used again only from cache */                 \
+                _tile_stream_loadd(2, b, GROUP * 4);                                                                   \
+                _tile_stream_loadd(3, b + 32, GROUP * 4);                                                              \
+            } else {                                                                                                   \
+                _tile_loadd(2, b, GROUP * 4);                                                                          \
+                _tile_loadd(3, b + 32, GROUP * 4);                                                                     \
+            }                                                                                                          \
             _tile_dpbf16ps(C0, A, 2);                                                                                  \
             _tile_dpbf16ps(C1, A, 3);                                                                                  \
         }                                                                                                              \
@@ -142,11 +143,16 @@ static void split_row(const float *x, long K, long Kp, unsigned short *hi) {
         for (long kc = 0; kc < chunks; kc++) {                                                                         \
             const unsigned short *b = group + kc * (KC / 2) * GROUP * 2;                                               \
             if (ahead)                                                                                                 \
-                for (int l = 0; l < (KC / 2) * GROUP * 2 * 2; l += PREFETCH_STRIDE)                                     \
+                for (int l = 0; l < (KC / 2) * GROUP * 2 * 2; l += 64)                                                 \
                     __builtin_prefetch((const char *)b + ahead + l, 0, 2);                                             \
             _tile_loadd(0, a + kc * KC, Kp * 2);                                                                       \
-            _tile_loadd(2, b, GROUP * 4);                                                                              \
-            _tile_loadd(3, b + 32, GROUP * 4);                                                                         \
+            if (ahead) { /* the group's first pass: weights from memory, used again only from cache */                 \
+                _tile_stream_loadd(2, b, GROUP * 4);                                                                   \
+                _tile_stream_loadd(3, b + 32, GROUP * 4);                                                              \
+            } else {                                                                                                   \
+                _tile_loadd(2, b, GROUP * 4);                                                                          \
+                _tile_loadd(3, b + 32, GROUP * 4);                                                                     \
+            }                                                                                                          \
             _tile_dpbf16ps(4, 0, 2);                                                                                   \
             _tile_dpbf16ps(5, 0, 3);                                                                                   \
             _tile_loadd(1, a1 + kc * KC, Kp * 2);                                                                      \
@@ -210,7 +216,7 @@ int specserve_linear_f32_amx(const float *x, long M, long K, const unsigned shor
             for (long r = 0; r < rows; r++) split_row(x + (t * SOURCE_ROWS + r) * K, K, Kp, tile + 3 * r * Kp);
             memset(tile + 3 * rows * Kp, 0, (size_t)(16 - 3 * rows) * Kp * 2);
         }
-        configure_tiles();
+        configure_tiles(tiles == 1 ? (int)(3 * M) : 16);
         pending_pass pending = {0, 0, -1, 0};
         int set = 0;
 #pragma omp for schedule(static)

