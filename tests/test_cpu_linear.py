@@ -174,7 +174,7 @@ def test_upcast_linear_takes_it_for_fp32_weights_without_a_copy():
 def test_switched_off_by_the_environment(monkeypatch):
     monkeypatch.setenv("SPECSERVE_CPU_LINEAR", "0")
     caches = [cpu_build.library, cpu_linear._library, cpu_linear._kernel, cpu_linear._kernel_packed, cpu_norm._library]
-    caches.append(cpu_linear.packed_group)
+    caches += [cpu_linear.packed_group, cpu_linear.amx_on, cpu_linear._amx_kc]
     for cache in caches:
         cache.cache_clear()
     try:

@@ -51,6 +51,7 @@ def _library() -> ctypes.CDLL | None:
     return lib
 
 
+@functools.cache
 def amx_on() -> bool:
     """Whether weights of bf16 numbers are packed for, and multiplied by, the AMX tile unit (cpu_amx.c): a CPU
     with AMX, a compiler that knows it, Linux granting the tile registers, and SPECSERVE_AMX not 0."""
@@ -65,7 +66,8 @@ def set_amx(on: bool) -> bool:
     if lib is None:
         return False
     lib.specserve_amx_enable(int(on))
-    packed_group.cache_clear()
+    for cache in (amx_on, packed_group, _amx_kc):
+        cache.cache_clear()
     return amx_on()
 
 
@@ -75,11 +77,16 @@ def _kernel_packed():
     return None if lib is None else lib.specserve_linear_f32_packed
 
 
+@functools.cache
+def _amx_kc() -> int:
+    return int(_library().specserve_amx_kc())
+
+
 def _padded_in(in_features: int) -> int:
     """The input length a packed copy holds: the AMX layout pads it to its tiles' 32, the other keeps it."""
     if not amx_on():
         return in_features
-    kc = int(_library().specserve_amx_kc())
+    kc = _amx_kc()
     return -(-in_features // kc) * kc
 
 

@@ -1,6 +1,7 @@
 """SmolLM2-135M's linear layers (30 x qkv, o, gate_up, down, then the 49,152-row output layer; random weights of
-bf16 numbers, each its own memory, so every call streams from DRAM as in a forward) over 1-64 rows: the AMX
-kernel (cpu_amx.c) against the outer-product kernel (cpu_packed.c), interleaved in one process.
+bf16 numbers, packed in forward order on 2 MB pages as the engine packs them, so every call streams from DRAM as
+in a forward) over 1-64 rows: the AMX kernel (cpu_amx.c) against the outer-product kernel (cpu_packed.c),
+interleaved in one process.
 
     .venv/bin/python bench/figures/2026-12-03-amx/linear_ab.py [OUT.json]
 """
@@ -12,7 +13,7 @@ import time
 
 import torch
 
-from specserve.kernels import cpu_linear
+from specserve.kernels import cpu_linear, hugepages
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)] * 30 + [(49152, 576)]
 ROWS = [1, 2, 4, 5, 6, 8, 10, 16, 64]
@@ -26,7 +27,7 @@ def main() -> None:
     packed = {}
     for amx in (True, False):
         cpu_linear.set_amx(amx)
-        packed[amx] = [cpu_linear.pack_bf16(w) for w in weights]
+        packed[amx] = hugepages.pack([cpu_linear.pack_bf16(w) for w in weights])  # on 2 MB pages, as served
     inputs = {m: [torch.randn(m, k) for _, k in SHAPES] for m in ROWS}
 
     def layers(amx: bool, m: int) -> float:
