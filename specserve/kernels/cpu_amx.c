@@ -18,12 +18,19 @@
  * packed[g][k / 2][j][k % 2] = w[g * GROUP + j][k], so the 16 pairs of k of a KC-chunk for 16 outputs are one
  * B tile (16 rows of 64 bytes, row stride GROUP * 4 bytes), and a group is read front to back.
  *
- * Speed: the tile unit does a 16 x 16 x 32 multiply in about 16 cycles, so even 5 rows a tile cost the weight's
- * streaming and no more: SmolLM2-135M's layers (+ lm_head) on this project's 2-core Xeon over 1, 4, 8, 64 rows
- * 9.4, 10.1, 13.2, 39 ms; the outer-product kernel 10.1, 12.7, 14.8, 71 ms. What bounds it past a few rows is
- * moving tiles (a tile load also takes ~16 cycles): each (group, tile of rows) is one pass over K with two
- * accumulators, and passes alternate between two sets of accumulator tiles so that storing one pass's results
- * waits on nothing while the next pass runs (storing at once stalled the stream: +12% at one row).
+ * Speed: the tile unit does a 16 x 16 x 32 multiply in about 16 cycles, so a tile of five rows costs the
+ * weight's streaming and little more. SmolLM2-135M's linear layers and output layer on this project's 2-core
+ * Xeon, packed on 2 MB pages (bench/figures/2026-12-03-amx/linear_ab.py) over 1, 2, 4, 8, 16, 64 rows: 11.0,
+ * 11.1, 11.8, 14.1, 17.6, 35.7 ms; the outer-product kernel 10.8, 11.2, 12.8, 15.2, 22.7, 68.5. What bounds it
+ * is moving tiles (a tile load takes about as long as a multiply) and memory:
+ * - a call of up to five rows configures tiles of its rows only (a decode step's three) and streams each group
+ *   once: one pass over K with two accumulators; passes alternate between two sets of accumulator tiles, so
+ *   storing one pass's results waits on nothing while the next runs (storing at once stalled the stream: +12%
+ *   at one row); a group's first pass loads its weights with the non-temporal tile load (-5% at one row);
+ * - 6 to 10 rows take two tiles of pieces against each weight tile loaded (a pair pass, four accumulators): all
+ *   eight tiles in use, so its results are stored before the next group starts, and that wait makes 6-10 rows
+ *   ~20% dearer than 5 (two single passes a group, or one per output half, were slower still);
+ * - more rows: pair passes over the group from cache, the first streaming it.
  */
 #include "cpu_simd.h"
 
