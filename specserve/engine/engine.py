@@ -363,6 +363,8 @@ class LLMEngine:
         draft_ids: dict[str, list[int]],  # per drafting request: its k draft tokens
         draft_q: dict[str, torch.Tensor],  # per request drafted from a distribution: [k, vocab]
     ) -> dict[str, list[int]]:
+        if all(s.request.params.greedy for s in sampling):
+            return self._accept_greedy(sampling, logits, draft_ids)
         batch, vocab = len(sampling), logits.shape[-1]
         ks = [s.num_draft_tokens for s in sampling]
         max_k = max(ks)
@@ -399,6 +401,30 @@ class LLMEngine:
         )
         out_ids, num_accepted = out_ids.tolist(), num_accepted.tolist()  # one device-to-host copy each
         return {s.request.request_id: out_ids[i][: num_accepted[i] + 1] for i, s in enumerate(sampling)}
+
+    @staticmethod
+    def _accept_greedy(
+        sampling: list[ScheduledRequest],
+        logits: torch.Tensor,  # [sum(k + 1), vocab]
+        draft_ids: dict[str, list[int]],
+    ) -> dict[str, list[int]]:
+        """A batch of greedy requests: each row's token is its logits' argmax (the lowest index on a tie, as
+        rejection sampling's greedy rule takes it), drafts are kept while they equal it, and the first row that
+        differs (or the bonus row) gives the next token. No probabilities, no [batch, k + 1, vocab] tensors: a
+        plain decode step's or a verification pass's acceptance in one argmax (rejection sampling's path cost
+        ~1 ms a step on the CPU). The argmax of the logits, not of their softmax: exp can round two near-equal
+        logits to one probability, never two different logits to one logit."""
+        best = logits.argmax(dim=-1).tolist()  # [sum(k + 1)]: one device-to-host copy
+        out, row = {}, 0
+        for s in sampling:
+            k = s.num_draft_tokens
+            drafts = draft_ids[s.request.request_id] if k else []
+            n = 0
+            while n < k and drafts[n] == best[row + n]:
+                n += 1
+            out[s.request.request_id] = drafts[:n] + [best[row + n]]
+            row += k + 1
+        return out
 
     def update(self, plan: SchedulerOutput, output: StepOutput) -> list[RequestOutput]:
         """Commit each request's tokens. A request whose bookkeeping raises (a detokenizer fault, say) is
