@@ -68,6 +68,32 @@ def test_one_call_gives_the_bits_of_the_layers_one_by_one(tiny, monkeypatch, nam
     assert torch.equal(fused_cache, layered_cache)
 
 
+def test_a_switch_of_packed_kernel_packs_and_points_again(tiny):
+    """cpu_linear.set_amx changes the packed copies' layout: the layers pack again and the C call's pointer table
+    is rebuilt, so it never reads a copy in the other layout (the same model, forwards before and after)."""
+    from specserve.kernels import cpu_linear
+    from specserve.model import upcast
+    from specserve.model.loader import load_model
+
+    was = cpu_linear.amx_on()
+    if cpu_linear.set_amx(not was) == was:
+        pytest.skip("one packed kernel only (no AMX)")
+    cpu_linear.set_amx(was)
+    model = _bf16_numbers(load_model(tiny["llama"], "float32"))
+    upcast.enable_upcast(model)
+    steps = _steps(model.arch.vocab_size)
+    try:
+        before, _ = _run(model, steps)
+        cpu_linear.set_amx(not was)
+        after, _ = _run(model, steps)
+        qkv = model.layers[0].self_attn.qkv_proj
+        assert qkv.upcast.compact.shape == cpu_linear.packed_shape(*qkv.weight.shape)
+        for a, b in zip(before, after, strict=True):  # two kernels: the last bits may differ
+            assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+    finally:
+        cpu_linear.set_amx(was)
+
+
 def test_a_weight_changed_in_place_is_read_fresh(tiny):
     """The bf16 copies the kernel reads are checked every call, as the layer-by-layer path checks them."""
     from specserve.model import upcast

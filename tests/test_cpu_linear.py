@@ -112,18 +112,39 @@ def test_the_amx_kernel_keeps_infinities_and_is_closer_to_float64(packed_kernel)
     piece sums are at least as close to float64 as one fp32 chain (the outer-product kernel's)."""
     torch.manual_seed(5)
     w = torch.randn(40, 96).bfloat16().float()
-    x = torch.randn(4, 96)
+    x = torch.randn(5, 96)
     x[1, 7], x[2, 30], x[3, 3] = float("inf"), float("-inf"), float("nan")
+    x[4, 90] = torch.tensor([0x7F800001], dtype=torch.int32).view(torch.float32)[0]  # a NaN in the low bits only
     got = cpu_linear.linear_f32(x, w, None, cpu_linear.pack_bf16(w))
     want = x.double() @ w.double().T  # inf * w[n, 7] is +-inf for every n (no weight is 0)
     assert torch.equal(got[0], got[0]) and torch.equal(torch.isinf(got[1:3]), torch.isinf(want[1:3]))
-    assert torch.equal(torch.sign(got[1:3]), torch.sign(want[1:3])) and torch.isnan(got[3]).all()
+    assert torch.equal(torch.sign(got[1:3]), torch.sign(want[1:3])) and torch.isnan(got[3:]).all()
     x = torch.randn(64, 1536)
     w = torch.randn(48, 1536).bfloat16().float()
     exact = x.double() @ w.double().T
     err = (cpu_linear.linear_f32(x, w, None, cpu_linear.pack_bf16(w)).double() - exact).abs().mean()
     chain = (F.linear(x, w).double() - exact).abs().mean()  # any fp32 summation order, for scale
     assert err < 2 * chain
+
+
+def test_a_switch_of_kernel_repacks_the_holders_copy():
+    """cpu_linear.set_amx changes the packed layout; a holder packed before packs again instead of handing the
+    kernel a copy in the other layout."""
+    was = cpu_linear.amx_on()
+    if cpu_linear.set_amx(not was) == was:
+        pytest.skip("one packed kernel only (no AMX)")
+    cpu_linear.set_amx(was)
+    torch.manual_seed(6)
+    w, b, x = torch.randn(40, 37).bfloat16().float(), torch.randn(40), torch.randn(3, 37)
+    holder = UpcastWeight()
+    try:
+        for amx in (was, not was, was):
+            cpu_linear.set_amx(amx)
+            got = linear(x, w, b, holder)
+            assert holder.compact.shape == cpu_linear.packed_shape(40, 37)
+            assert torch.equal(got, cpu_linear.linear_f32(x, w, b, cpu_linear.pack_bf16(w)))
+    finally:
+        cpu_linear.set_amx(was)
 
 
 def test_exact_bf16_refuses_numbers_bf16_cannot_hold():
@@ -135,6 +156,7 @@ def test_exact_bf16_refuses_numbers_bf16_cannot_hold():
     nan = torch.zeros(2, 2)
     nan[0, 0] = float("nan")
     assert cpu_linear.exact_bf16(nan) is None  # a NaN is never equal: the fp32 weight is kept
+    assert cpu_linear.exact_bf16(torch.tensor([[1.0, float("inf")]])) is None  # not finite: not packed
     with pytest.raises(ValueError, match="pack_bf16"):
         cpu_linear.linear_f32(torch.randn(2, 16), w, None, torch.zeros(8, 16))  # fp32, not a packed copy
 

@@ -8,6 +8,9 @@
  * sum_k lo_k w_k holds x's full value: no rounding of x, as the fp32 kernels; the three sums are fp32 sums,
  * added at the end small to large, ((lo + mid) + hi) + bias. Tested within K * 2^-23 of float64, and closer
  * to it than the outer-product kernel's one FMA chain (the small pieces' sums are not rounded at hi's scale).
+ * The tile unit treats bf16 denormals as zero and flushes denormal results: a piece or weight below ~1e-38 in
+ * magnitude counts as 0 (x itself loses nothing above ~2^-110). Weights must be finite (`exact_bf16` refuses
+ * others: inf times a zero piece would be NaN).
  *
  * Row-invariant: the pieces of row m are tile rows 3r, 3r + 1, 3r + 2 of a 16-row tile of five source rows,
  * and the tile unit computes each row of its result from that row of A and all of B, in its one fixed order, so
@@ -96,7 +99,10 @@ static void split_row(const float *x, long K, long Kp, unsigned short *hi) {
                                   _mm512_setzero_ps());
         const __m512i r = _mm512_castps_si512(rest), rh = _mm512_and_si512(r, top);
         const __m512i l = _mm512_castps_si512(_mm512_sub_ps(rest, _mm512_castsi512_ps(rh)));
-        _mm256_storeu_si256((__m256i *)(hi + k), _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+        /* a NaN whose payload lies in the low 16 bits alone would be cut to an infinity: keep it a NaN */
+        const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)), exponent);
+        const __m512i hu = _mm512_mask_or_epi32(u, nan, u, _mm512_set1_epi32(0x00400000));
+        _mm256_storeu_si256((__m256i *)(hi + k), _mm512_cvtepi32_epi16(_mm512_srli_epi32(hu, 16)));
         _mm256_storeu_si256((__m256i *)(mid + k), _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
         _mm256_storeu_si256((__m256i *)(lo + k), _mm512_cvtepi32_epi16(_mm512_srli_epi32(l, 16)));
     }
@@ -112,7 +118,8 @@ static void split_row(const float *x, long K, long Kp, unsigned short *hi) {
         memcpy(&rf, &rh, 4);
         const float lf = rest - rf;
         memcpy(&l, &lf, 4);
-        hi[k] = (unsigned short)(u >> 16), mid[k] = (unsigned short)(r >> 16), lo[k] = (unsigned short)(l >> 16);
+        const uint32_t hu = (u & 0x7fffffffu) > 0x7f800000u ? u | 0x00400000u : u; /* a NaN stays a NaN */
+        hi[k] = (unsigned short)(hu >> 16), mid[k] = (unsigned short)(r >> 16), lo[k] = (unsigned short)(l >> 16);
     }
     for (; k < Kp; k++) hi[k] = mid[k] = lo[k] = 0;
 }

@@ -121,7 +121,8 @@ def exact_bf16(weight: torch.Tensor) -> torch.Tensor | None:
         return None
     with torch.no_grad():
         compact = weight.detach().to(torch.bfloat16).contiguous()
-        return compact if torch.equal(compact.float(), weight) else None
+        # finite too: the AMX kernel multiplies a weight by x's zero pieces, and inf * 0 is NaN
+        return compact if torch.equal(compact.float(), weight) and bool(torch.isfinite(compact).all()) else None
 
 
 def pack_bf16(weight: torch.Tensor) -> torch.Tensor | None:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specserve.kernels import cpu_decoder, cpu_norm, cpu_pointwise
+from specserve.kernels import cpu_decoder, cpu_linear, cpu_norm, cpu_pointwise
 from specserve.model.attention import AttentionMetadata, paged_attention
 from specserve.model.upcast import Linear, UpcastWeight, linear, runs_cpu_kernel
 
@@ -198,7 +198,7 @@ class FusedLayers:
     parameter replaced by another object (`module.weight = nn.Parameter(...)`) is not seen: call `forget()`."""
 
     def __init__(self) -> None:
-        self._kept: tuple | None = None  # (cache pointer, identities, watched tensors, table)
+        self._kept: tuple | None = None  # ((cache pointer, AMX layout), identities, watched tensors, table)
 
     def forget(self) -> None:
         self._kept = None
@@ -238,7 +238,8 @@ class FusedLayers:
         ):
             return None
         kept = self._kept
-        if kept is not None and kept[0] == kv_cache.data_ptr() and kept[1] == _identities(kept[2]):
+        layout = cpu_linear.amx_on()  # the packed copies' layout (cpu_linear.set_amx switches it)
+        if kept is not None and kept[0] == (kv_cache.data_ptr(), layout) and kept[1] == _identities(kept[2]):
             return kept[3]
         self._kept = None
         pointers, watched = [], []
@@ -269,7 +270,7 @@ class FusedLayers:
             watched += [n.weight for n in norms] + [lin.weight for lin in linears] + ([] if bias is None else [bias])
         table = torch.tensor(pointers, dtype=torch.int64)
         watched = (watched, [t for t in watched if not t.is_inference()])
-        self._kept = (kv_cache.data_ptr(), _identities(watched), watched, table)
+        self._kept = ((kv_cache.data_ptr(), layout), _identities(watched), watched, table)
         return table
 
 

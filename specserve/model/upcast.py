@@ -129,11 +129,13 @@ class UpcastWeight:
         self.bias: torch.Tensor | None = None  # [out] fp32
 
     def prepare(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        key = (_identity(weight), None if bias is None else _identity(bias))
+        cpu = runs_cpu_kernel(weight)
+        # the packed copy's layout follows the kernel in use (cpu_linear.set_amx switches it): a switch repacks
+        key = (_identity(weight), None if bias is None else _identity(bias), cpu and cpu_linear.amx_on())
         if key != self.key:
             with torch.no_grad():
                 self.compact = None
-                if runs_cpu_kernel(weight):  # the C kernel reads the weight itself, or its bf16 copy
+                if cpu:  # the C kernel reads the weight itself, or its bf16 copy
                     self.compact = cpu_linear.pack_bf16(weight)
                     self.weight = self.packed = None
                 elif packs(weight):
