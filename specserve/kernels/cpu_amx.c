@@ -124,6 +124,24 @@ static void split_row(const float *x, long K, long Kp, unsigned short *hi) {
     for (; k < Kp; k++) hi[k] = mid[k] = lo[k] = 0;
 }
 
+/* A KC-chunk of a group's weights ahead of its tile loads, into L2. */
+static inline void prefetch_chunk(const char *p) {
+    for (int l = 0; l < (KC / 2) * GROUP * 2 * 2; l += 64) __builtin_prefetch(p + l, 0, 2);
+}
+
+/* A KC-chunk of a group's weights into B tiles 2 and 3: on the group's first pass (streaming it from memory, used
+ * again only from cache) with the non-temporal tile load. */
+#define LOAD_WEIGHTS(b, first)                                                                                         \
+    do {                                                                                                               \
+        if (first) {                                                                                                   \
+            _tile_stream_loadd(2, b, GROUP * 4);                                                                       \
+            _tile_stream_loadd(3, (b) + 32, GROUP * 4);                                                                \
+        } else {                                                                                                       \
+            _tile_loadd(2, b, GROUP * 4);                                                                              \
+            _tile_loadd(3, (b) + 32, GROUP * 4);                                                                       \
+        }                                                                                                              \
+    } while (0)
+
 /* One pass: a tile of pieces (A) times a group's two B tiles over all of K, into accumulators C0, C1. */
 #define PASS(A, C0, C1)                                                                                                \
     do {                                                                                                               \
@@ -132,16 +150,9 @@ static void split_row(const float *x, long K, long Kp, unsigned short *hi) {
         for (long kc = 0; kc < chunks; kc++) {                                                                         \
             const unsigned short *b = group + kc * (KC / 2) * GROUP * 2;                                               \
             if (ahead)                                                                                                 \
-                for (int l = 0; l < (KC / 2) * GROUP * 2 * 2; l += 64)                                                 \
-                    __builtin_prefetch((const char *)b + ahead + l, 0, 2);                                             \
+                prefetch_chunk((const char *)b + ahead);                                                               \
             _tile_loadd(A, a + kc * KC, Kp * 2);                                                                       \
-            if (ahead) { /* the group's first pass: weights from memory, used again only from cache */                 \
-                _tile_stream_loadd(2, b, GROUP * 4);                                                                   \
-                _tile_stream_loadd(3, b + 32, GROUP * 4);                                                              \
-            } else {                                                                                                   \
-                _tile_loadd(2, b, GROUP * 4);                                                                          \
-                _tile_loadd(3, b + 32, GROUP * 4);                                                                     \
-            }                                                                                                          \
+            LOAD_WEIGHTS(b, ahead);                                                                                    \
             _tile_dpbf16ps(C0, A, 2);                                                                                  \
             _tile_dpbf16ps(C1, A, 3);                                                                                  \
         }                                                                                                              \
@@ -157,16 +168,9 @@ static void split_row(const float *x, long K, long Kp, unsigned short *hi) {
         for (long kc = 0; kc < chunks; kc++) {                                                                         \
             const unsigned short *b = group + kc * (KC / 2) * GROUP * 2;                                               \
             if (ahead)                                                                                                 \
-                for (int l = 0; l < (KC / 2) * GROUP * 2 * 2; l += 64)                                                 \
-                    __builtin_prefetch((const char *)b + ahead + l, 0, 2);                                             \
+                prefetch_chunk((const char *)b + ahead);                                                               \
             _tile_loadd(0, a + kc * KC, Kp * 2);                                                                       \
-            if (ahead) { /* the group's first pass: weights from memory, used again only from cache */                 \
-                _tile_stream_loadd(2, b, GROUP * 4);                                                                   \
-                _tile_stream_loadd(3, b + 32, GROUP * 4);                                                              \
-            } else {                                                                                                   \
-                _tile_loadd(2, b, GROUP * 4);                                                                          \
-                _tile_loadd(3, b + 32, GROUP * 4);                                                                     \
-            }                                                                                                          \
+            LOAD_WEIGHTS(b, ahead);                                                                                    \
             _tile_dpbf16ps(4, 0, 2);                                                                                   \
             _tile_dpbf16ps(5, 0, 3);                                                                                   \
             _tile_loadd(1, a1 + kc * KC, Kp * 2);                                                                      \

@@ -132,10 +132,24 @@ static void unit_scores(const unit_t *u, const float *k_cache, long H, long G, l
     }
 }
 
+#define HEAD_BLOCK 3
+
+/* acc[h] += p[h][j] v for the nh heads, v the 64 values from d0 at position j's slot (loaded once for all). */
+static inline __attribute__((always_inline)) void add_position(v16 (*acc)[4], const float *const *p, const int nh,
+                                                               long j, const float *v) {
+    const v16 v0 = load16(v), v1 = load16(v + 16), v2 = load16(v + 32), v3 = load16(v + 48);
+    for (int h = 0; h < nh; h++) {
+        const float pj = p[h][j];
+        acc[h][0] += pj * v0;
+        acc[h][1] += pj * v1;
+        acc[h][2] += pj * v2;
+        acc[h][3] += pj * v3;
+    }
+}
+
 /* Accumulate sum_j p_j v_j over positions j0 <= j < stop for up to HEAD_BLOCK query heads of one row (the same
  * positions), 64 outputs from d0: per query the even positions in order into e, the odd ones into o (one chain of
  * four would wait on the adder). Each value vector is loaded once for all the heads. */
-#define HEAD_BLOCK 3
 static inline __attribute__((always_inline)) void values_of_heads(const float *const *p, v16 *const *a, const int nh,
                                                                   const float *v_cache, const long *slots, long KVH,
                                                                   long kvh, long D, long d0, long j0, long stop) {
@@ -144,36 +158,11 @@ static inline __attribute__((always_inline)) void values_of_heads(const float *c
         for (int c = 0; c < 4; c++) e[h][c] = a[h][c], o[h][c] = a[h][4 + c];
     long j = j0;
     for (; j + 1 < stop; j += 2) {
-        const float *v = v_cache + (slots[j] * KVH + kvh) * D + d0;
-        const float *w = v_cache + (slots[j + 1] * KVH + kvh) * D + d0;
-        const v16 v0 = load16(v), v1 = load16(v + 16), v2 = load16(v + 32), v3 = load16(v + 48);
-        for (int h = 0; h < nh; h++) {
-            const float pj = p[h][j];
-            e[h][0] += pj * v0;
-            e[h][1] += pj * v1;
-            e[h][2] += pj * v2;
-            e[h][3] += pj * v3;
-        }
-        const v16 w0 = load16(w), w1 = load16(w + 16), w2 = load16(w + 32), w3 = load16(w + 48);
-        for (int h = 0; h < nh; h++) {
-            const float pk = p[h][j + 1];
-            o[h][0] += pk * w0;
-            o[h][1] += pk * w1;
-            o[h][2] += pk * w2;
-            o[h][3] += pk * w3;
-        }
+        add_position(e, p, nh, j, v_cache + (slots[j] * KVH + kvh) * D + d0);
+        add_position(o, p, nh, j + 1, v_cache + (slots[j + 1] * KVH + kvh) * D + d0);
     }
-    if (j < stop) { /* the row's last position, an even one (blocks hold an even count) */
-        const float *v = v_cache + (slots[j] * KVH + kvh) * D + d0;
-        const v16 v0 = load16(v), v1 = load16(v + 16), v2 = load16(v + 32), v3 = load16(v + 48);
-        for (int h = 0; h < nh; h++) {
-            const float pj = p[h][j];
-            e[h][0] += pj * v0;
-            e[h][1] += pj * v1;
-            e[h][2] += pj * v2;
-            e[h][3] += pj * v3;
-        }
-    }
+    if (j < stop) /* the row's last position, an even one (blocks hold an even count) */
+        add_position(e, p, nh, j, v_cache + (slots[j] * KVH + kvh) * D + d0);
     for (int h = 0; h < nh; h++)
         for (int c = 0; c < 4; c++) a[h][c] = e[h][c], a[h][4 + c] = o[h][c];
 }
