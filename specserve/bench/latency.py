@@ -162,6 +162,7 @@ def measure_cost_ratio(engine, context_ids: list[int], max_k: int, device: str, 
 
     from specserve.engine.drafts import num_params
     from specserve.engine.model_runner import ModelRunner, TokenRun
+    from specserve.engine.proposer import draft_forward
     from specserve.model.eagle import EagleHead
 
     block_size = 16
@@ -179,11 +180,9 @@ def measure_cost_ratio(engine, context_ids: list[int], max_k: int, device: str, 
     for runner in (verifier, draft):
         runner.forward([TokenRun(list(context_ids), 0, blocks, 1)], features(runner, n))
     probe = (context_ids * (max_k + 2))[: max_k + 1]  # any tokens: the cost does not depend on which
-    trimmed = getattr(draft.model, "trimmed", False)
-
     def forward(runner, run, m: int) -> None:  # as the engine runs each: a trimmed head over its own vocabulary
-        if runner is draft and trimmed:
-            draft.model.draft_logits(runner.run(run, features(runner, m), logits=False).hidden)
+        if runner is draft:
+            draft_forward(runner, run, features(runner, m))
         else:
             runner.forward(run, features(runner, m))
 

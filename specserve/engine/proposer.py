@@ -20,6 +20,20 @@ from specserve.engine.request import Request
 from specserve.engine.sampler import sampling_probs
 
 
+def draft_forward(runner: ModelRunner, runs: list[TokenRun], features=None):
+    """A draft's forward as the proposer runs it: (its output, logits [rows, V] over the draft's own vocabulary,
+    that vocabulary's token ids [V], or None when it is the verifier's). A draft with a trimmed vocabulary (an
+    EAGLE head's 8,192 of 49,152 tokens) skips the verifier-vocabulary output: every other token has q = 0
+    exactly, so softmax, top-k, top-p and the draw over its V tokens give the same distribution as over all of
+    them, at a sixth of the work."""
+    model = runner.model
+    if getattr(model, "trimmed", False):
+        out = runner.run(runs, features, logits=False)
+        return out, model.draft_logits(out.hidden), model.draft_vocab.to(out.hidden.device)
+    out = runner.run(runs, features)
+    return out, out.logits, None
+
+
 class DraftProposer:
     recompute_accepted = False  # the draft's KV of accepted draft tokens stays valid (see EagleProposer)
     reads_verifier_features = False
@@ -46,16 +60,9 @@ class DraftProposer:
 
     def _distribution(self, runs: list[TokenRun], features, requests: list[Request]):
         """One forward: (its output, q over the draft's own vocabulary [rows, V], the vocabulary's token ids [V]
-        or None when it is the verifier's). A draft with a trimmed vocabulary (an EAGLE head's 8,192 of 49,152
-        tokens) samples over its own: every other token has q = 0 exactly, so softmax, top-k, top-p and the
-        draw over its V tokens give the same distribution as over all of them, at a sixth of the work."""
-        model = self.runner.model
-        if getattr(model, "trimmed", False):
-            out = self.runner.run(runs, features, logits=False)
-            probs = sampling_probs(model.draft_logits(out.hidden), [r.params for r in requests])
-            return out, probs, model.draft_vocab.to(probs.device)
-        out = self.runner.run(runs, features)
-        return out, sampling_probs(out.logits, [r.params for r in requests]), None
+        or None when it is the verifier's), from `draft_forward`'s logits."""
+        out, logits, vocab = draft_forward(self.runner, runs, features)
+        return out, sampling_probs(logits, [r.params for r in requests]), vocab
 
     def propose(self, items: list[ProposeItem]) -> Proposal:
         """items: (request, choice with k >= 1, block ids). Draft tokens are not appended to the requests."""

@@ -60,8 +60,9 @@ def amx_on() -> bool:
 
 
 def set_amx(on: bool) -> bool:
-    """Turn the AMX kernel on or off (tests and benchmarks compare the two); returns whether it is on. Copies
-    packed before keep the layout they were packed in: pack them again."""
+    """Turn the AMX kernel on or off (tests and benchmarks compare the two); returns whether it is on. The
+    layers' copies (`UpcastWeight`) pack again at their next use; a copy held elsewhere keeps the layout it was
+    packed in: pack it again."""
     lib = _library()
     if lib is None:
         return False
