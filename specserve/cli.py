@@ -465,11 +465,25 @@ def add_distill_args(p: argparse.ArgumentParser) -> None:
                    f"(default {eagle['eval_depth']}).")
     g.add_argument("--init-head", default=eagle["init_head"], metavar="DIR",
                    help="eagle: start from this trained head of the same verifier (its draft vocabulary is kept).")
+    g.add_argument("--feature-layers", type=_layer_list, default=eagle["feature_layers"], metavar="L1,L2",
+                   help="eagle: verifier layers whose input the head also reads, beside the last layer's output "
+                   "(EAGLE-3's fused low and middle features, e.g. 2,15 of SmolLM2's 30); the teacher pass keeps "
+                   "them and the server taps them while serving the head. From a plain --init-head the fusing "
+                   "layer starts as a pass-through of the last layer's output (default: none, the last layer's "
+                   "output alone).")
     g.add_argument("--resume", action="store_true", default=eagle["resume"],
                    help="eagle: continue the run saved in --out (head, optimizer, step, RNG and data position of its "
                    "last evaluation) with the same data settings; the teacher pass is read back, not rerun.")
     add_online_distill_args(p)
     add_eval_args(p)
+
+
+def _layer_list(text: str) -> tuple[int, ...]:
+    """'2,15' -> (2, 15); '' -> ()."""
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers, got {text!r}") from None
 
 
 def add_online_distill_args(p: argparse.ArgumentParser) -> None:
@@ -519,6 +533,7 @@ def cmd_distill_eagle(args: argparse.Namespace) -> int:
         steps=args.steps, max_minutes=args.max_minutes, batch_size=args.batch_size, lr=args.lr,
         eval_every=args.eval_every, seed=args.seed, device=args.device, unroll_steps=args.unroll_steps,
         unroll_decay=args.unroll_decay, eval_depth=args.eval_depth, init_head=args.init_head, resume=args.resume,
+        feature_layers=args.feature_layers,
     )
     result = train_eagle(config)
     best = result["best"]

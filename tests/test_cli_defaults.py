@@ -62,7 +62,7 @@ hard_label_weight batch_size lr steps eval_every seed device
 """.split()
 EAGLE_FIELDS = """
 verifier responses max_sequences max_tokens max_new_tokens teacher_dtype draft_vocab_size feature_weight
-feature_noise max_minutes batch_size seed device unroll_steps unroll_decay eval_depth init_head resume
+feature_noise max_minutes batch_size seed device unroll_steps unroll_decay eval_depth init_head resume feature_layers
 """.split()
 ONLINE_FIELDS = """
 loss jsd_beta temperature batch_size lr eval_every seed device feature_weight feature_noise max_minutes

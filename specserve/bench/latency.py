@@ -171,11 +171,10 @@ def measure_cost_ratio(engine, context_ids: list[int], max_k: int, device: str, 
     blocks = list(range(kv_blocks_for(n + max_k + 1, block_size)))
     verifier = ModelRunner(engine.runner.model, len(blocks), block_size)
     draft = ModelRunner(engine.proposer.runner.model, len(blocks), block_size)
-    hidden = engine.verifier.arch.hidden_size
     eagle = isinstance(engine.proposer.runner.model, EagleHead)
 
-    def features(runner, m: int):  # an EAGLE head reads features (zeros cost the same as real ones)
-        return torch.zeros(m, hidden) if eagle and runner is draft else None
+    def features(runner, m: int):  # an EAGLE head reads features (zeros cost the same as real ones), fused ones
+        return torch.zeros(m, runner.model.feature_width) if eagle and runner is draft else None  # at its width
 
     for runner in (verifier, draft):
         runner.forward([TokenRun(list(context_ids), 0, blocks, 1)], features(runner, n))

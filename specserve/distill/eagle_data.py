@@ -33,7 +33,8 @@ ASSISTANT_ROLES = ("gpt", "assistant", "bard", "chatgpt")
 @dataclass
 class TeacherSequence:
     token_ids: torch.Tensor  # [T] int64
-    features: torch.Tensor  # [T, hidden] bf16: f_i, the verifier's last-layer output at position i
+    features: torch.Tensor  # [T, width] bf16: f_i, the verifier's last-layer output at position i (after the
+    # inputs of its feature_layers, where the run reads those: EAGLE-3's fused features)
     topm_ids: torch.Tensor  # [T, m] int32: the verifier's m most likely next tokens after position i
     topm_logprobs: torch.Tensor  # [T, m] fp16: their log-probabilities (temperature 1)
     num_prompt_tokens: int
@@ -266,6 +267,8 @@ def teacher_data(
         "verifier": verifier_fingerprint(verifier_dir),
         "rank": rank,
         "world": world,
+        # only where set, so the data of runs before fused features still matches
+        **({"feature_layers": list(verifier.feature_layers)} if verifier.feature_layers else {}),
     }
     path = os.path.join(config.out, "teacher_data.pt" if world == 1 else f"teacher_data.rank{rank}.pt")
     data = load_teacher_data(path, key)

@@ -31,7 +31,10 @@ SAME_ON_RESUME = (
     "batch_size",
     "unroll_steps",
     "init_head",
+    "feature_layers",
 )
+# settings newer than some saved states: a state without one was made with its default
+ADDED_LATER = {"feature_layers": ()}
 
 
 def save_state(
@@ -70,9 +73,9 @@ def load_state(out: str, config: dict) -> dict:
         raise ValueError(f"--resume: no {STATE_FILE} in {out!r}; train into it without --resume first")
     state = torch.load(path, weights_only=False)  # our own file: Python's RNG state is a tuple
     saved = state["config"]
-    changed = [k for k in SAME_ON_RESUME if saved.get(k) != config.get(k)]
+    changed = [k for k in SAME_ON_RESUME if saved.get(k, ADDED_LATER.get(k)) != config.get(k, ADDED_LATER.get(k))]
     if changed:
-        pairs = ", ".join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in changed)
+        pairs = ", ".join(f"{k}: {saved.get(k, ADDED_LATER.get(k))!r} -> {config.get(k)!r}" for k in changed)
         raise ValueError(f"--resume: {out!r} was trained with other settings ({pairs}); use the same ones")
     return state
 

@@ -103,6 +103,10 @@ class EagleConfig:
     """Draft positions the held-out evaluation chains (acceptance at each of 1..eval_depth)."""
     init_head: str | None = None
     """An EAGLE head checkpoint of this verifier to start from (its draft vocabulary is kept)."""
+    feature_layers: tuple[int, ...] = ()
+    """Verifier layers whose input the head reads besides the last layer's output (EAGLE-3's fused low and
+    middle features); () reads the last layer's alone. From a plain `init_head` the new fusing layer starts as
+    a pass-through of the last layer's output."""
     resume: bool = False
     """Continue the run saved in `out` (its training state: head, optimizer, step, RNG, data position)."""
 
@@ -143,8 +147,8 @@ class EagleConfig:
 class HeadBatch:
     input_ids: torch.Tensor  # [tokens] x_i
     positions: torch.Tensor  # [tokens]
-    in_features: torch.Tensor  # [tokens, hidden] f_{i-1} (zeros at i = 0)
-    target_features: torch.Tensor  # [tokens, hidden] f_i
+    in_features: torch.Tensor  # [tokens, width] f_{i-1} (zeros at i = 0): EagleHead.feature_width wide
+    target_features: torch.Tensor  # [tokens, hidden] f_i: the last layer's output
     topm_ids: torch.Tensor  # [tokens, m] int64, in draft-vocabulary indices (-1: outside it)
     topm_probs: torch.Tensor  # [tokens, m] the verifier's probabilities, renormalised on the draft vocabulary
     topm_p: torch.Tensor  # [tokens, m] the verifier's probabilities as they are (0 outside the draft vocabulary)
@@ -156,7 +160,7 @@ class HeadBatch:
     next_is_top1: torch.Tensor | None = None  # [tokens] bool: the next token is the verifier's top-1 choice
 
 
-def make_batch(seqs: list[TeacherSequence], to_draft: torch.Tensor, device) -> HeadBatch:
+def make_batch(seqs: list[TeacherSequence], to_draft: torch.Tensor, device, hidden: int | None = None) -> HeadBatch:
     """Sequences packed end to end, each attending causally to itself (a prefill of several requests)."""
     masks, starts, greedy = [], [], []
     for s in seqs:
@@ -174,6 +178,7 @@ def make_batch(seqs: list[TeacherSequence], to_draft: torch.Tensor, device) -> H
         [s.topm_logprobs for s in seqs],
         masks,
         device,
+        hidden,
     )
     batch.chain_start = torch.cat(starts).to(device)
     batch.next_is_top1 = torch.cat(greedy).to(device)
@@ -187,8 +192,10 @@ def pack_batch(
     topm_logprobs: list[torch.Tensor],  # per sequence [T, m]
     loss_masks: list[torch.Tensor],  # per sequence [T] bool: positions scored
     device,
+    hidden: int | None = None,  # the last layer's width, where features hold more layers' (EAGLE-3): the target
 ) -> HeadBatch:
-    """Sequences packed end to end, each attending causally to itself; the head reads f_{i-1} (zeros at i = 0)."""
+    """Sequences packed end to end, each attending causally to itself; the head reads f_{i-1} (zeros at i = 0)
+    and is scored against f_i (its last `hidden` numbers)."""
     ids, pos, fin, fout = [], [], [], []
     for t, feats in zip(token_ids, features):
         n = t.numel()
@@ -196,7 +203,7 @@ def pack_batch(
         ids.append(t)
         pos.append(torch.arange(n))
         fin.append(torch.cat([torch.zeros(1, f.shape[1]), f[:-1]]))
-        fout.append(f)
+        fout.append(f if hidden is None else f[:, -hidden:])
     lens = [t.numel() for t in token_ids]
     total = sum(lens)
     starts = torch.tensor([0] + lens[:-1]).cumsum(0)
@@ -303,8 +310,20 @@ def _plot(path: str, history: list[dict]) -> None:
 def _initial_head(config: EagleConfig, verifier, verifier_dir: str, train, tokenizer, d) -> EagleHead:
     vocab = verifier.arch.vocab_size
     torch.manual_seed(config.seed)
+    layers = tuple(config.feature_layers)
     if config.init_head is not None:
         head = load_eagle(config.init_head, verifier, verifier_dir)  # fp32, like the verifier now
+        if head.feature_layers != layers:
+            if head.feature_layers:
+                raise ValueError(
+                    f"--init-head {config.init_head} reads layers {list(head.feature_layers)}, this run "
+                    f"{list(layers)}: a fused head starts only from a plain one or one of the same layers"
+                )
+            plain = head  # its weights, and a fusing layer that passes the last layer's output through
+            head = EagleHead(verifier, plain.draft_vocab if plain.trimmed else None, layers)
+            missing, unexpected = head.load_state_dict(plain.state_dict(), strict=False)
+            if unexpected or set(missing) != {"fuse.weight"}:
+                raise ValueError(f"--init-head {config.init_head}: unexpected weights {unexpected or missing}")
         return head.to(d.device).train().requires_grad_(True)
     always = {t for t in (tokenizer.eos_token_id, tokenizer.bos_token_id) if t is not None}
     draft_vocab = None
@@ -312,7 +331,7 @@ def _initial_head(config: EagleConfig, verifier, verifier_dir: str, train, token
         draft_vocab = draft_vocabulary(train, config.draft_vocab_size, always, vocab)
         if d.world > 1:  # every rank saw other data: use rank 0's choice
             dist.broadcast(draft_vocab, 0)
-    return EagleHead(verifier, draft_vocab).to(d.device)
+    return EagleHead(verifier, draft_vocab, layers).to(d.device)
 
 
 @dataclass
@@ -432,7 +451,7 @@ def _train_step(run: _EagleRun, model: torch.nn.Module, params: list, to_draft: 
         run.order = list(range(len(run.train)))
         run.rng.shuffle(run.order)
     picked = [run.train[run.order.pop()] for _ in range(config.batch_size)]
-    batch = make_batch(picked, to_draft, d.device)
+    batch = make_batch(picked, to_draft, d.device, run.head.arch.hidden_size)
     run.tokens_seen += sum(s.token_ids.numel() for s in picked) * d.world
     predicted = model(
         batch.input_ids, batch.positions, noisy(batch.in_features, config.feature_noise), batch.seq_lens
@@ -502,6 +521,7 @@ def train_eagle(config: EagleConfig) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(verifier_dir)
     started = time.time()
     verifier = load_model(verifier_dir, config.teacher_dtype, str(d.device))
+    verifier.feature_layers = tuple(config.feature_layers)  # the teacher pass keeps those layers' inputs too
     data = teacher_data(config, verifier, verifier_dir, tokenizer, d.rank, d.world)
     teacher_seconds = time.time() - started
     verifier = verifier.float()  # the head trains in fp32 on the verifier's frozen embedding / norm / output
@@ -519,7 +539,8 @@ def train_eagle(config: EagleConfig) -> dict:
         model = torch.nn.parallel.DistributedDataParallel(unrolled)
     params = [p for p in head.parameters() if p.requires_grad]
     opt = config.optimizer_config.adamw(params)
-    eval_batches = [make_batch(held_out[i : i + 8], to_draft, d.device) for i in range(0, len(held_out), 8)]
+    hidden = head.arch.hidden_size
+    eval_batches = [make_batch(held_out[i : i + 8], to_draft, d.device, hidden) for i in range(0, len(held_out), 8)]
     run = _EagleRun(
         config, config_record, verifier_dir, head, opt, rng, train, held_out, eval_batches, coverage, teacher_seconds
     )

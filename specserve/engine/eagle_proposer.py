@@ -40,8 +40,9 @@ class EagleProposer(DraftProposer):
     reads_verifier_features = True
 
     def catchup_features(self, items: list[ProposeItem]) -> torch.Tensor:
-        """[catch-up tokens, hidden]: f_{h-1} .. f_{T-2} of every request (h: the head's counter)."""
-        hidden, dev = self.runner.model.arch.hidden_size, self.runner.device
+        """[catch-up tokens, width]: f_{h-1} .. f_{T-2} of every request (h: the head's counter), as wide as the
+        verifier's features the head reads (`EagleHead.feature_width`)."""
+        hidden, dev = self.runner.model.feature_width, self.runner.device
         return torch.cat(
             [feature_rows(r, r.num_draft_computed_tokens - 1, r.num_tokens - 2, hidden, dev) for r, _, _ in items]
         )

@@ -127,6 +127,7 @@ class LLMEngine:
         method = spec.resolved_method
         if draft_model is not None and method in ("draft", "hybrid"):
             self.proposer = drafts.make_proposer(draft_model, num_blocks, cache.block_size)
+            self.verifier.feature_layers = getattr(draft_model, "feature_layers", ())  # what an EAGLE-3 head reads
         if method is not None:
             ngram = NgramProposer(spec.ngram_min, spec.ngram_max) if method in ("ngram", "hybrid") else None
             c0 = 0.0  # until measured: the draft's share of the verifier's parameters
@@ -223,8 +224,13 @@ class LLMEngine:
         self.scheduler.hit_needs_draft_kv = self.proposer.reads_verifier_features
         self.kv.invalidate_draft()
         self.block_last_features.clear()
+        layers = getattr(draft_model, "feature_layers", ())
+        reshaped = layers != self.verifier.feature_layers  # the features kept so far are the wrong width
+        self.verifier.feature_layers = layers
         for r in self.requests.values():
             r.num_draft_computed_tokens = 0
+            if reshaped:
+                r.features, r.features_start = None, 0
         if self.spec_policy is not None:  # forgets the old draft's rates, engine-wide and per request
             self.spec_policy.reset_draft(drafts.num_params(draft_model) / drafts.num_params(self.verifier))
         self.draft_version = version

@@ -38,7 +38,8 @@ class ForwardOutput:
     hidden: torch.Tensor
     """[sum(num_logits), hidden]: the last layer's output at the rows with logits (an EAGLE head's next input)."""
     features: torch.Tensor | None = None
-    """[num_tokens, hidden]: every row's, when asked for (keep_features)."""
+    """[num_tokens, width]: every row's, when asked for (keep_features): the last layer's output, after the inputs
+    of the model's `feature_layers` where it has some (width = (len(feature_layers) + 1) * hidden)."""
 
 
 def kv_bytes_per_block(model: LlamaModel, block_size: int, dtype: torch.dtype) -> int:
@@ -116,8 +117,9 @@ class ModelRunner:
         max_blocks = max(len(r.block_ids) for r in runs)
         table = torch.tensor([r.block_ids + [0] * (max_blocks - len(r.block_ids)) for r in runs])  # [batch, blocks]
         slot_mapping = torch.tensor(slots, dtype=torch.int64)  # [num_tokens]
+        taps = [] if keep_features and getattr(self.model, "feature_layers", ()) else None
         key = None
-        if self.cuda_graphs is not None and features is None:
+        if self.cuda_graphs is not None and features is None and taps is None:
             key = self.cuda_graphs.bucket(len(runs), max(query_lens), max(context_lens), max_blocks)
         if key is not None:
             hidden = self.cuda_graphs.run(key, ids, pos, slot_mapping, query_lens, context_lens, table)
@@ -132,8 +134,11 @@ class ModelRunner:
                 batch_invariant=batch_invariant, rows_only=self.c_attention and not batch_invariant,
             )  # fmt: skip
             args = () if features is None else (features.to(dev),)
-            hidden = self.model(torch.tensor(ids, device=dev), pos.to(dev), self.kv_cache, meta, *args)
-        every_row = hidden if keep_features else None  # [num_tokens, hidden]
+            extra = {} if taps is None else {"taps": taps}
+            hidden = self.model(torch.tensor(ids, device=dev), pos.to(dev), self.kv_cache, meta, *args, **extra)
+        every_row = hidden if keep_features else None  # [num_tokens, width]
+        if taps:
+            every_row = torch.cat([taps[0], hidden], dim=1)
         hidden = hidden[torch.tensor(logit_rows, dtype=torch.int64, device=dev)]  # [sum(num_logits), hidden]
         scores = self.model.compute_logits(hidden) if logits else None
         if dev.type == "cuda":  # callers time this call (adaptive k fits those times): wait for the kernels

@@ -90,11 +90,14 @@ static void linear(const float *x, long M, long K, void *const *w, int which, lo
 /* x [T, hidden]: the embedded tokens; cos, sin [T, D] (sin signed, as llama.RotaryEmbedding makes it);
  * slot_mapping [T]: where each token's key and value go; slots, max_ctx, row_request, row_length: as
  * cpu_attention reads them. out [T, hidden]: the last layer's output (the residual stream, before the final
- * norm). Returns 0, or -1 when scratch memory could not be had. */
+ * norm). taps [ntaps] (layers 1 .. layers - 1), tapped [T, ntaps, hidden]: the residual stream entering each
+ * of those layers (an EAGLE-3 head's low and middle features), or ntaps = 0. Returns 0, or -1 when scratch
+ * memory could not be had. */
 int specserve_decoder_f32(const float *x, long T, long hidden, long layers, long H, long KVH, long D, long inter,
                           void *const *weights, const float *cos, const float *sin, const long *slot_mapping,
                           const long *slots, long max_ctx, const long *row_request, const long *row_length,
-                          float eps, float scale, float *out, int threads) {
+                          float eps, float scale, float *out, const long *taps, long ntaps, float *tapped,
+                          int threads) {
     if (layers <= 0) {
         memcpy(out, x, sizeof(float) * (size_t)(T * hidden));
         return 0;
@@ -116,6 +119,10 @@ int specserve_decoder_f32(const float *x, long T, long hidden, long layers, long
         } else { /* the previous layer's MLP output, added here with the norm after it (llama.RMSNorm.add_norm) */
             specserve_add_rms_norm_f32(resid, pending, T, hidden, w[INPUT_NORM], eps, h, normed);
             memcpy(resid, h, sizeof(float) * (size_t)(T * hidden));
+            for (long i = 0; i < ntaps; i++)
+                if (taps[i] == l)
+                    for (long t = 0; t < T; t++)
+                        memcpy(tapped + (t * ntaps + i) * hidden, resid + t * hidden, sizeof(float) * (size_t)hidden);
         }
         MARK(T_NORM);
         linear(normed, T, hidden, w, QKV, width, w[QKV_BIAS], qkv, threads);

@@ -21,7 +21,7 @@ WEIGHTS_PER_LAYER = 13  # the C file's enum: input norm, qkv (+ bf16 copy, bias)
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     p, n, f = ctypes.c_void_p, ctypes.c_long, ctypes.c_float
-    signature = [p, n, n, n, n, n, n, n, p, p, p, p, p, n, p, p, f, f, p, ctypes.c_int]
+    signature = [p, n, n, n, n, n, n, n, p, p, p, p, p, n, p, p, f, f, p, p, n, p, ctypes.c_int]
     return cpu_build.functions(
         {
             "specserve_decoder_f32": (ctypes.c_int, signature),
@@ -82,8 +82,11 @@ def decoder_layers(
     row_length: torch.Tensor,  # [num_tokens] int64
     eps: float,
     scale: float,
+    taps: torch.Tensor | None = None,  # [num_taps] int64: layers (1 .. layers - 1) whose input to keep
+    tapped: torch.Tensor | None = None,  # [num_tokens, num_taps, hidden] fp32: filled with those inputs
 ) -> torch.Tensor:  # [num_tokens, hidden]: the last layer's output, before the final norm
-    """Every layer of the model on x, writing each layer's new keys and values into its cache."""
+    """Every layer of the model on x, writing each layer's new keys and values into its cache (and, with taps,
+    the residual stream entering each tapped layer into `tapped`)."""
     lib = _library()
     if lib is None:
         raise RuntimeError("the CPU decoder kernel is not available (see the log)")
@@ -98,13 +101,22 @@ def decoder_layers(
         raise ValueError("the weight table or the rotary tables do not fit")
     if slot_mapping.shape != (tokens,) or row_request.shape != (tokens,) or row_length.shape != (tokens,):
         raise ValueError("slot_mapping, row_request and row_length need one entry per token")
+    num_taps = 0 if taps is None else taps.numel()
+    if num_taps:
+        if taps.dtype != torch.int64 or not taps.is_contiguous() or int(taps.min()) < 1 or int(taps.max()) >= layers:
+            raise ValueError(f"taps must be contiguous int64 layers in [1, {layers}), got {taps.tolist()}")
+        if tapped is None or tapped.dtype != _F32 or not tapped.is_contiguous() or tapped.shape != (
+            tokens, num_taps, hidden,
+        ):
+            raise ValueError(f"tapped must be contiguous fp32 [{tokens}, {num_taps}, {hidden}]")
     out = torch.empty(tokens, hidden, dtype=_F32)
     if tokens:
         status = lib.specserve_decoder_f32(
             x.data_ptr(), tokens, hidden, layers, heads, kv_heads, head_dim, intermediate, table.data_ptr(),
             cos.data_ptr(), signed_sin.data_ptr(), slot_mapping.data_ptr(), context_slots.data_ptr(),
             context_slots.shape[1], row_request.data_ptr(), row_length.data_ptr(), eps, scale,
-            out.data_ptr(), torch.get_num_threads(),
+            out.data_ptr(), taps.data_ptr() if num_taps else None, num_taps, tapped.data_ptr() if num_taps else None,
+            torch.get_num_threads(),
         )
         if status != 0:
             raise MemoryError("cpu_decoder: no memory for the scratch")

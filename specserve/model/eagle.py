@@ -12,6 +12,12 @@ in `draft_vocab`) the output layer's rows for those ids are gathered once into a
 the head's logit matmul costs N / vocab of the verifier's; every other token gets logit -inf, so the
 draft's probability outside its vocabulary is exactly 0 and the rejection sampler stays lossless.
 
+With `feature_layers` (EAGLE-3's fused features, Li et al. 2025) the verifier's feature f_{i-1} is wider: the
+residual stream entering each of those layers (low and middle features) beside the last layer's output, side by
+side; a linear layer `fuse` ((len(feature_layers) + 1) * hidden -> hidden) maps it to the head's width before
+`fc`. The head's own predicted features stay hidden wide and skip `fuse`. Initialised to pass the last layer's
+output through unchanged, `fuse` makes a fused head start as the plain head it was warm-started from.
+
 Checkpoint: a directory with config.json (`draft_type: "eagle"`, the shape, `draft_vocab_size`, the
 verifier's fingerprint) and model.safetensors (fc, the layer, `draft_vocab`). Knows nothing about
 requests, sampling or training.
@@ -63,12 +69,24 @@ def is_eagle_checkpoint(path: str) -> bool:
 
 
 class EagleHead(nn.Module):
-    def __init__(self, verifier: LlamaModel, draft_vocab: torch.Tensor | None = None) -> None:
+    def __init__(
+        self, verifier: LlamaModel, draft_vocab: torch.Tensor | None = None, feature_layers: tuple[int, ...] = ()
+    ) -> None:
         super().__init__()
         varch = verifier.arch
         # the shape the model runner allocates KV for: one layer of the verifier's attention
         self.arch = replace(varch, num_layers=1)
         h = varch.hidden_size
+        self.feature_layers = tuple(int(i) for i in feature_layers)
+        if any(not 0 < i < varch.num_layers for i in self.feature_layers) or len(set(self.feature_layers)) != len(
+            self.feature_layers
+        ):
+            raise ValueError(f"feature_layers must be distinct layers in [1, {varch.num_layers}), got {feature_layers}")
+        if self.feature_layers:
+            self.fuse = Linear(self.feature_width, h, bias=False)
+            with torch.no_grad():  # start as the plain head: the last layer's output passes through
+                self.fuse.weight.zero_()
+                self.fuse.weight[:, -h:] = torch.eye(h)
         self.fc = Linear(2 * h, h, bias=True)
         self.layers = nn.ModuleList([DecoderLayer(self.arch)])
         self.rotary = RotaryEmbedding(verifier.rotary.inv_freq, verifier.rotary.attention_scaling)
@@ -83,6 +101,11 @@ class EagleHead(nn.Module):
         self._head_weight: torch.Tensor | None = None  # [draft_vocab, hidden], derived, rebuilt on demand
         self.logits_upcast: UpcastWeight | None = None  # armed by enable_upcast (see upcast.py)
         self.fused_layers = FusedLayers()  # fp32 inference on the CPU: the layer in one C call (cpu_decoder.c)
+
+    @property
+    def feature_width(self) -> int:
+        """Width of the verifier features the head reads: hidden, times len(feature_layers) + 1."""
+        return (len(self.feature_layers) + 1) * self.arch.hidden_size
 
     @property
     def draft_vocab_size(self) -> int:
@@ -107,10 +130,15 @@ class EagleHead(nn.Module):
         positions: torch.Tensor,  # [num_tokens]
         kv_cache: torch.Tensor,  # [1, 2, num_slots, num_kv_heads, head_dim]
         meta: AttentionMetadata,
-        features: torch.Tensor,  # [num_tokens, hidden]: the verifier's (or the head's) feature of position - 1
+        features: torch.Tensor,  # [num_tokens, feature_width or hidden]: the verifier's (or the head's) of position - 1
     ) -> torch.Tensor:  # [num_tokens, hidden]: predicted features of these positions
         emb = self.verifier.embed_tokens(input_ids)
-        x = self.fc(torch.cat([emb, features.to(emb.dtype)], dim=-1))
+        features = features.to(emb.dtype)
+        if features.shape[-1] != emb.shape[-1]:  # the verifier's fused features (the head's own are hidden wide)
+            if not self.feature_layers or features.shape[-1] != self.feature_width:
+                raise ValueError(f"features {features.shape[-1]} wide: the head reads {self.feature_width}")
+            features = self.fuse(features)
+        x = self.fc(torch.cat([emb, features], dim=-1))
         cos, sin = self.rotary(positions, x.dtype)
         out = self.fused_layers.run(self.layers, self.arch, x, cos, sin, kv_cache, meta)
         if out is not None:
@@ -144,6 +172,7 @@ class EagleHead(nn.Module):
             "head_dim": a.head_dim,
             "vocab_size": a.vocab_size,
             "draft_vocab_size": self.draft_vocab_size,
+            **({"feature_layers": list(self.feature_layers)} if self.feature_layers else {}),
             "verifier_fingerprint": verifier_fingerprint(verifier_dir),
             **(extra or {}),
         }
@@ -173,8 +202,11 @@ def load_eagle(path: str, verifier: LlamaModel, verifier_dir: str) -> EagleHead:
     if "draft_vocab" not in state:
         raise ValueError(f"EAGLE head {path!r} lacks its draft_vocab tensor")
     param = next(verifier.parameters())
-    head = EagleHead(verifier, state["draft_vocab"] if config["draft_vocab_size"] < a.vocab_size else None)
+    vocab = state["draft_vocab"] if config["draft_vocab_size"] < a.vocab_size else None
+    head = EagleHead(verifier, vocab, tuple(config.get("feature_layers", ())))
     head.load_state_dict(state, strict=True)
     head.fc.to(param.dtype)
+    if head.feature_layers:
+        head.fuse.to(param.dtype)
     head.layers.to(param.dtype)  # the rotary frequencies stay fp32, as in the verifier
     return head.to(param.device).eval().requires_grad_(False)

@@ -212,6 +212,8 @@ class FusedLayers:
         sin: torch.Tensor,  # [num_tokens, 1, head_dim], signed
         kv_cache: torch.Tensor,  # [len(layers), 2, num_slots, num_kv_heads, head_dim]
         meta: AttentionMetadata,
+        taps: torch.Tensor | None = None,  # [num_taps] int64: layers whose input to keep (see LlamaModel.forward)
+        tapped: torch.Tensor | None = None,  # [num_tokens, num_taps, hidden]: where
     ) -> torch.Tensor | None:  # [num_tokens, hidden]: the last layer's output, or None where it cannot run
         table = self.table(layers, arch, x, kv_cache, meta)
         if table is None:
@@ -220,7 +222,7 @@ class FusedLayers:
             x.contiguous(), table, len(layers), arch.num_heads, arch.num_kv_heads, arch.head_dim,
             arch.intermediate_size, cos.reshape(-1, arch.head_dim).contiguous(),
             sin.reshape(-1, arch.head_dim).contiguous(), meta.slot_mapping, meta.context_slots, meta.row_request,
-            meta.row_length, arch.rms_norm_eps, layers[0].self_attn.scale,
+            meta.row_length, arch.rms_norm_eps, layers[0].self_attn.scale, taps, tapped,
         )
 
     def table(self, layers, arch, x, kv_cache, meta) -> torch.Tensor | None:
@@ -285,6 +287,9 @@ class LlamaModel(nn.Module):
         self.lm_head = None if arch.tie_word_embeddings else Linear(arch.hidden_size, arch.vocab_size, bias=False)
         self.logits_upcast: UpcastWeight | None = None  # armed by enable_upcast (see upcast.py)
         self.fused_layers = FusedLayers()
+        # layers whose input an EAGLE-3 head reads besides the last layer's output (its low and middle
+        # features); the engine sets them from the head it serves. `forward(taps=[])` then returns them.
+        self.feature_layers: tuple[int, ...] = ()
 
     def forward(
         self,
@@ -292,16 +297,29 @@ class LlamaModel(nn.Module):
         positions: torch.Tensor,  # [num_tokens]
         kv_cache: torch.Tensor,  # [num_layers, 2, num_slots, num_kv_heads, head_dim]
         meta: AttentionMetadata,
+        taps: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:  # [num_tokens, hidden]: the last layer's output, before the final norm (the "features")
+        """taps: a list to append [num_tokens, len(feature_layers) * hidden] to: the residual stream entering each
+        of `feature_layers` (the sum the layer's input norm reads), side by side."""
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, x.dtype)
-        out = self.fused_layers.run(self.layers, self.arch, x, cos, sin, kv_cache, meta)
-        if out is not None:  # fp32 inference on the CPU: every layer in one C call, the same bits (cpu_decoder.c)
-            return out
-        pending = None
-        for i, layer in enumerate(self.layers):
-            x, pending = layer.step(x, pending, cos, sin, kv_cache[i, 0], kv_cache[i, 1], meta)
-        return x + pending
+        layers = self.feature_layers if taps is not None else ()
+        if any(not 0 < i < len(self.layers) for i in layers):
+            raise ValueError(f"feature_layers must lie in [1, {len(self.layers)}), got {layers}")
+        tapped = x.new_empty(x.shape[0], len(layers), x.shape[1]) if layers else None
+        which = torch.tensor(layers, dtype=torch.int64) if layers else None
+        out = self.fused_layers.run(self.layers, self.arch, x, cos, sin, kv_cache, meta, which, tapped)
+        if out is None:  # the layers one by one (bf16, CUDA, autograd, no compiler)
+            pending = None
+            for i, layer in enumerate(self.layers):
+                if i in layers:
+                    tapped[:, layers.index(i)] = x + pending
+                x, pending = layer.step(x, pending, cos, sin, kv_cache[i, 0], kv_cache[i, 1], meta)
+            out = x + pending
+        # else: fp32 inference on the CPU: every layer in one C call, the same bits (cpu_decoder.c)
+        if layers:
+            taps.append(tapped.reshape(x.shape[0], -1))
+        return out
 
     @property
     def output_weight(self) -> torch.Tensor:  # [vocab, hidden]

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class EagleExample(Example):
-    features: torch.Tensor  # [seq, hidden] bf16: the verifier's feature f_i at each position of input_ids
+    features: torch.Tensor  # [seq, width] bf16: the verifier's feature f_i at each position (EagleHead.feature_width)
 
 
 class EagleStudent:
@@ -56,12 +56,15 @@ class EagleStudent:
         self.verifier = load_model(config.verifier, torch.float32, str(device))
 
     def load(self, path: str) -> EagleHead:
-        """The head at `path` on the fp32 verifier, in training mode (load_eagle checks it fits this verifier)."""
-        return load_eagle(path, self.verifier, self.config.verifier).requires_grad_(True).train()
+        """The head at `path` on the fp32 verifier, in training mode (load_eagle checks it fits this verifier); the
+        verifier's features are recomputed as wide as the head reads them (its feature_layers)."""
+        head = load_eagle(path, self.verifier, self.config.verifier).requires_grad_(True).train()
+        self.verifier.feature_layers = head.feature_layers
+        return head
 
     def frozen_copy(self, head: EagleHead) -> EagleHead:
         # not deepcopy: that would copy the verifier the head reads too
-        twin = EagleHead(self.verifier, head.draft_vocab if head.trimmed else None)
+        twin = EagleHead(self.verifier, head.draft_vocab if head.trimmed else None, head.feature_layers)
         twin.load_state_dict(head.state_dict())
         return twin.to(self.device).eval().requires_grad_(False)
 
@@ -101,7 +104,8 @@ class EagleStudent:
             topm_logprobs.append(logprobs)
             masks.append(mask)
         batch = pack_batch(
-            [e.input_ids for e in examples], [e.features for e in examples], topm_ids, topm_logprobs, masks, self.device
+            [e.input_ids for e in examples], [e.features for e in examples], topm_ids, topm_logprobs, masks,
+            self.device, head.arch.hidden_size,
         )
         return batch, torch.cat([e.weights for e in examples]).to(self.device)
 
