@@ -72,7 +72,10 @@ class DraftProposer:
         max_k = max(ks)
         batch, vocab = len(items), self.runner.vocab_size
         draft_ids = torch.full((batch, max_k), -1, dtype=torch.int64)  # [batch, max_k]
-        draft_probs = torch.zeros(batch, max_k, vocab, device=self.runner.device)  # [batch, max_k, vocab]
+        # greedy requests only: drafts are the logits' argmax and no q is kept (the verifier's greedy acceptance
+        # compares tokens); no softmax, no [batch, max_k, vocab] tensor (~0.15 ms of a ~1 ms head step)
+        greedy = all(r.params.greedy for r in requests)
+        draft_probs = None if greedy else torch.zeros(batch, max_k, vocab, device=self.runner.device)
         runs = [
             TokenRun(r.all_token_ids[r.num_draft_computed_tokens :], r.num_draft_computed_tokens, blocks, 1)
             for r, _, blocks in items
@@ -82,13 +85,19 @@ class DraftProposer:
         step_seconds, catchup = None, None
         for j in range(max_k):
             t0 = time.perf_counter()
-            out, probs, ids = self._distribution(runs, features, [requests[i] for i in active])  # [len(active), V]
-            tokens = self._sample(probs, [requests[i] for i in active])
-            if ids is not None:  # the draft's own vocabulary: its token ids, q scattered into the verifier's
-                tokens = ids[tokens]
-                draft_probs[active, j] = draft_probs.new_zeros(len(active), vocab).index_copy_(1, ids, probs)
+            if greedy:
+                out, logits, ids = draft_forward(self.runner, runs, features)
+                tokens = logits.argmax(dim=-1).cpu()
+                if ids is not None:
+                    tokens = ids.cpu()[tokens]
             else:
-                draft_probs[active, j] = probs
+                out, probs, ids = self._distribution(runs, features, [requests[i] for i in active])  # [rows, V]
+                tokens = self._sample(probs, [requests[i] for i in active])
+                if ids is not None:  # the draft's own vocabulary: its token ids, q scattered into the verifier's
+                    tokens = ids[tokens]
+                    draft_probs[active, j] = draft_probs.new_zeros(len(active), vocab).index_copy_(1, ids, probs)
+                else:
+                    draft_probs[active, j] = probs
             for row, i in enumerate(active):
                 draft_ids[i, j] = tokens[row]
             seconds = time.perf_counter() - t0  # the forward and the sampling: what one more draft token costs
