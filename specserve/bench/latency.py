@@ -173,15 +173,18 @@ def measure_cost_ratio(engine, context_ids: list[int], max_k: int, device: str, 
     draft = ModelRunner(engine.proposer.runner.model, len(blocks), block_size)
     eagle = isinstance(engine.proposer.runner.model, EagleHead)
 
-    def features(runner, m: int):  # an EAGLE head reads features (zeros cost the same as real ones), fused ones
-        return torch.zeros(m, runner.model.feature_width) if eagle and runner is draft else None  # at its width
+    def features(runner, m: int, own: bool = False):  # an EAGLE head reads features (zeros cost the same as real
+        # ones): the verifier's as wide as it reads them (fused), or after a draft step its own, hidden wide
+        if not (eagle and runner is draft):
+            return None
+        return torch.zeros(m, runner.model.arch.hidden_size if own else runner.model.feature_width)
 
     for runner in (verifier, draft):
         runner.forward([TokenRun(list(context_ids), 0, blocks, 1)], features(runner, n))
     probe = (context_ids * (max_k + 2))[: max_k + 1]  # any tokens: the cost does not depend on which
-    def forward(runner, run, m: int) -> None:  # as the engine runs each: a trimmed head over its own vocabulary
-        if runner is draft:
-            draft_forward(runner, run, features(runner, m))
+    def forward(runner, run, m: int, own: bool = False) -> None:  # as the engine runs each: a trimmed head over
+        if runner is draft:  # its own vocabulary
+            draft_forward(runner, run, features(runner, m, own))
         else:
             runner.forward(run, features(runner, m))
 
@@ -195,7 +198,7 @@ def measure_cost_ratio(engine, context_ids: list[int], max_k: int, device: str, 
             run = [TokenRun(probe[:m], n, blocks, m)]
             synchronize(device)
             t0 = time.perf_counter()
-            forward(runner, run, m)
+            forward(runner, run, m, own=name == "draft_warm")  # a later draft step reads the head's own features
             synchronize(device)
             if i >= COST_WARMUP:
                 times[name].append(time.perf_counter() - t0)

@@ -1,9 +1,9 @@
 """Spec-Bench mean acceptance length of the shipped head's stages against the self-distilled tokens trained on.
 
-    .venv/bin/python bench/figures/2026-12-03-draft/plot_stages.py STAGE6_EVAL.json [STAGE7_EVAL.json] OUT.png
+    .venv/bin/python bench/figures/2026-12-03-draft/plot_stages.py STAGE6.json [STAGE7.json [STAGE8.json]] OUT.png
 
 Stages 1-5 are the figures in the README's "The shipped draft" table (each measured with `specserve distill
---eval-only --eval-per-category 4 --eval-max-tokens 64 --eval-temperatures 0,0.7`, k = 5); stage 6's (and 7's)
+--eval-only --eval-per-category 4 --eval-max-tokens 64 --eval-temperatures 0,0.7`, k = 5); stage 6's (and 7's, 8's)
 are read from their eval JSONs. Tokens: the training tokens of each self-distillation stage's teacher pass (stage
 1 trained on 85k tokens of dataset responses, teacher-forced, drawn at 0).
 """
@@ -33,6 +33,7 @@ stages = [  # (name, self-distilled tokens so far, greedy MAL, T = 0.7 MAL)
 later = [  # (name, this stage's teacher-pass tokens)
     ("6: +2,000 prompts (500 summaries)", 405_350),
     ("7: +2,000 prompts (200 summaries)", 390_758),
+    ("8: +2,300 prompts, fused features", 434_607),
 ]
 for path, (name, new_tokens) in zip(evals, later):
     stages.append((name, stages[-1][1] + new_tokens, mal(path, "0.0"), mal(path, "0.7")))
@@ -42,7 +43,7 @@ ax.plot(tokens, [s[2] for s in stages], "o-", label="greedy")
 ax.plot(tokens, [s[3] for s in stages], "s--", label="T = 0.7")
 for i, (s, x) in enumerate(zip(stages, tokens, strict=True)):
     side = "left" if x < 1000 else "right"
-    below = -24 if i == 4 else -12  # stage 6 under stage 5's label
+    below = {4: -24, 6: 10}.get(i, -12)  # stage 6 under stage 5's label, stage 8 above its point
     ax.annotate(s[0], (x, s[2]), textcoords="offset points", xytext=(4, below), fontsize=7, ha=side)
 ax.axhline(2.0, color="grey", lw=0.8, ls=":")
 ax.text(tokens[0], 2.0, " target 2.0", va="bottom", fontsize=8, color="grey")
