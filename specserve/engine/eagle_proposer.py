@@ -23,9 +23,9 @@ from specserve.engine.proposer import DraftProposer
 from specserve.engine.request import Request
 
 
-def feature_rows(request: Request, first: int, last: int, hidden: int, device) -> torch.Tensor:
+def feature_rows(request: Request, first: int, last: int, width: int, device) -> torch.Tensor:
     """The request's verifier features for positions first..last (inclusive); zeros where unknown."""
-    out = torch.zeros(max(0, last - first + 1), hidden, device=device)  # [rows, hidden]
+    out = torch.zeros(max(0, last - first + 1), width, device=device)  # [rows, width]
     f, start = request.features, request.features_start
     if f is None or out.shape[0] == 0:
         return out
@@ -42,9 +42,9 @@ class EagleProposer(DraftProposer):
     def catchup_features(self, items: list[ProposeItem]) -> torch.Tensor:
         """[catch-up tokens, width]: f_{h-1} .. f_{T-2} of every request (h: the head's counter), as wide as the
         verifier's features the head reads (`EagleHead.feature_width`)."""
-        hidden, dev = self.runner.model.feature_width, self.runner.device
+        width, dev = self.runner.model.feature_width, self.runner.device
         return torch.cat(
-            [feature_rows(r, r.num_draft_computed_tokens - 1, r.num_tokens - 2, hidden, dev) for r, _, _ in items]
+            [feature_rows(r, r.num_draft_computed_tokens - 1, r.num_tokens - 2, width, dev) for r, _, _ in items]
         )
 
     def next_features(self, previous: ForwardOutput, keep: list[int]) -> torch.Tensor:
