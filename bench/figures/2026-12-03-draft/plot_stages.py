@@ -1,11 +1,11 @@
 """Spec-Bench mean acceptance length of the shipped head's stages against the self-distilled tokens trained on.
 
-    .venv/bin/python bench/figures/2026-12-03-draft/plot_stages.py STAGE6.json [STAGE7.json [STAGE8.json]] OUT.png
+    .venv/bin/python bench/figures/2026-12-03-draft/plot_stages.py STAGE6.json [STAGE7.json ...] OUT.png
 
 Stages 1-5 are the figures in the README's "The shipped draft" table (each measured with `specserve distill
---eval-only --eval-per-category 4 --eval-max-tokens 64 --eval-temperatures 0,0.7`, k = 5); stage 6's (and 7's, 8's)
-are read from their eval JSONs. Tokens: the training tokens of each self-distillation stage's teacher pass (stage
-1 trained on 85k tokens of dataset responses, teacher-forced, drawn at 0).
+--eval-only --eval-per-category 4 --eval-max-tokens 64 --eval-temperatures 0,0.7`, k = 5); stage 6's and later
+ones are read from their eval JSONs. Tokens: the training tokens of each self-distillation stage's teacher pass
+(stage 1 trained on 85k tokens of dataset responses, teacher-forced, drawn at 0).
 """
 
 import json
@@ -34,6 +34,7 @@ later = [  # (name, this stage's teacher-pass tokens)
     ("6: +2,000 prompts (500 summaries)", 405_350),
     ("7: +2,000 prompts (200 summaries)", 390_758),
     ("8: +2,300 prompts, fused features", 434_607),
+    ("9: +1,975 prompts", 376_929),
 ]
 for path, (name, new_tokens) in zip(evals, later):
     stages.append((name, stages[-1][1] + new_tokens, mal(path, "0.0"), mal(path, "0.7")))
@@ -41,12 +42,12 @@ tokens = [s[1] / 1e3 for s in stages]
 fig, ax = plt.subplots(figsize=(7, 4.2))
 ax.plot(tokens, [s[2] for s in stages], "o-", label="greedy")
 ax.plot(tokens, [s[3] for s in stages], "s--", label="T = 0.7")
-for i, (s, x) in enumerate(zip(stages, tokens, strict=True)):
-    side = "left" if x < 1000 else "right"
-    below = {4: -24, 6: 10}.get(i, -12)  # stage 6 under stage 5's label, stage 8 above its point
-    ax.annotate(s[0], (x, s[2]), textcoords="offset points", xytext=(4, below), fontsize=7, ha=side)
+for s, x in zip(stages, tokens, strict=True):  # the stage's number at its point, what it added in a box
+    ax.annotate(s[0].split(":")[0], (x, s[2]), textcoords="offset points", xytext=(0, -13), fontsize=8, ha="center")
+ax.text(0.02, 0.97, "\n".join(s[0] for s in stages), transform=ax.transAxes, va="top", fontsize=7,
+        bbox={"boxstyle": "round", "fc": "white", "ec": "0.8"})
 ax.axhline(2.0, color="grey", lw=0.8, ls=":")
-ax.text(tokens[0], 2.0, " target 2.0", va="bottom", fontsize=8, color="grey")
+ax.text(tokens[-1], 2.0, "target 2.0 ", va="bottom", ha="right", fontsize=8, color="grey")
 ax.set_xlabel("self-distilled training tokens (thousands)")
 ax.set_ylabel("Spec-Bench mean acceptance length (k = 5)")
 ax.set_title("Shipped EAGLE head by stage (SmolLM2-135M, 2-core CPU)")
